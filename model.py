@@ -1,0 +1,824 @@
+"""
+AToken: one transformer tokenizer for images, videos and 3D assets (arXiv 2509.14476).
+
+Everything the tokenizer is lives in this file: the config and its presets, patchify/unpatchify into a
+packed 4D token set, 4D RoPE, block-diagonal attention, the SigLIP-style encoder with its attention-pool
+head, the KL bottleneck, FSQ, the RMSNorm decoder, 16-frame temporal tiling with an optional decoder KV
+cache, loading Apple's released checkpoints (`AToken.from_pretrained`) and SigLIP2 initialisation of the
+encoder (`AToken.init_from_siglip2`).
+
+Module and parameter names follow the official checkpoints (apple/ml-atoken), so a released state dict
+loads with a plain strict `load_state_dict`. The behaviour follows the official inference code exactly
+(see shared/reference/official-atoken.md; tests/test_official.py checks it to ~1e-6 in fp32). Borrowed
+ideas: nanoGPT (layout, from_pretrained), SigLIP2-NaFlex (resized 2D position table), FSQ (Mentzer et
+al. 2023), TRELLIS (sparse packed transformer).
+
+Letter legend for shape comments:
+  B samples in a packed batch   N tokens (all samples, concatenated)   C channels   L latent channels
+  T frames   H W height width   P patch   S segments (sample x temporal tile)   h heads   d head dim
+  G FSQ groups
+"""
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ModelConfig:
+    patch_size: tuple = (4, 16, 16)     # (pt, ph, pw): frames, rows, columns per token
+    encoder_width: int = 1152
+    encoder_depth: int = 27
+    encoder_heads: int = 16             # head_dim = width / heads (72 for So400m)
+    encoder_mlp: int = 4304
+    decoder_width: int = 1152
+    decoder_depth: int = 27
+    decoder_heads: int = 16
+    decoder_mlp: int = 4304
+    latent_channels: int = 48           # 32 in stage 1, widened to 48 from stage 2 on
+    use_quantizer: bool = False         # FSQ on the latent mean (stage 4, "So/D")
+    fsq_groups: int = 8                 # codebooks; each has latent_channels / fsq_groups dims
+    fsq_levels: int = 4                 # levels per dim: 4^6 = 4096 codes per group
+    pos_grid: int = 16                  # learned 2D position table is pos_grid x pos_grid, resized per sample
+    rope_theta: float = 10000.0
+    use_rope: bool = True               # off only to compare the encoder with a plain SigLIP tower
+    tile_frames: int = 16               # video frames per temporal tile (4 latent frames)
+    decoder_cache_frames: int = 0       # >0: decode with a KV cache of this many previous frames (Fig. 6)
+
+    @property
+    def in_channels(self):              # one flattened (pt, ph, pw, c) patch
+        pt, ph, pw = self.patch_size
+        return pt * ph * pw * 3
+
+
+# presets, DiT style. so400m is the paper/official model (845.7M parameters).
+PRESETS = {
+    'so400m': ModelConfig(),
+    'base': ModelConfig(encoder_width=768, encoder_depth=12, encoder_heads=12, encoder_mlp=3072,
+                        decoder_width=768, decoder_depth=12, decoder_heads=12, decoder_mlp=3072),
+    # laptop-sized: trains on a CPU in minutes
+    'tiny': ModelConfig(patch_size=(4, 8, 8), encoder_width=64, encoder_depth=2, encoder_heads=2,
+                        encoder_mlp=128, decoder_width=64, decoder_depth=2, decoder_heads=2,
+                        decoder_mlp=128, latent_channels=48),
+}
+
+NORM_EPS = 1e-6  # every LayerNorm / RMSNorm in the official tokenizer
+
+# -----------------------------------------------------------------------------
+# media <-> packed token sets
+
+
+@dataclass
+class Packed:
+    """A batch as one packed token set: samples concatenated along N, no padding between them."""
+    feats: torch.Tensor     # [N, C] flattened patches (pt, ph, pw, c), c fastest; or latents
+    coords: torch.Tensor    # [N, 4] int64 (t, x, y, z): x = patch row, y = patch column, z = 0 for pixels
+    seqlens: list           # tokens per sample, sum = N
+    kinds: list             # 'image' | 'video' per sample
+    grids: list             # latent grid (t, h, w) per sample, for unpatchify
+
+    def to(self, device=None, dtype=None):
+        return Packed(self.feats.to(device=device, dtype=dtype), self.coords.to(device), self.seqlens,
+                      self.kinds, self.grids)
+
+
+def prepare(x, patch_size):
+    """Official preprocessing of one image (H, W, 3) or video (T, H, W, 3) in [-1, 1].
+
+    Pads fewer than pt frames with zeros (mid-grey), truncates T to a multiple of pt, centre-crops H, W
+    to patch multiples (no resize). Returns the (T', H', W', 3) tensor and its kind.
+    """
+    if x.dim() not in (3, 4) or x.shape[-1] != 3:
+        raise ValueError(f"expected an image (H, W, 3) or a video (T, H, W, 3), got shape {tuple(x.shape)}")
+    kind = 'image' if x.dim() == 3 else 'video'
+    pt, ph, pw = patch_size
+    v = x[None] if kind == 'image' else x                                   # (T, H, W, 3)
+    T, H, W, _ = v.shape
+    if H < ph or W < pw:
+        raise ValueError(f"{kind} of size {H}x{W} is smaller than one {ph}x{pw} patch")
+    if T < pt:
+        v = torch.cat([v, v.new_zeros(pt - T, H, W, 3)])                    # zero = mid-grey
+    v = v[: v.shape[0] // pt * pt]
+    H2, W2 = H // ph * ph, W // pw * pw
+    top, left = (H - H2) // 2, (W - W2) // 2
+    return v[:, top:top + H2, left:left + W2], kind
+
+
+def patchify(v, patch_size):
+    """(T, H, W, 3) with T, H, W patch multiples -> feats [N, pt*ph*pw*3] and coords [N, 4], raster order."""
+    pt, ph, pw = patch_size
+    T, H, W, _ = v.shape
+    t, h, w = T // pt, H // ph, W // pw
+    feats = v.reshape(t, pt, h, ph, w, pw, 3).permute(0, 2, 4, 1, 3, 5, 6)  # (t, h, w, pt, ph, pw, 3)
+    feats = feats.reshape(t * h * w, pt * ph * pw * 3)                     # [N, C]
+    grid = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing='ij')
+    coords = torch.stack([*grid, torch.zeros_like(grid[0])], -1).reshape(-1, 4).to(v.device)  # [N, 4]
+    return feats, coords
+
+
+def unpatchify(feats, grid, patch_size):
+    """feats [t*h*w, pt*ph*pw*3] in raster order -> (t*pt, h*ph, w*pw, 3)."""
+    pt, ph, pw = patch_size
+    t, h, w = grid
+    v = feats.reshape(t, h, w, pt, ph, pw, 3).permute(0, 3, 1, 4, 2, 5, 6)  # (t, pt, h, ph, w, pw, 3)
+    return v.reshape(t * pt, h * ph, w * pw, 3)
+
+
+def pack(media, patch_size):
+    """List of images (H, W, 3) / videos (T, H, W, 3) in [-1, 1] -> one Packed batch."""
+    feats, coords, seqlens, kinds, grids = [], [], [], [], []
+    pt, ph, pw = patch_size
+    for x in media:
+        v, kind = prepare(torch.as_tensor(x), patch_size)
+        f, c = patchify(v, patch_size)
+        feats.append(f)
+        coords.append(c)
+        seqlens.append(f.shape[0])
+        kinds.append(kind)
+        grids.append((v.shape[0] // pt, v.shape[1] // ph, v.shape[2] // pw))
+    return Packed(torch.cat(feats), torch.cat(coords), seqlens, kinds, grids)
+
+
+def unpack(feats, packed, patch_size):
+    """Decoder output [N, C] (tokens in packed order) -> list of media; images keep frame 0 only."""
+    out = []
+    for f, kind, grid in zip(feats.split(packed.seqlens), packed.kinds, packed.grids):
+        v = unpatchify(f, grid, patch_size)
+        out.append(v[0] if kind == 'image' else v)
+    return out
+
+
+def cu_seqlens(lengths, device=None):
+    """[l0, l1, ...] -> [0, l0, l0+l1, ...] (int32, flash-attention convention)."""
+    return F.pad(torch.as_tensor(lengths, device=device).cumsum(0), (1, 0)).to(torch.int32)
+
+
+# -----------------------------------------------------------------------------
+# temporal tiles: attention, position tables and RoPE all work per (sample, tile) segment
+
+
+@dataclass
+class Segments:
+    order: torch.Tensor      # [N] permutation putting tokens in segment order (None if already sorted)
+    coords: torch.Tensor     # [N, 4] coords in segment order, t re-based to 0 in each tile
+    lengths: list            # tokens per segment
+    cu: torch.Tensor         # [S+1] int32
+    sample_of: list          # sample index of each segment
+
+
+def split_tiles(coords, seqlens, tile_latent):
+    """Assign every token to a (sample, temporal tile) segment, tiles of `tile_latent` latent frames.
+
+    Tiles start at each sample's first t (official: the batch-wide first t, identical for pixel data
+    which always starts at t = 0, and harmless because RoPE is relative).
+    """
+    sample = torch.repeat_interleave(torch.arange(len(seqlens), device=coords.device),
+                                     torch.as_tensor(seqlens, device=coords.device))   # [N]
+    t = coords[:, 0]
+    t0 = torch.zeros(len(seqlens), dtype=t.dtype, device=t.device).scatter_reduce(
+        0, sample, t, 'amin', include_self=False)[sample]                          # [N]
+    tile = (t - t0) // tile_latent
+    key = sample * (int(tile.max()) + 1 if len(tile) else 1) + tile               # segment id, monotone
+    order = None
+    if len(key) > 1 and bool((key[1:] < key[:-1]).any()):
+        order = torch.argsort(key, stable=True)
+        coords, key, tile, t0 = coords[order], key[order], tile[order], t0[order]
+    local = coords.clone()
+    local[:, 0] = coords[:, 0] - t0 - tile * tile_latent
+    seg_keys, lengths = torch.unique_consecutive(key, return_counts=True)
+    n_tiles = int(tile.max()) + 1 if len(tile) else 1
+    lengths = lengths.tolist()
+    return Segments(order, local, lengths, cu_seqlens(lengths, coords.device),
+                    (seg_keys // n_tiles).tolist())
+
+
+# -----------------------------------------------------------------------------
+# building blocks, small to large
+
+
+def attention(q, k, v, cu_q, cu_k):
+    """Block-diagonal attention over packed segments; the reference path (flash-attn varlen semantics).
+
+    q [N, h, d], k/v [M, h, d]; segment i is q[cu_q[i]:cu_q[i+1]] against k[cu_k[i]:cu_k[i+1]].
+    Non-causal, scale 1/sqrt(d). TODO(kernels issue): the fused Triton kernel replaces this loop on CUDA.
+    """
+    out = []
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(bq) - 1):
+        qi = q[bq[i]:bq[i + 1]].transpose(0, 1)                                # [h, n, d]
+        ki, vi = (x[bk[i]:bk[i + 1]].transpose(0, 1) for x in (k, v))         # [h, m, d]
+        out.append(F.scaled_dot_product_attention(qi, ki, vi).transpose(0, 1))  # [n, h, d]
+    return torch.cat(out) if out else q.new_zeros(q.shape)
+
+
+def rope_angles(coords, head_dim, theta):
+    """4D RoPE angles [N, d/2] for coords (t, x, y, z), official layout.
+
+    head_dim splits into four equal blocks t|x|y|z; block a uses frequencies theta^(-j/head_dim),
+    j = 0..head_dim/8-1. Note: divided by the full head_dim, not the block width (official quirk).
+    """
+    assert head_dim % 8 == 0, f"4D RoPE needs head_dim divisible by 8, got {head_dim}"
+    j = torch.arange(head_dim // 8, device=coords.device, dtype=torch.float32)
+    freqs = theta ** (-j / head_dim)                                            # [d/8]
+    return (coords.float()[:, :, None] * freqs).reshape(len(coords), head_dim // 2)  # [N, 4*d/8]
+
+
+def apply_rope(x, angles):
+    """Rotate interleaved pairs (2m, 2m+1) of x [N, h, d] by angles [N, d/2], in fp32."""
+    xf = x.float().reshape(*x.shape[:-1], -1, 2)                                # [N, h, d/2, 2]
+    a, b = xf[..., 0], xf[..., 1]
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]                     # [N, 1, d/2]
+    out = torch.stack([a * cos - b * sin, a * sin + b * cos], -1)             # [N, h, d/2, 2]
+    return out.flatten(-2).to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 (official LayerNorm32)."""
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in fp32, cast back, times a learned weight (no bias)."""
+    def __init__(self, dim, eps=NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return (y * self.weight).to(x.dtype)
+
+
+class HeadRMSNorm(nn.Module):
+    """Per-head qk-norm of the decoder: x / ||x||_2 * gamma * sqrt(d), in fp32."""
+    def __init__(self, heads, head_dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(heads, head_dim))
+
+    def forward(self, x):                                                       # x [N, h, d]
+        y = F.normalize(x.float(), dim=-1) * self.gamma * math.sqrt(x.shape[-1])
+        return y.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden, bias):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden, bias=bias), nn.GELU(approximate='tanh'),
+                                 nn.Linear(hidden, dim, bias=bias))
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+class SelfAttention(nn.Module):
+    """Fused-qkv multi-head self-attention with optional qk-norm and 4D RoPE on q and k."""
+    def __init__(self, dim, heads, bias, qk_norm):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=bias)        # rows: q | k | v, each head-major
+        if qk_norm:
+            self.q_rms_norm = HeadRMSNorm(heads, self.head_dim)
+            self.k_rms_norm = HeadRMSNorm(heads, self.head_dim)
+        self.qk_norm = qk_norm
+        self.to_out = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x, angles, cu, cache=None):
+        q, k, v = self.to_qkv(x).view(len(x), 3, self.heads, self.head_dim).unbind(1)  # [N, h, d] each
+        if self.qk_norm:
+            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+        if cache is not None:                   # decoder KV cache: keys are cached + new tokens
+            return self.to_out(cache.attend(q, k, v).flatten(1))
+        if angles is not None:
+            q, k = apply_rope(q, angles), apply_rope(k, angles)
+        return self.to_out(attention(q, k, v, cu, cu).flatten(1))           # [N, C]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. Encoder: LayerNorm + biases (SigLIP). Decoder: RMSNorm, no biases, qk-norm."""
+    def __init__(self, dim, heads, mlp, decoder):
+        super().__init__()
+        Norm = RMSNorm if decoder else (lambda d: LayerNorm(d, eps=NORM_EPS))
+        self.norm1 = Norm(dim)
+        self.attn = SelfAttention(dim, heads, bias=not decoder, qk_norm=decoder)
+        self.norm2 = Norm(dim)
+        self.mlp = MLP(dim, mlp, bias=not decoder)
+
+    def forward(self, x, angles, cu, cache=None):
+        x = x + self.attn(self.norm1(x), angles, cu, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class PositionTable(nn.Module):
+    """Learned 2D position table (pos_grid^2 x C), bilinearly resized to each segment's grid (SigLIP2-NaFlex).
+
+    Per segment: grid = (max row + 1, max col + 1); the table is resized with antialias
+    (align_corners=False) and gathered at (row, col). A 16x16 grid is an exact identity.
+    """
+    def __init__(self, grid, dim):
+        super().__init__()
+        self.grid = grid
+        self.position_embedding = nn.Embedding(grid * grid, dim)
+
+    def forward(self, coords, lengths):                                         # coords [N, 4], segment order
+        w = self.position_embedding.weight
+        table = w.reshape(self.grid, self.grid, -1).permute(2, 0, 1)[None]      # [1, C, 16, 16]
+        if w.device.type == 'cpu':
+            table = table.float()               # CPU interpolation in fp32 (official; GPU stays in param dtype)
+        resized, out = {}, []
+        for c in coords.split(lengths):
+            hw = (int(c[:, 1].max()) + 1, int(c[:, 2].max()) + 1)
+            if hw not in resized:
+                r = F.interpolate(table, size=hw, mode='bilinear', align_corners=False, antialias=True)
+                resized[hw] = r[0].permute(1, 2, 0).to(w.dtype)                 # [h, w, C]
+            out.append(resized[hw][c[:, 1], c[:, 2]])                           # [n, C]
+        return torch.cat(out)
+
+
+class AttentionPool(nn.Module):
+    """SigLIP MAP head: one learned probe cross-attends to all tokens of a sample; residual on the
+    attention output; no RoPE. The result is the text-aligned embedding (L2-normalised by the caller)."""
+    def __init__(self, dim, heads, mlp):
+        super().__init__()
+        self.heads = heads
+        self.probe = nn.Parameter(torch.zeros(dim))
+        self.attention = nn.Module()
+        self.attention.to_q = nn.Linear(dim, dim)
+        self.attention.to_kv = nn.Linear(dim, 2 * dim)         # rows: k | v
+        self.attention.to_out = nn.Linear(dim, dim)
+        self.layernorm = LayerNorm(dim, eps=NORM_EPS)
+        self.mlp = MLP(dim, mlp, bias=True)
+
+    def forward(self, h, seqlens):                                              # h [N, C] -> [B, C]
+        B, (N, C), d = len(seqlens), h.shape, h.shape[1] // self.heads
+        q = self.attention.to_q(self.probe).view(1, self.heads, d).expand(B, -1, -1)  # [B, h, d]
+        k, v = self.attention.to_kv(h).view(N, 2, self.heads, d).unbind(1)           # [N, h, d]
+        o = attention(q, k, v, cu_seqlens([1] * B, h.device), cu_seqlens(seqlens, h.device))
+        y = self.attention.to_out(o.flatten(1))                                        # [B, C]
+        return y + self.mlp(self.layernorm(y))
+
+
+class KVCache:
+    """One decoder layer's cache: K/V (post qk-norm, pre-RoPE) of each sample's last `frames` latent frames."""
+    def __init__(self, frames):
+        self.frames, self.k, self.v, self.coords = frames, None, None, None   # per-sample lists
+
+    def start_step(self, coords, lens, angles_fn):
+        """New tokens of this step: coords [n, 4] (local t), lens per sample (sample-major order)."""
+        self.new_coords, self.new_lens, self.angles_fn = coords, lens, angles_fn
+
+    def attend(self, q, k, v):
+        """New queries attend to [cached | new] keys of their own sample; then the cache is updated."""
+        lens = self.new_lens
+        ks, vs, cs = list(k.split(lens)), list(v.split(lens)), list(self.new_coords.split(lens))
+        if self.k is not None:                  # per sample: cached tokens first (t = 0..k-1), then new
+            ks = [torch.cat(p) for p in zip(self.k, ks)]
+            vs = [torch.cat(p) for p in zip(self.v, vs)]
+            cs = [torch.cat(p) for p in zip(self.coords, cs)]
+        live = [i for i, n in enumerate(lens) if n > 0]         # samples with queries in this step
+        kk, vv, cc = (torch.cat([x[i] for i in live]) for x in (ks, vs, cs))
+        qa, ka = self.angles_fn(self.new_coords), self.angles_fn(cc)
+        if qa is not None:
+            q, kk = apply_rope(q, qa), apply_rope(kk, ka)
+        o = attention(q, kk, vv, cu_seqlens([lens[i] for i in live], q.device),
+                      cu_seqlens([len(ks[i]) for i in live], q.device))
+        # keep each sample's last `frames` latent frames, re-based to t = 0..frames-1
+        for i, c in enumerate(cs):
+            if len(c):
+                t0 = max(int(c[:, 0].max()) + 1 - self.frames, 0)
+                m = c[:, 0] >= t0
+                ks[i], vs[i], cs[i] = ks[i][m], vs[i][m], c[m] - c.new_tensor([t0, 0, 0, 0])
+        self.k, self.v, self.coords = ks, vs, cs
+        return o
+
+
+class Trunk(nn.Module):
+    """input linear + 2D position table + blocks, run per (sample, temporal tile) segment."""
+    def __init__(self, cfg, c_in, width, depth, heads, mlp, decoder):
+        super().__init__()
+        self.cfg, self.head_dim = cfg, width // heads
+        self.pos_embedder = PositionTable(cfg.pos_grid, width)
+        self.input_layer = nn.Linear(c_in, width, bias=not decoder)
+        self.blocks = nn.ModuleList([Block(width, heads, mlp, decoder) for _ in range(depth)])
+
+    def angles(self, coords):
+        return rope_angles(coords, self.head_dim, self.cfg.rope_theta) if self.cfg.use_rope else None
+
+    def run(self, x, coords, seqlens):
+        """x [N, c_in] -> [N, width] with every (sample, tile) segment processed independently."""
+        seg = split_tiles(coords, seqlens, self.cfg.tile_frames // self.cfg.patch_size[0])
+        if seg.order is not None:
+            x = x[seg.order]
+        h = self.input_layer(x) + self.pos_embedder(seg.coords, seg.lengths)
+        angles = self.angles(seg.coords)
+        for block in self.blocks:
+            h = block(h, angles, seg.cu)
+        if seg.order is not None:
+            h = torch.empty_like(h).index_copy_(0, seg.order, h)                # back to input order
+        return h
+
+
+class Encoder(Trunk):
+    def __init__(self, cfg):
+        super().__init__(cfg, cfg.in_channels, cfg.encoder_width, cfg.encoder_depth, cfg.encoder_heads,
+                         cfg.encoder_mlp, decoder=False)
+        self.post_layernorm = LayerNorm(cfg.encoder_width, eps=NORM_EPS)
+        self.head = AttentionPool(cfg.encoder_width, cfg.encoder_heads, cfg.encoder_mlp)
+
+    def forward(self, x, coords, seqlens):
+        return self.post_layernorm(self.run(x, coords, seqlens))               # [N, C]
+
+
+class Decoder(Trunk):
+    def __init__(self, cfg):
+        super().__init__(cfg, cfg.latent_channels, cfg.decoder_width, cfg.decoder_depth, cfg.decoder_heads,
+                         cfg.decoder_mlp, decoder=True)
+        self.out_norm = RMSNorm(cfg.decoder_width)
+        self.out_layer = nn.Linear(cfg.decoder_width, cfg.in_channels, bias=False)
+
+    def forward(self, z, coords, seqlens):
+        if self.cfg.decoder_cache_frames > 0:
+            return self.forward_cached(z, coords, seqlens)
+        return self.out_layer(self.out_norm(self.run(z, coords, seqlens)))    # [N, pt*ph*pw*3]
+
+    def forward_cached(self, z, coords, seqlens):
+        """Decode tile by tile; each tile also attends to the K/V of the previous `k` latent frames.
+
+        Official recipe (paper Fig. 6, ml-atoken `_decode`): with a cache of k latent frames, each step
+        decodes s = tile - k new latent frames, whose local t starts at k; the cached keys/values are taken
+        after qk-norm and before RoPE and re-based to t = 0..k-1; the position table is added to the new
+        tokens only. Steps run in sequence, all samples of the batch at once.
+        """
+        pt = self.cfg.patch_size[0]
+        k_lat, tile = self.cfg.decoder_cache_frames // pt, self.cfg.tile_frames // pt
+        assert 0 < k_lat < tile, f"decoder_cache_frames must be a multiple of {pt} below tile_frames"
+        s = tile - k_lat
+        sample = torch.repeat_interleave(torch.arange(len(seqlens), device=z.device),
+                                         torch.as_tensor(seqlens, device=z.device))
+        t = coords[:, 0] - torch.stack([c[:, 0].min() for c in coords.split(seqlens)])[sample]
+        caches = [KVCache(k_lat) for _ in self.blocks]
+        out = torch.empty(len(z), self.out_layer.out_features, dtype=z.dtype, device=z.device)
+        for step in range(int(t.max()) // s + 1):
+            idx = torch.nonzero((t >= step * s) & (t < step * s + s)).squeeze(1)   # sample-major
+            lens = torch.bincount(sample[idx], minlength=len(seqlens)).tolist()
+            c = coords[idx].clone()
+            c[:, 0] = t[idx] - step * s + (k_lat if step > 0 else 0)
+            h = self.input_layer(z[idx]) + self.pos_embedder(c, [n for n in lens if n > 0])
+            for cache in caches:
+                cache.start_step(c, lens, self.angles)
+            for block, cache in zip(self.blocks, caches):
+                h = block(h, None, None, cache)
+            out[idx] = self.out_layer(self.out_norm(h))
+        return out
+
+
+# -----------------------------------------------------------------------------
+# FSQ: finite scalar quantisation of the latent mean (Mentzer et al. 2023; official "So/D" models)
+
+
+def fsq_bound(z, levels):
+    """Squash z into (-(L-1)/2 - offset, ...) so that rounding yields exactly L values (official, eps 1e-3)."""
+    half_l = (levels - 1) * (1 + 1e-3) / 2
+    offset = 0.5 if levels % 2 == 0 else 0.0
+    shift = math.atanh(offset / half_l)
+    return torch.tanh(z + shift) * half_l - offset
+
+
+def fsq_quantize(z, groups, levels):
+    """z [N, G*D] -> codes [N, G*D] in {-1, -0.5, 0, 0.5} (for L = 4) and indices [N, G] in [0, L^D).
+
+    Rounding uses a straight-through estimator. Computed in fp32; codes come back in z's dtype.
+    The index of a group is sum_j digit_j * L^j with digit = code * (L//2) + L//2, dim 0 least significant.
+    """
+    zf = z.float()
+    b = fsq_bound(zf, levels)
+    q = b + (torch.round(b) - b).detach()                                       # straight-through round
+    codes = q / (levels // 2)
+    digits = torch.round(codes * (levels // 2) + levels // 2).long()           # [N, G*D] in [0, L)
+    digits = digits.view(len(z), groups, -1)                                    # [N, G, D]
+    basis = levels ** torch.arange(digits.shape[-1], device=z.device)         # [D]: 1, L, L^2, ...
+    indices = (digits * basis).sum(-1).to(torch.int32)                          # [N, G]
+    return codes.to(z.dtype), indices
+
+
+def fsq_codes_from_indices(indices, dims, levels):
+    """indices [N, G] -> codes [N, G*dims] (the inverse of fsq_quantize's index)."""
+    basis = levels ** torch.arange(dims, device=indices.device)                # [D]
+    digits = (indices.long()[..., None] // basis) % levels                      # [N, G, D]
+    return ((digits - levels // 2).float() / (levels // 2)).flatten(1)         # [N, G*D]
+
+
+# -----------------------------------------------------------------------------
+# SigLIP2 -> encoder (paper 3.4: the encoder starts from SigLIP2-So400m/16; the decoder from scratch)
+
+SIGLIP2_DEFAULT = 'ViT-SO400M-16-SigLIP2-256'   # open_clip name (timm tower, 16x16 position table at 256 px)
+
+
+def load_siglip2_tower(source):
+    """A SigLIP2 vision tower's state dict with timm VisionTransformer key names.
+
+    source: an nn.Module (timm tower, or open_clip model whose .visual.trunk is one), a local file
+    (.safetensors / .pt / .bin; timm or open_clip key names), an open_clip model name (weights 'webli',
+    downloaded) or 'timm/<name>' (downloaded from the HF hub).
+    """
+    import os
+    if isinstance(source, nn.Module):
+        m = getattr(source, 'visual', source)
+        return getattr(m, 'trunk', m).state_dict()
+    if os.path.exists(source):
+        if source.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            sd = load_file(source)
+        else:
+            sd = torch.load(source, map_location='cpu', weights_only=True)
+        for prefix in ('visual.trunk.', 'trunk.'):   # an open_clip checkpoint: keep the vision trunk
+            if any(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+                break
+        return sd
+    try:
+        if source.startswith('timm/'):
+            import timm
+            return timm.create_model(source[5:], pretrained=True, num_classes=0).state_dict()
+        import open_clip
+        return open_clip.create_model(source, pretrained='webli').visual.trunk.state_dict()
+    except Exception as e:   # no network, unknown name, ...: say what was asked and how to give it locally
+        raise RuntimeError(f"could not load SigLIP2 weights '{source}' ({type(e).__name__}: {e}). Give a local "
+                           f"file instead: a timm/open_clip state dict of the vision tower") from e
+
+
+def siglip2_to_encoder(sd, cfg):
+    """timm SigLIP tower state dict -> our `encoder.*` state dict.
+
+    The 2D patch embedding [C, 3, p, p] goes into the pt = 0 slot of the 3D input linear in (ph, pw, c)
+    order and the other temporal slots are zero, so an image (zero-padded frames) sees exactly SigLIP's
+    patch embedding. A position table of another grid size is resized like at run time.
+    """
+    pt, ph, pw = cfg.patch_size
+    conv = sd['patch_embed.proj.weight']                                        # [C, 3, p, p]
+    C = conv.shape[0]
+    if conv.shape[2:] != (ph, pw) or C != cfg.encoder_width:
+        raise ValueError(f"SigLIP tower patch embedding {tuple(conv.shape)} does not fit patch_size "
+                         f"{cfg.patch_size} and encoder_width {cfg.encoder_width}")
+    w_in = conv.new_zeros(C, pt, ph, pw, 3)
+    w_in[:, 0] = conv.permute(0, 2, 3, 1)                                       # (ph, pw, c), c fastest
+    pos = sd['pos_embed'][0]                                                    # [g*g, C]
+    g = math.isqrt(pos.shape[0])
+    if g != cfg.pos_grid:
+        table = pos.reshape(g, g, C).permute(2, 0, 1)[None].float()             # [1, C, g, g]
+        table = F.interpolate(table, size=(cfg.pos_grid,) * 2, mode='bilinear', align_corners=False,
+                              antialias=True)
+        pos = table[0].permute(1, 2, 0).reshape(-1, C).to(pos.dtype)
+    out = {'encoder.input_layer.weight': w_in.reshape(C, -1), 'encoder.input_layer.bias': sd['patch_embed.proj.bias'],
+           'encoder.pos_embedder.position_embedding.weight': pos,
+           'encoder.head.probe': sd['attn_pool.latent'].reshape(C)}
+    rename = {'norm.': 'post_layernorm.', 'attn_pool.q.': 'head.attention.to_q.',
+              'attn_pool.kv.': 'head.attention.to_kv.', 'attn_pool.proj.': 'head.attention.to_out.',
+              'attn_pool.norm.': 'head.layernorm.', 'attn_pool.mlp.fc1.': 'head.mlp.mlp.0.',
+              'attn_pool.mlp.fc2.': 'head.mlp.mlp.2.', '.attn.qkv.': '.attn.to_qkv.',
+              '.attn.proj.': '.attn.to_out.', '.mlp.fc1.': '.mlp.mlp.0.', '.mlp.fc2.': '.mlp.mlp.2.'}
+    done = {'patch_embed.proj.weight', 'patch_embed.proj.bias', 'pos_embed', 'attn_pool.latent'}
+    for k, v in sd.items():
+        if k in done:
+            continue
+        new = k
+        for a, b in rename.items():
+            if new.startswith(a) or (a.startswith('.') and a in new):
+                new = new.replace(a, b, 1) if a.startswith('.') else b + new[len(a):]
+        if new == k and not k.startswith('blocks.'):
+            raise ValueError(f"unexpected key in SigLIP tower state dict: {k}")
+        out['encoder.' + new] = v
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer
+
+
+def _official_config(arch):
+    """Official YAML `arch_cfg` dict -> ModelConfig, refusing settings this implementation does not have."""
+    fixed = dict(encoder_attn_mode='full', decoder_attn_mode='full', encoder_pe_mode='joint',
+                 decoder_pe_mode='joint', encoder_qk_rms_norm=False, decoder_qk_rms_norm=True,
+                 encoder_use_bias=True, decoder_use_bias=False, encoder_use_rms_norm=False,
+                 decoder_use_rms_norm=True, use_decoder=True, quantizer_type='fsq', quantizer_chunk_size=1)
+    bad = {k: arch[k] for k, v in fixed.items() if k in arch and arch[k] != v}
+    if bad:
+        raise ValueError(f"arch_cfg settings not supported (expected {dict((k, fixed[k]) for k in bad)}): {bad}")
+    pt, ph, pw = arch.get('patch_size', [4, 16, 16])
+    c = ModelConfig(patch_size=(pt, ph, pw))
+    names = dict(encoder_model_channels='encoder_width', encoder_num_blocks='encoder_depth',
+                 encoder_num_heads='encoder_heads', encoder_mlp_channels='encoder_mlp',
+                 decoder_model_channels='decoder_width', decoder_num_blocks='decoder_depth',
+                 decoder_num_heads='decoder_heads', decoder_mlp_channels='decoder_mlp',
+                 latent_channels='latent_channels', use_quantizer='use_quantizer',
+                 quantizer_num_codebooks='fsq_groups')
+    for k, ours in names.items():
+        if k in arch:
+            setattr(c, ours, type(getattr(c, ours))(arch[k]))
+    for k in ('in_channels', 'out_channels'):
+        if k in arch and arch[k] != c.in_channels:
+            raise ValueError(f"arch_cfg {k}={arch[k]} does not match patch_size {c.patch_size} ({c.in_channels})")
+    if c.use_quantizer:
+        dims = c.latent_channels // c.fsq_groups
+        size, feat = arch.get('quantizer_codebook_size', 4096), arch.get('quantizer_feature_dim', 48)
+        if feat != c.latent_channels or c.fsq_levels ** dims != size:
+            raise ValueError(f"FSQ with codebook size {size} and feature dim {feat} is not supported: "
+                             f"expected {c.fsq_levels}^{dims} codes over all {c.latent_channels} latents")
+    return c
+
+
+class AToken(nn.Module):
+    """The unified tokenizer. Sub-module names equal the official checkpoint keys (encoder., proj., decoder.)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        if config.latent_channels % config.fsq_groups and config.use_quantizer:
+            raise ValueError(f"latent_channels {config.latent_channels} not divisible by fsq_groups")
+        self.encoder = Encoder(config)
+        self.proj = nn.Linear(config.encoder_width, 2 * config.latent_channels, bias=False)  # mean | logvar
+        self.decoder = Decoder(config)
+        # SigLIP2 logit scale/bias of the official model: hard-coded there, not in the checkpoint
+        self.logit_scale, self.logit_bias = 4.8438, -15.5625
+
+    # --- weights -------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Fresh initialisation (decoder from scratch; encoder too unless init_from_siglip2 follows)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, 'bias', None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, HeadRMSNorm):
+                nn.init.ones_(m.gamma)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(self.encoder.head.probe, std=0.02)
+        # start with a small logvar so the first decodes are not drowned in noise
+        nn.init.normal_(self.proj.weight, std=0.02)
+        return self
+
+    @torch.no_grad()
+    def init_from_siglip2(self, source=SIGLIP2_DEFAULT):
+        """Copy a SigLIP2 vision tower into the encoder (blocks, patch embedding, position table, head).
+        Every encoder tensor must come from the tower; the decoder and proj are left as they are."""
+        enc = siglip2_to_encoder(load_siglip2_tower(source), self.config)
+        own = {k: v for k, v in self.state_dict().items() if k.startswith('encoder.')}
+        if set(enc) != set(own):
+            raise ValueError(f"SigLIP tower does not fit the encoder: missing {sorted(set(own) - set(enc))}, "
+                             f"unexpected {sorted(set(enc) - set(own))}")
+        for k, v in enc.items():
+            if v.shape != own[k].shape:
+                raise ValueError(f"SigLIP tower {k}: shape {tuple(v.shape)} vs encoder {tuple(own[k].shape)}")
+            own[k].copy_(v)
+        return self
+
+    def num_params(self, prefix=''):
+        return sum(p.numel() for n, p in self.named_parameters() if n.startswith(prefix))
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_path, config_path=None):
+        """Load an official checkpoint (flat state dict, .pt or .safetensors) with its official YAML, or a
+        tokenizer exported by train.py ({'model_config': dict, 'model': state dict}) with no YAML."""
+        import os
+        if not os.path.exists(checkpoint_path):
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
+        if str(checkpoint_path).endswith('.safetensors'):
+            from safetensors.torch import load_file
+            sd = load_file(checkpoint_path)
+        else:
+            sd = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
+        if config_path is not None:
+            import yaml
+            with open(config_path) as f:
+                y = yaml.safe_load(f)
+            try:
+                arch = y['model']['model_cfg']['arch_cfg']
+            except (KeyError, TypeError):
+                raise ValueError(f"{config_path}: no model.model_cfg.arch_cfg block (not an official AToken YAML)")
+            config = _official_config(arch)
+        elif isinstance(sd, dict) and 'model_config' in sd:
+            cfg = dict(sd['model_config'])
+            cfg['patch_size'] = tuple(cfg['patch_size'])
+            config, sd = ModelConfig(**cfg), sd['model']
+        else:
+            raise ValueError(f"{checkpoint_path}: a flat official state dict needs its YAML (config_path)")
+        with torch.device('meta'):
+            model = cls(config)
+        model.load_checkpoint_state(sd, source=str(checkpoint_path))
+        return model.eval()
+
+    def load_checkpoint_state(self, sd, source='state dict'):
+        """Strict load that names every missing, unexpected and mis-shaped key."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in sd and sd[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            raise ValueError(f"{source} does not match the model config:\n  missing: {missing}\n"
+                             f"  unexpected: {unexpected}\n  shape mismatch: {shapes}")
+        self.load_state_dict(sd, strict=True, assign=True)
+
+    def export(self):
+        """Tokenizer weights alone, loadable by AToken.from_pretrained(path)."""
+        cfg = asdict(self.config)
+        return {'model_config': cfg, 'model': {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+
+    # --- the model -----------------------------------------------------------
+
+    def encode(self, x):
+        """Packed pixels -> post-LayerNorm encoder features h [N, C_enc] (tiles encoded independently)."""
+        return self.encoder(x.feats, x.coords, x.seqlens)
+
+    def embed_features(self, h, seqlens):
+        """h [N, C] -> L2-normalised text-aligned embeddings [B, C] (pools over all tiles of a sample)."""
+        return F.normalize(self.encoder.head(h, seqlens), dim=-1)
+
+    def bottleneck(self, h, sample=False):
+        """h -> (z, mean, logvar, fsq indices or None). z ~ N(mean, exp(logvar)) if sample, else the mean;
+        with the quantizer, z is the FSQ code of the mean (straight-through)."""
+        mean, logvar = self.proj(h).chunk(2, dim=-1)                            # [N, L] each
+        if self.config.use_quantizer:
+            z, idx = fsq_quantize(mean, self.config.fsq_groups, self.config.fsq_levels)
+            return z, mean, logvar, idx
+        if sample:   # diagonal Gaussian posterior in fp32; logvar is not clamped (official)
+            std = torch.exp(0.5 * logvar.float())
+            z = (mean.float() + std * torch.randn_like(std)).to(mean.dtype)
+            return z, mean, logvar, None
+        return mean, mean, logvar, None
+
+    def decode(self, z, coords, seqlens):
+        """Latents z [N, L] at coords -> pixel patches [N, pt*ph*pw*3] in [-1, 1] (not clamped)."""
+        return self.decoder(z, coords, seqlens)
+
+    def forward(self, x, sample=None):
+        """Training pass on a Packed batch. Samples the posterior when training (unless sample=False)."""
+        sample = self.training if sample is None else sample
+        h = self.encode(x)
+        z, mean, logvar, idx = self.bottleneck(h, sample)
+        rec = self.decode(z, x.coords, x.seqlens)
+        return dict(rec=rec, mean=mean, logvar=logvar, indices=idx, h=h,
+                    embedding=self.embed_features(h, x.seqlens))
+
+    # --- media in, media out -------------------------------------------------
+
+    def pack(self, media):
+        p = next(self.parameters())
+        return pack([torch.as_tensor(m) for m in media], self.config.patch_size).to(p.device, p.dtype)
+
+    @torch.no_grad()
+    def reconstruct(self, media):
+        """Images (H, W, 3) / videos (T, H, W, 3) in [-1, 1] -> reconstructions (H', W', 3) / (T', H', W', 3):
+        H', W' centre-cropped to patch multiples, T' a multiple of pt. Deterministic: posterior mean, or
+        the FSQ codes when the config has a quantizer."""
+        x = self.pack(media)
+        z = self.bottleneck(self.encode(x))[0]
+        return unpack(self.decode(z, x.coords, x.seqlens), x, self.config.patch_size)
+
+    @torch.no_grad()
+    def embed(self, media):
+        """Media list -> [B, C] L2-normalised embeddings (the SigLIP2 text space for trained weights)."""
+        x = self.pack(media)
+        return self.embed_features(self.encode(x), x.seqlens)
+
+    @torch.no_grad()
+    def tokenize(self, media):
+        """Media list -> per-sample FSQ indices [N_i, G] (int32, raster order t, row, column)."""
+        if not self.config.use_quantizer:
+            raise ValueError("tokenize needs a quantizer: use a config with use_quantizer=True (So/D)")
+        x = self.pack(media)
+        return list(self.bottleneck(self.encode(x))[3].split(x.seqlens))
+
+    @torch.no_grad()
+    def detokenize(self, indices, shapes):
+        """Inverse of tokenize: indices [N_i, G] and each output's shape ((H, W) for an image, (T, H, W) for
+        a video, as reconstruct returns them) -> media list."""
+        pt, ph, pw = self.config.patch_size
+        dims = self.config.latent_channels // self.config.fsq_groups
+        grids, kinds, coords = [], [], []
+        for idx, s in zip(indices, shapes):
+            kind = 'image' if len(s) == 2 else 'video'
+            T, H, W = (pt, *s) if kind == 'image' else s
+            grid = (T // pt, H // ph, W // pw)
+            if grid[0] * grid[1] * grid[2] != len(idx):
+                raise ValueError(f"{len(idx)} tokens do not fill a {kind} of shape {tuple(s)} (grid {grid})")
+            coords.append(patchify(torch.zeros(T, H, W, 3), self.config.patch_size)[1])
+            grids.append(grid), kinds.append(kind)
+        p = next(self.parameters())
+        z = fsq_codes_from_indices(torch.cat(indices).to(p.device), dims, self.config.fsq_levels).to(p.dtype)
+        x = Packed(z, torch.cat(coords).to(p.device), [len(i) for i in indices], kinds, grids)
+        return unpack(self.decode(z, x.coords, x.seqlens), x, self.config.patch_size)
