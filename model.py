@@ -391,8 +391,8 @@ class KVCache:
                       cu_seqlens([len(ks[i]) for i in live], q.device))
         # keep each sample's last `frames` latent frames, re-based to t = 0..frames-1
         for i, c in enumerate(cs):
-            if len(c):
-                t0 = max(int(c[:, 0].max()) + 1 - self.frames, 0)
+            if len(c):   # not clamped at 0: a short first tile's cache still ends at t = frames - 1 (official)
+                t0 = int(c[:, 0].max()) + 1 - self.frames
                 m = c[:, 0] >= t0
                 ks[i], vs[i], cs[i] = ks[i][m], vs[i][m], c[m] - c.new_tensor([t0, 0, 0, 0])
         self.k, self.v, self.coords = ks, vs, cs
@@ -467,6 +467,8 @@ class Decoder(Trunk):
         out = torch.empty(len(z), self.out_layer.out_features, dtype=z.dtype, device=z.device)
         for step in range(int(t.max()) // s + 1):
             idx = torch.nonzero((t >= step * s) & (t < step * s + s)).squeeze(1)   # sample-major
+            if len(idx) == 0:                   # a gap in t across the whole batch: nothing to decode
+                continue
             lens = torch.bincount(sample[idx], minlength=len(seqlens)).tolist()
             c = coords[idx].clone()
             c[:, 0] = t[idx] - step * s + (k_lat if step > 0 else 0)
