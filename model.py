@@ -807,12 +807,15 @@ class AToken(nn.Module):
 
     @torch.no_grad()
     def detokenize(self, indices, shapes):
-        """Inverse of tokenize: indices [N_i, G] and each output's shape ((H, W) for an image, (T, H, W) for
-        a video, as reconstruct returns them) -> media list."""
+        """Inverse of tokenize: indices [N_i, G] and each output's shape, as reconstruct returns it
+        ((H, W, 3) image, (T, H, W, 3) video; the channel axis may be left out) -> media list."""
         pt, ph, pw = self.config.patch_size
         dims = self.config.latent_channels // self.config.fsq_groups
         grids, kinds, coords = [], [], []
         for idx, s in zip(indices, shapes):
+            s = tuple(s)
+            if len(s) == 4 or (len(s) == 3 and s[-1] == 3):    # drop the channel axis (W = 3 < any patch)
+                s = s[:-1]
             kind = 'image' if len(s) == 2 else 'video'
             T, H, W = (pt, *s) if kind == 'image' else s
             grid = (T // pt, H // ph, W // pw)

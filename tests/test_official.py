@@ -58,7 +58,7 @@ def test_public_api_matches_official(tok):
         torch.testing.assert_close(channels_first(recs[i]), ref['recon_from_fsq'], atol=TOL, rtol=0)
         torch.testing.assert_close(embs[i:i + 1], ref['embedding'], atol=TOL, rtol=0)
         assert torch.equal(toks[i], ref['fsq_indices'])
-    shapes = [r.shape[:-1] for r in recs]
+    shapes = [r.shape for r in recs]          # full output shapes, channel axis included
     for r, d in zip(recs, tok.detokenize(toks, shapes)):
         torch.testing.assert_close(d, r, atol=1e-6, rtol=0)
 
