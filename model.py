@@ -81,10 +81,11 @@ class Packed:
     seqlens: list           # tokens per sample, sum = N
     kinds: list             # 'image' | 'video' per sample
     grids: list             # latent grid (t, h, w) per sample, for unpatchify
+    patch_size: tuple = None  # (pt, ph, pw) the feats were made with
 
     def to(self, device=None, dtype=None):
         return Packed(self.feats.to(device=device, dtype=dtype), self.coords.to(device), self.seqlens,
-                      self.kinds, self.grids)
+                      self.kinds, self.grids, self.patch_size)
 
 
 def prepare(x, patch_size):
@@ -141,7 +142,7 @@ def pack(media, patch_size):
         seqlens.append(f.shape[0])
         kinds.append(kind)
         grids.append((v.shape[0] // pt, v.shape[1] // ph, v.shape[2] // pw))
-    return Packed(torch.cat(feats), torch.cat(coords), seqlens, kinds, grids)
+    return Packed(torch.cat(feats), torch.cat(coords), seqlens, kinds, grids, tuple(patch_size))
 
 
 def unpack(feats, packed, patch_size):
@@ -825,5 +826,6 @@ class AToken(nn.Module):
             grids.append(grid), kinds.append(kind)
         p = next(self.parameters())
         z = fsq_codes_from_indices(torch.cat(indices).to(p.device), dims, self.config.fsq_levels).to(p.dtype)
-        x = Packed(z, torch.cat(coords).to(p.device), [len(i) for i in indices], kinds, grids)
+        x = Packed(z, torch.cat(coords).to(p.device), [len(i) for i in indices], kinds, grids,
+                   self.config.patch_size)
         return unpack(self.decode(z, x.coords, x.seqlens), x, self.config.patch_size)

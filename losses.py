@@ -1,0 +1,341 @@
+"""
+The adversarial-free training objective of AToken (arXiv 2509.14476, Section 3.3, Eq. 4-7).
+
+    L     = lambda_rec * L_rec + lambda_sem * L_sem + lambda_KL * L_KL                        (Eq. 4)
+    L_rec = l1 * L1 + lpips * LPIPS + gram * Gram + clip * CLIP     for images                 (Eq. 6)
+          = L1                                                      for videos and 3D views
+    L_sem = KL(softmax(s_teacher / tau) || softmax(s_student / tau))  for images               (Eq. 7)
+          = SigLIP sigmoid loss over all pairs of the batch           for videos and 3D
+
+Small pure functions first (each takes tensors and returns a scalar), then the frozen networks
+(LPIPS/VGG16, a SigLIP2 model for the teacher, text tower and CLIP-perceptual features), then
+`compute_losses`, which assembles the weighted total for a packed batch that mixes modalities and tasks.
+
+Borrowed: LPIPS (Zhang et al. 2018, the `lpips` package), Gram loss (Gatys et al. 2016), SigLIP
+(Zhai et al. 2023) for the sigmoid loss and its initialisation, open_clip for the SigLIP2 towers.
+Benchmark: `python bench/bench_losses.py`.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as atoken
+
+
+@dataclass
+class LossConfig:
+    rec: float = 0.2            # lambda_rec (Eq. 4)
+    sem: float = 1.0            # lambda_sem
+    kl: float = 1e-8            # lambda_KL
+    l1: float = 1.0             # Eq. 6 weights, images
+    lpips: float = 10.0
+    gram: float = 1e3
+    clip: float = 1.0
+    tau: float = 2.0            # distillation temperature (Eq. 7)
+    perceptual_size: int = 224  # LPIPS and Gram see 224x224 resized copies (paper 3.5)
+    siglip_model: str = 'ViT-SO400M-16-SigLIP2-256'  # open_clip name, or 'tiny' (random, tests/CPU demo)
+    siglip_weights: str = ''    # local open_clip checkpoint file; '' downloads the 'webli' weights
+    vgg_weights: str = ''       # local torchvision vgg16 state dict; '' uses torchvision's download/cache
+    random_frozen: bool = False  # random-initialised frozen nets: runs offline, numbers not meaningful
+
+
+# -----------------------------------------------------------------------------
+# pure loss functions
+
+
+def l1_loss(pred, target):
+    """Mean absolute error over all elements: for patches [N, C] this is L1 averaged over patches."""
+    return (pred - target).abs().mean()
+
+
+def kl_loss(mean, logvar):
+    """KL(N(mean, exp(logvar)) || N(0, 1)), summed over channels, averaged over tokens. mean/logvar [N, L]."""
+    mean, logvar = mean.float(), logvar.float()
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1).mean()
+
+
+def gram_matrix(f):
+    """f [B, C, H, W] -> [B, C, C] = F F^T / (C H W): an average over positions, so it does not grow with
+    resolution (Gatys et al. 2016 normalisation)."""
+    B, C, H, W = f.shape
+    f = f.float().reshape(B, C, H * W)                                          # [B, C, HW]
+    return f @ f.transpose(1, 2) / (C * H * W)                                  # [B, C, C]
+
+
+def gram_loss(feats_x, feats_y):
+    """Eq. 5: sum over layers l of ||G(phi_l(x)) - G(phi_l(y))||_F^2, each divided by C_l^2 (the mean over
+    Gram entries) so layers of different width weigh alike. Returns per-sample values [B]."""
+    return sum((gram_matrix(a) - gram_matrix(b)).pow(2).mean((1, 2)) for a, b in zip(feats_x, feats_y))
+
+
+def lpips_from_features(feats_x, feats_y, lins):
+    """LPIPS (Zhang et al. 2018) from precomputed backbone features: per layer, unit-normalise channels,
+    squared difference, learned 1x1 weights (`lins`), spatial mean; summed over layers. Returns [B]."""
+    total = 0.0
+    for a, b, lin in zip(feats_x, feats_y, lins):
+        a = a / (a.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        b = b / (b.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        total = total + lin((a - b).pow(2)).mean((2, 3))                        # [B, 1]
+    return total[:, 0]
+
+
+def clip_perceptual_loss(tokens_x, tokens_y):
+    """1 - cosine similarity of frozen vision-tower token features [B, C, h, w], averaged over tokens. [B]"""
+    return (1 - F.cosine_similarity(tokens_x.float(), tokens_y.float(), dim=1)).mean((1, 2))
+
+
+def distillation_loss(s_teacher, s_student, tau):
+    """Eq. 7: KL(softmax(s_t / tau) || softmax(s_s / tau)), over texts (dim 1), averaged over images.
+    s_* [B, K]: image-text similarity logits of teacher and student against the same K texts."""
+    log_p = F.log_softmax(s_teacher.float() / tau, dim=1)
+    log_q = F.log_softmax(s_student.float() / tau, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
+
+
+def sigmoid_loss(img, txt, logit_scale, logit_bias):
+    """SigLIP loss (Zhai et al. 2023): -1/B sum_ij log sigmoid(z_ij (exp(t) x_i.y_j + b)), z_ij = +1 on the
+    diagonal (matching pairs) and -1 elsewhere. img, txt [B, D], L2-normalised."""
+    logits = logit_scale.exp() * img.float() @ txt.float().t() + logit_bias    # [B, B]
+    z = 2 * torch.eye(len(img), device=img.device) - 1
+    return -F.logsigmoid(z * logits).sum() / len(img)
+
+
+class SigmoidTemperature(nn.Module):
+    """Learnable temperature t and bias b of the sigmoid loss, SigLIP init: t = log 10, b = -10.
+    Trained with the tokenizer (put it in the optimizer and the training checkpoint)."""
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+
+
+def resize(images, size):
+    """images [B, H, W, 3] or list of (H, W, 3) in [-1, 1] -> [B, 3, size, size] (bilinear, antialiased)."""
+    out = [F.interpolate(x.permute(2, 0, 1)[None].float(), size=(size, size), mode='bilinear',
+                         align_corners=False, antialias=True) for x in images]
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# frozen networks
+
+
+def _load_vgg16(lp, cfg):
+    """Put ImageNet VGG16 weights into the LPIPS backbone (whose slices keep torchvision's layer indices)."""
+    import torchvision
+    try:
+        if cfg.vgg_weights:
+            sd = torch.load(cfg.vgg_weights, map_location='cpu', weights_only=True)
+        else:
+            sd = torchvision.models.vgg16(weights='IMAGENET1K_V1').state_dict()
+    except Exception as e:
+        raise RuntimeError(
+            f"LPIPS and the Gram loss need ImageNet VGG16 weights ({type(e).__name__}: {e}). Give a local "
+            f"torchvision file with vgg_weights=<path to vgg16-397923af.pth>, or put it in "
+            f"$TORCH_HOME/hub/checkpoints, or set random_frozen=True for tests") from e
+    for slice_ in (lp.net.slice1, lp.net.slice2, lp.net.slice3, lp.net.slice4, lp.net.slice5):
+        for i, layer in slice_.named_children():
+            if isinstance(layer, nn.Conv2d):
+                layer.weight.copy_(sd[f'features.{i}.weight'])
+                layer.bias.copy_(sd[f'features.{i}.bias'])
+
+
+def tiny_siglip(embed_dim):
+    """A small random SigLIP-shaped open_clip model (ViT image tower, non-causal text tower with open_clip's
+    bundled BPE tokenizer): builds offline, for tests and the CPU demo."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    vision = CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=16, image_size=64)
+    text = CLIPTextCfg(context_length=32, vocab_size=49408, width=64, heads=2, layers=2,
+                       no_causal_mask=True, pool_type='argmax')
+    m = open_clip.CustomTextCLIP(embed_dim, vision, text, init_logit_scale=math.log(10), init_logit_bias=-10)
+    return m, open_clip.tokenizer.SimpleTokenizer(context_length=32)
+
+
+def _load_siglip(cfg, embed_dim):
+    """The frozen SigLIP2 model (teacher image tower + text tower) and its tokenizer."""
+    import open_clip
+    if cfg.siglip_model == 'tiny':
+        if not cfg.random_frozen:
+            raise ValueError("siglip_model='tiny' is a random test model: it needs random_frozen=True")
+        return tiny_siglip(embed_dim)
+    pretrained = None if cfg.random_frozen else (cfg.siglip_weights or 'webli')
+    try:
+        m = open_clip.create_model(cfg.siglip_model, pretrained=pretrained)
+        tok = open_clip.get_tokenizer(cfg.siglip_model)
+    except Exception as e:
+        raise RuntimeError(
+            f"could not build SigLIP2 '{cfg.siglip_model}' with weights '{pretrained}' and its tokenizer "
+            f"({type(e).__name__}: {e}). The teacher, text tower and CLIP loss need it: download it once "
+            f"online (open_clip caches it under $HF_HOME), or give siglip_weights=<local open_clip "
+            f"checkpoint>; tests use siglip_model='tiny' with random_frozen=True") from e
+    return m, tok
+
+
+class FrozenNets(nn.Module):
+    """Every frozen network of the objective, built once: LPIPS with its VGG16 (shared with the Gram loss)
+    and a SigLIP2 model (teacher image tower, CLIP-perceptual features, text tower).
+
+    Always in eval mode with requires_grad False. Keep it outside the tokenizer: it never enters the
+    optimizer or the tokenizer checkpoint. Move it with .to(device, dtype) like the model.
+    """
+    def __init__(self, cfg, embed_dim):
+        super().__init__()
+        import lpips
+        self.cfg = cfg
+        self.lpips = lpips.LPIPS(net='vgg', pretrained=True, pnet_rand=True, verbose=False)  # heads ship
+        if cfg.random_frozen:
+            print("losses: random_frozen=True: LPIPS/Gram VGG16 and SigLIP2 are RANDOM, not pretrained")
+        else:
+            with torch.no_grad():
+                _load_vgg16(self.lpips, cfg)
+        self.siglip, self.tokenizer = _load_siglip(cfg, embed_dim)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):       # frozen: stays in eval mode whatever the caller does
+        return super().train(False)
+
+    def vgg_features(self, x):
+        """x [B, 3, S, S] in [-1, 1] -> the 5 VGG16 relu outputs (relu1_2, 2_2, 3_3, 4_3, 5_3)."""
+        return list(self.lpips.net(self.lpips.scaling_layer(x)))
+
+    def vision(self, x):
+        """x [B, 3, S, S] in [-1, 1] (SigLIP's normalisation) -> (last-layer tokens [B, C, h, w],
+        L2-normalised pooled embedding [B, D])."""
+        o = self.siglip.forward_intermediates(image=x, image_indices=1, normalize=True)
+        return o['image_intermediates'][-1], o['image_features']
+
+    def image_size(self):
+        s = self.siglip.visual.image_size
+        return s[0] if isinstance(s, (tuple, list)) else s
+
+    @torch.no_grad()
+    def encode_text(self, texts):
+        """List of K strings -> [K, D] L2-normalised text embeddings of the frozen text tower."""
+        p = next(self.siglip.parameters())
+        tokens = self.tokenizer(texts).to(p.device)
+        return self.siglip.encode_text(tokens, normalize=True).to(p.dtype)
+
+    def teacher_scale(self):
+        """exp(t) of the frozen SigLIP2: turns cosine similarities into the logits whose softmax Eq. 7 uses."""
+        return self.siglip.logit_scale.exp().item()
+
+
+# -----------------------------------------------------------------------------
+# the weighted total for a packed batch
+
+
+def _frames(feats, packed, ids):
+    """Frame 0 (H, W, 3) of samples `ids`, from token features [N, C] in packed order."""
+    parts = feats.split(packed.seqlens)
+    patch = packed.patch_size
+    if patch is None:
+        raise ValueError("packed.patch_size is None: build batches with model.pack")
+    return [atoken.unpatchify(parts[i], packed.grids[i], patch)[0] for i in ids]
+
+
+def image_rec_terms(rec, target, frozen, cfg):
+    """Perceptual terms of Eq. 6 for images (lists of (H, W, 3) in [-1, 1]) -> dict of per-image [n].
+    LPIPS and Gram on perceptual_size^2 copies (one VGG pass serves both); CLIP-perceptual on copies at
+    the SigLIP tower's own input size (no position-table resampling)."""
+    dtype = next(frozen.parameters()).dtype
+    out = {}
+    if cfg.lpips or cfg.gram:
+        fr = frozen.vgg_features(resize(rec, cfg.perceptual_size).to(dtype))
+        with torch.no_grad():
+            ft = frozen.vgg_features(resize(target, cfg.perceptual_size).to(dtype))
+        out['lpips'] = lpips_from_features(fr, ft, frozen.lpips.lins).float()
+        out['gram'] = gram_loss(fr, ft)
+    if cfg.clip:
+        s = frozen.image_size()
+        tr = frozen.vision(resize(rec, s).to(dtype))[0]
+        with torch.no_grad():
+            tt = frozen.vision(resize(target, s).to(dtype))[0]
+        out['clip'] = clip_perceptual_loss(tr, tt)
+    return out
+
+
+def semantic_terms(emb, target_images, img_captions, other_emb, other_captions, frozen, cfg, temperature):
+    """L_sem parts: Eq. 7 distillation for images, the sigmoid loss for videos / 3D. Returns a dict."""
+    out = {}
+    if img_captions:
+        texts = list(dict.fromkeys(img_captions))                  # the batch's distinct captions, K
+        txt = frozen.encode_text(texts)                             # [K, D]
+        if txt.shape[1] != emb.shape[1]:
+            raise ValueError(f"student embedding width {emb.shape[1]} != text tower width {txt.shape[1]}")
+        with torch.no_grad():
+            teacher = frozen.vision(resize(target_images, frozen.image_size()).to(txt.dtype))[1]
+        scale = frozen.teacher_scale()                              # similarities as SigLIP2 logits
+        out['distill'] = distillation_loss(scale * teacher.float() @ txt.float().t(),
+                                           scale * emb.float() @ txt.float().t(), cfg.tau)
+    if other_captions:
+        if temperature is None:
+            raise ValueError("video/3D understanding needs the learnable SigmoidTemperature")
+        txt = frozen.encode_text(other_captions)
+        out['sigmoid'] = sigmoid_loss(other_emb, txt, temperature.logit_scale, temperature.logit_bias)
+    return out
+
+
+def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=None, temperature=None):
+    """The total loss (Eq. 4) for one packed batch mixing images, videos and 3D, reconstruction and
+    understanding.
+
+    out: AToken.forward(packed) dict (rec [N, C] patches, mean/logvar [N, L], embedding [B, D]).
+    packed: the input batch (targets = packed.feats; kinds 'image' | 'video' | '3d').
+    tasks: per sample 'rec' | 'und' | 'both' (default 'rec'); understanding needs captions[i].
+    views: {i: (pred [V, H, W, 3], target [V, H, W, 3])} renders for 3D sample i (its L1 is on views).
+    Per-sample reconstruction losses are averaged over the reconstruction samples; L1 is a mean over
+    each sample's patches (paper 3.5: normalised over patches). Returns (total, dict of detached terms).
+    """
+    B = len(packed.seqlens)
+    tasks = tasks or ['rec'] * B
+    rec_ids = [i for i in range(B) if tasks[i] in ('rec', 'both')]
+    und_ids = [i for i in range(B) if tasks[i] in ('und', 'both')]
+    for i in und_ids:
+        if not captions or not captions[i]:
+            raise ValueError(f"sample {i} ({packed.kinds[i]}) has an understanding task but no caption")
+    zero = out['rec'].new_zeros((), dtype=torch.float32)
+    logs, rec_loss = {}, zero
+
+    if rec_ids:   # ---- reconstruction (Eq. 6)
+        pred, tgt = out['rec'].split(packed.seqlens), packed.feats.split(packed.seqlens)
+        per = {}
+        for i in rec_ids:
+            if packed.kinds[i] == '3d':
+                if not views or i not in views:
+                    raise ValueError(f"3D sample {i} has a reconstruction task but no rendered views")
+                per[i] = cfg.l1 * l1_loss(views[i][0].float(), views[i][1].float())
+            else:
+                per[i] = cfg.l1 * l1_loss(pred[i].float(), tgt[i].float())
+        logs['l1'] = sum(per.values()).detach() / len(per) / max(cfg.l1, 1e-12)
+        img = [i for i in rec_ids if packed.kinds[i] == 'image']
+        if img and (cfg.lpips or cfg.gram or cfg.clip):
+            terms = image_rec_terms(_frames(out['rec'], packed, img), _frames(packed.feats, packed, img),
+                                    frozen, cfg)
+            for name, vals in terms.items():
+                logs[name] = vals.detach().mean()
+                for j, i in enumerate(img):
+                    per[i] = per[i] + getattr(cfg, name) * vals[j]
+        rec_loss = sum(per.values()) / len(per)
+        cu = atoken.cu_seqlens(packed.seqlens).tolist()
+        idx = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in rec_ids]).to(out['mean'].device)
+        logs['kl'] = kl_loss(out['mean'][idx], out['logvar'][idx])
+    kl = logs.get('kl', zero)
+
+    sem = zero
+    if und_ids:   # ---- understanding (Eq. 7 / SigLIP)
+        img = [i for i in und_ids if packed.kinds[i] == 'image']
+        oth = [i for i in und_ids if packed.kinds[i] != 'image']
+        terms = semantic_terms(out['embedding'][img], _frames(packed.feats, packed, img),
+                               [captions[i] for i in img], out['embedding'][oth],
+                               [captions[i] for i in oth], frozen, cfg, temperature)
+        sem = sum(terms.values())
+        logs.update({k: v.detach() for k, v in terms.items()})
+
+    total = cfg.rec * rec_loss + cfg.sem * sem + cfg.kl * kl
+    logs.update(rec=rec_loss.detach(), sem=sem.detach(), kl=kl.detach(), total=total.detach())
+    return total, logs
