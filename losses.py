@@ -303,15 +303,16 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
 
     if rec_ids:   # ---- reconstruction (Eq. 6)
         pred, tgt = out['rec'].split(packed.seqlens), packed.feats.split(packed.seqlens)
-        per = {}
+        l1 = {}
         for i in rec_ids:
             if packed.kinds[i] == '3d':
                 if not views or i not in views:
                     raise ValueError(f"3D sample {i} has a reconstruction task but no rendered views")
-                per[i] = cfg.l1 * l1_loss(views[i][0].float(), views[i][1].float())
+                l1[i] = l1_loss(views[i][0].float(), views[i][1].float())
             else:
-                per[i] = cfg.l1 * l1_loss(pred[i].float(), tgt[i].float())
-        logs['l1'] = sum(per.values()).detach() / len(per) / max(cfg.l1, 1e-12)
+                l1[i] = l1_loss(pred[i].float(), tgt[i].float())
+        logs['l1'] = sum(l1.values()).detach() / len(l1)
+        per = {i: cfg.l1 * v for i, v in l1.items()}          # per-sample L_rec, images add terms below
         img = [i for i in rec_ids if packed.kinds[i] == 'image']
         if img and (cfg.lpips or cfg.gram or cfg.clip):
             terms = image_rec_terms(_frames(out['rec'], packed, img), _frames(packed.feats, packed, img),

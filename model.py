@@ -49,6 +49,15 @@ class ModelConfig:
     use_rope: bool = True               # off only to compare the encoder with a plain SigLIP tower
     tile_frames: int = 16               # video frames per temporal tile (4 latent frames)
     decoder_cache_frames: int = 0       # >0: decode with a KV cache of this many previous frames (Fig. 6)
+    # 3D Gaussian decoder (a separate network: official 3d_decode_gs.yaml). Input: the first ph*pw*3
+    # channels of the tokenizer's reconstruction of each occupied voxel of the gs_resolution^3 grid.
+    gs_width: int = 768
+    gs_depth: int = 12
+    gs_heads: int = 12
+    gs_mlp: int = 3072
+    gs_window: int = 8                  # 8^3 windowed attention, shifted by 4 on odd blocks
+    gs_per_voxel: int = 32              # Gaussians per voxel
+    gs_resolution: int = 64
 
     @property
     def in_channels(self):              # one flattened (pt, ph, pw, c) patch
@@ -202,18 +211,24 @@ def split_tiles(coords, seqlens, tile_latent):
 # building blocks, small to large
 
 
-def attention(q, k, v, cu_q, cu_k):
+def attention(q, k, v, cu_q, cu_k, softcap=None):
     """Block-diagonal attention over packed segments; the reference path (flash-attn varlen semantics).
 
     q [N, h, d], k/v [M, h, d]; segment i is q[cu_q[i]:cu_q[i+1]] against k[cu_k[i]:cu_k[i+1]].
-    Non-causal, scale 1/sqrt(d). TODO(kernels issue): the fused Triton kernel replaces this loop on CUDA.
+    Non-causal, scale 1/sqrt(d). softcap c: scores become c * tanh(s / c) (the Gaussian decoder's).
+    TODO(kernels issue): the fused Triton kernel replaces this loop on CUDA.
     """
     out = []
     bq, bk = cu_q.tolist(), cu_k.tolist()
     for i in range(len(bq) - 1):
         qi = q[bq[i]:bq[i + 1]].transpose(0, 1)                                # [h, n, d]
         ki, vi = (x[bk[i]:bk[i + 1]].transpose(0, 1) for x in (k, v))         # [h, m, d]
-        out.append(F.scaled_dot_product_attention(qi, ki, vi).transpose(0, 1))  # [n, h, d]
+        if softcap is None:
+            o = F.scaled_dot_product_attention(qi, ki, vi)
+        else:
+            s = qi @ ki.transpose(1, 2) / math.sqrt(q.shape[-1])                # [h, n, m]
+            o = torch.softmax(softcap * torch.tanh(s / softcap), dim=-1) @ vi
+        out.append(o.transpose(0, 1))                                           # [n, h, d]
     return torch.cat(out) if out else q.new_zeros(q.shape)
 
 
@@ -281,9 +296,9 @@ class MLP(nn.Module):
 
 class SelfAttention(nn.Module):
     """Fused-qkv multi-head self-attention with optional qk-norm and 4D RoPE on q and k."""
-    def __init__(self, dim, heads, bias, qk_norm):
+    def __init__(self, dim, heads, bias, qk_norm, softcap=None):
         super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
+        self.heads, self.head_dim, self.softcap = heads, dim // heads, softcap
         self.to_qkv = nn.Linear(dim, 3 * dim, bias=bias)        # rows: q | k | v, each head-major
         if qk_norm:
             self.q_rms_norm = HeadRMSNorm(heads, self.head_dim)
@@ -299,16 +314,18 @@ class SelfAttention(nn.Module):
             return self.to_out(cache.attend(q, k, v).flatten(1))
         if angles is not None:
             q, k = apply_rope(q, angles), apply_rope(k, angles)
-        return self.to_out(attention(q, k, v, cu, cu).flatten(1))           # [N, C]
+        return self.to_out(attention(q, k, v, cu, cu, self.softcap).flatten(1))  # [N, C]
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block. Encoder: LayerNorm + biases (SigLIP). Decoder: RMSNorm, no biases, qk-norm."""
-    def __init__(self, dim, heads, mlp, decoder):
+    """Pre-norm transformer block. Encoder: LayerNorm + biases (SigLIP). Decoder: RMSNorm, no biases, qk-norm.
+    Gaussian decoder: RMSNorm, no biases, no qk-norm, score soft-cap."""
+    def __init__(self, dim, heads, mlp, decoder, qk_norm=None, softcap=None):
         super().__init__()
         Norm = RMSNorm if decoder else (lambda d: LayerNorm(d, eps=NORM_EPS))
         self.norm1 = Norm(dim)
-        self.attn = SelfAttention(dim, heads, bias=not decoder, qk_norm=decoder)
+        self.attn = SelfAttention(dim, heads, bias=not decoder, qk_norm=decoder if qk_norm is None else qk_norm,
+                                  softcap=softcap)
         self.norm2 = Norm(dim)
         self.mlp = MLP(dim, mlp, bias=not decoder)
 
@@ -829,3 +846,159 @@ class AToken(nn.Module):
         x = Packed(z, torch.cat(coords).to(p.device), [len(i) for i in indices], kinds, grids,
                    self.config.patch_size)
         return unpack(self.decode(z, x.coords, x.seqlens), x, self.config.patch_size)
+
+
+# -----------------------------------------------------------------------------
+# 3D: Gaussian decoder (official SLatGaussianDecoder, TRELLIS-derived; paper 3.1)
+
+SH_C0 = 0.28209479177387814     # degree-0 spherical harmonic: rgb = SH_C0 * dc + 0.5
+GS_VOXEL_SIZE = 1.5             # a Gaussian may move +-0.75 voxel from its voxel centre
+GS_SCALE_BIAS, GS_OPACITY_BIAS, GS_MIN_SCALE = 0.004, 0.1, 9e-4   # official representation_config
+GS_LR = dict(xyz=1.0, dc=1.0, scale=1.0, rotation=0.1, opacity=1.0)  # multipliers on the raw outputs
+
+
+def radical_inverse(base, n):
+    """Van der Corput radical inverse of integer n in `base`."""
+    inv, f = 0.0, 1.0 / base
+    while n > 0:
+        inv, n, f = inv + f * (n % base), n // base, f / base
+    return inv
+
+
+def offset_perturbation(n):
+    """Fixed per-Gaussian offsets [n, 3] = atanh((2 h_k - 1) / 1.5), h_k = Hammersley point (k/n, r2(k), r3(k)),
+    so the n Gaussians of a voxel start spread over it instead of on its centre."""
+    h = torch.tensor([[k / n, radical_inverse(2, k), radical_inverse(3, k)] for k in range(n)])
+    return torch.atanh((2 * h - 1) / GS_VOXEL_SIZE)
+
+
+def sincos_embedding(coords, dim):
+    """TRELLIS absolute position embedding of integer coords [N, 3] -> [N, dim]: per axis
+    [sin(x f), cos(x f)] with f_i = 10000^(-i/F), F = dim // 6, zero-padded to dim."""
+    F_ = dim // coords.shape[1] // 2
+    freqs = 1.0 / 10000 ** (torch.arange(F_, device=coords.device, dtype=torch.float32) / F_)    # [F]
+    a = coords.float()[:, :, None] * freqs                                      # [N, 3, F]
+    emb = torch.cat([a.sin(), a.cos()], -1).reshape(len(coords), -1)            # [N, 3*2F]
+    return F.pad(emb, (0, dim - emb.shape[1]))
+
+
+def window_segments(coords, seqlens, window, shift):
+    """Group voxels by (sample, shifted window): order [N] and segment lengths, for windowed attention."""
+    sample = torch.repeat_interleave(torch.arange(len(seqlens), device=coords.device),
+                                     torch.as_tensor(seqlens, device=coords.device))
+    w = (coords + shift) // window                                              # [N, 3] window index
+    n = int(w.max()) + 1 if len(w) else 1
+    key = ((sample * n + w[:, 0]) * n + w[:, 1]) * n + w[:, 2]
+    order = torch.argsort(key, stable=True)
+    return order, torch.unique_consecutive(key[order], return_counts=True)[1].tolist()
+
+
+class GaussianDecoder(nn.Module):
+    """Voxel features -> 32 Gaussians per voxel (official `SLatGaussianDecoder`; keys match 3d_decode_gs.pt).
+
+    input linear (no bias) + sinusoidal 3D position embedding, blocks with 8^3 windowed attention (shifted
+    by 4 on odd blocks, scores soft-capped at 30 as on the official flash-attn path), RMSNorm, no biases;
+    then a LayerNorm without affine (eps 1e-5) and a biased linear to 32 x (xyz 3, dc 3, scale 3, rot 4,
+    opacity 1) raw values, activated as in TRELLIS' Gaussian model.
+    """
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        pt, ph, pw = cfg.patch_size
+        self.input_layer = nn.Linear(ph * pw * 3, cfg.gs_width, bias=False)
+        self.blocks = nn.ModuleList([Block(cfg.gs_width, cfg.gs_heads, cfg.gs_mlp, decoder=True, qk_norm=False,
+                                           softcap=30.0) for _ in range(cfg.gs_depth)])
+        self.out_layer = nn.Linear(cfg.gs_width, cfg.gs_per_voxel * 14)
+        self.register_buffer('offset_perturbation', offset_perturbation(cfg.gs_per_voxel))
+
+    @torch.no_grad()
+    def init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        nn.init.zeros_(self.out_layer.weight)   # official: zero head, so training starts from the prior
+        nn.init.zeros_(self.out_layer.bias)
+        self.offset_perturbation.copy_(offset_perturbation(self.cfg.gs_per_voxel))
+        return self
+
+    def forward(self, feats, coords, seqlens=None):
+        """feats [N, ph*pw*3] (first channels of the reconstruction, in [-1, 1]), coords [N, 3] voxel
+        indices (i, j, k), seqlens voxels per sample -> activated Gaussians, 32 per voxel, Gaussian k of
+        voxel i at row 32 i + k: xyz [G, 3] world in [-0.5, 0.5]^3, scale [G, 3], rotation [G, 4] (unit
+        quaternion, real first), opacity [G, 1], rgb [G, 3] (>= 0), features_dc [G, 1, 3] (raw SH)."""
+        seqlens = [len(feats)] if seqlens is None else seqlens
+        coords = coords.long()
+        h = self.input_layer(feats) + sincos_embedding(coords, self.cfg.gs_width).to(feats.dtype)
+        segs = {}
+        for i, block in enumerate(self.blocks):
+            shift = self.cfg.gs_window // 2 * (i % 2)
+            if shift not in segs:
+                segs[shift] = window_segments(coords, seqlens, self.cfg.gs_window, shift)
+            order, lengths = segs[shift]
+            y = block(h[order], None, cu_seqlens(lengths, h.device))
+            h = torch.empty_like(y).index_copy_(0, order, y)
+        h = F.layer_norm(h, h.shape[-1:], eps=1e-5)
+        return self.activate(self.out_layer(h), coords)
+
+    def activate(self, raw, coords):
+        """raw [N, 32*14] -> Gaussian parameters (official to_representation + TRELLIS activations, fp32)."""
+        n, K, R = len(raw), self.cfg.gs_per_voxel, self.cfg.gs_resolution
+        raw = raw.float()
+        xyz, dc, s, rot, op = raw.split([3 * K, 3 * K, 3 * K, 4 * K, K], dim=1)
+        centre = (coords.float() + 0.5) / R                                     # [N, 3] in [0, 1]
+        off = torch.tanh(xyz.view(n, K, 3) * GS_LR['xyz'] + self.offset_perturbation.float())
+        xyz = centre[:, None] + off * (GS_VOXEL_SIZE * 0.5 / R) - 0.5           # [N, K, 3] world
+        scale_bias = GS_SCALE_BIAS + math.log(-math.expm1(-GS_SCALE_BIAS))     # softplus^-1(0.004)
+        scale = F.softplus(s.view(n, K, 3) * GS_LR['scale'] + scale_bias)
+        scale = torch.sqrt(scale.square() + GS_MIN_SCALE ** 2)
+        q = rot.view(n, K, 4) * GS_LR['rotation'] + torch.tensor([1.0, 0, 0, 0], device=raw.device)
+        opacity = torch.sigmoid(op.view(n, K, 1) * GS_LR['opacity'] + math.log(GS_OPACITY_BIAS / (1 - GS_OPACITY_BIAS)))
+        dc = dc.view(n, K, 1, 3) * GS_LR['dc']
+        G = n * K
+        return dict(xyz=xyz.reshape(G, 3), scale=scale.reshape(G, 3), rotation=F.normalize(q, dim=-1).reshape(G, 4),
+                    opacity=opacity.reshape(G, 1), features_dc=dc.reshape(G, 1, 3),
+                    rgb=(SH_C0 * dc.reshape(G, 3) + 0.5).clamp_min(0))
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_path, config_path):
+        """Load Apple's 3d_decode_gs.pt with its YAML (`model:` block); `lpips_loss.*` keys are dropped."""
+        import os
+        import yaml
+        for p in (checkpoint_path, config_path):
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"not found: {p}")
+        with open(config_path) as f:
+            y = yaml.safe_load(f)
+        m = y.get('model', y) if isinstance(y, dict) else None
+        if not isinstance(m, dict) or 'model_channels' not in m:
+            raise ValueError(f"{config_path}: no `model:` block with model_channels (not a 3d_decode_gs YAML)")
+        cfg = _official_gs_config(m)
+        sd = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
+        sd = {k: v for k, v in sd.items() if not k.startswith('lpips_loss.')}
+        with torch.device('meta'):
+            model = cls(cfg)
+        AToken.load_checkpoint_state(model, sd, source=str(checkpoint_path))
+        return model.eval()
+
+
+def _official_gs_config(m):
+    """Official 3d_decode_gs.yaml `model:` dict -> ModelConfig (gs_* fields), refusing unsupported settings."""
+    rep = m.get('representation_config', {})
+    expect = {'voxel_size': GS_VOXEL_SIZE, 'scaling_bias': GS_SCALE_BIAS, 'opacity_bias': GS_OPACITY_BIAS,
+              '3d_filter_kernel_size': GS_MIN_SCALE, 'scaling_activation': 'softplus', 'perturb_offset': True}
+    bad = {k: rep[k] for k, v in expect.items() if k in rep and rep[k] != v}
+    lr = rep.get('lr', {})
+    official_lr = {'_xyz': 1.0, '_features_dc': 1.0, '_opacity': 1.0, '_scaling': 1.0, '_rotation': 0.1}
+    bad.update({f'lr.{k}': v for k, v in lr.items() if official_lr.get(k) != v})
+    if m.get('attn_mode', 'swin') != 'swin':
+        bad['attn_mode'] = m['attn_mode']
+    if bad:
+        raise ValueError(f"Gaussian decoder settings not supported (official values expected): {bad}")
+    side = math.isqrt(m.get('latent_channels', 768) // 3)
+    if side * side * 3 != m.get('latent_channels', 768):
+        raise ValueError(f"latent_channels {m['latent_channels']} is not a square RGB patch")
+    return ModelConfig(patch_size=(4, side, side), gs_width=m['model_channels'], gs_depth=m['num_blocks'],
+                       gs_heads=m['num_heads'], gs_mlp=m['mlp_channels'], gs_window=m.get('window_size', 8),
+                       gs_per_voxel=rep.get('num_gaussians', 32), gs_resolution=m.get('resolution', 64))
