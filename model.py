@@ -88,8 +88,8 @@ class Packed:
     feats: torch.Tensor     # [N, C] flattened patches (pt, ph, pw, c), c fastest; or latents
     coords: torch.Tensor    # [N, 4] int64 (t, x, y, z): x = patch row, y = patch column, z = 0 for pixels
     seqlens: list           # tokens per sample, sum = N
-    kinds: list             # 'image' | 'video' per sample
-    grids: list             # latent grid (t, h, w) per sample, for unpatchify
+    kinds: list             # 'image' | 'video' | '3d' per sample
+    grids: list             # latent grid (t, h, w) per sample, for unpatchify (None for 3D)
     patch_size: tuple = None  # (pt, ph, pw) the feats were made with
 
     def to(self, device=None, dtype=None):
@@ -139,11 +139,31 @@ def unpatchify(feats, grid, patch_size):
     return v.reshape(t * pt, h * ph, w * pw, 3)
 
 
+def voxel_tokens(asset, patch_size):
+    """A 3D asset {'feats': [N, ph*pw*3] in [-1, 1], 'coords': [N, 3] voxel (i, j, k)} -> feats [N, C]
+    zero-padded into the pt = 0 slot of the space-time patch, coords [N, 4] = (0, i, j, k).
+
+    The features are each occupied voxel's RGB patch from its nearest view (render3d.py), as official.
+    (Official coords carry t = 1; tiles re-base t and RoPE is relative, so t = 0 is identical.)"""
+    pt, ph, pw = patch_size
+    f, c = torch.as_tensor(asset['feats']), torch.as_tensor(asset['coords']).long()
+    if f.dim() != 2 or f.shape[1] != ph * pw * 3 or c.shape != (len(f), 3):
+        raise ValueError(f"3D asset: expected feats [N, {ph * pw * 3}] and coords [N, 3], got "
+                         f"{tuple(f.shape)} and {tuple(c.shape)}")
+    feats = F.pad(f, (0, (pt - 1) * ph * pw * 3))                               # [N, pt*ph*pw*3]
+    return feats, torch.cat([torch.zeros_like(c[:, :1]), c], 1)                 # [N, 4]
+
+
 def pack(media, patch_size):
-    """List of images (H, W, 3) / videos (T, H, W, 3) in [-1, 1] -> one Packed batch."""
+    """List of images (H, W, 3) / videos (T, H, W, 3) in [-1, 1] and 3D assets (dicts, see voxel_tokens)
+    -> one Packed batch."""
     feats, coords, seqlens, kinds, grids = [], [], [], [], []
     pt, ph, pw = patch_size
     for x in media:
+        if isinstance(x, dict):
+            f, c = voxel_tokens(x, patch_size)
+            feats.append(f), coords.append(c), seqlens.append(len(f)), kinds.append('3d'), grids.append(None)
+            continue
         v, kind = prepare(torch.as_tensor(x), patch_size)
         f, c = patchify(v, patch_size)
         feats.append(f)
@@ -155,9 +175,13 @@ def pack(media, patch_size):
 
 
 def unpack(feats, packed, patch_size):
-    """Decoder output [N, C] (tokens in packed order) -> list of media; images keep frame 0 only."""
+    """Decoder output [N, C] (tokens in packed order) -> list of media; images keep frame 0 only;
+    3D assets give their voxels' first-slot features [N_i, ph*pw*3] (the Gaussian decoder's input)."""
     out = []
     for f, kind, grid in zip(feats.split(packed.seqlens), packed.kinds, packed.grids):
+        if kind == '3d':
+            out.append(f[:, :patch_size[1] * patch_size[2] * 3])
+            continue
         v = unpatchify(f, grid, patch_size)
         out.append(v[0] if kind == 'image' else v)
     return out
@@ -798,13 +822,14 @@ class AToken(nn.Module):
 
     def pack(self, media):
         p = next(self.parameters())
-        return pack([torch.as_tensor(m) for m in media], self.config.patch_size).to(p.device, p.dtype)
+        return pack(media, self.config.patch_size).to(p.device, p.dtype)
 
     @torch.no_grad()
     def reconstruct(self, media):
         """Images (H, W, 3) / videos (T, H, W, 3) in [-1, 1] -> reconstructions (H', W', 3) / (T', H', W', 3):
-        H', W' centre-cropped to patch multiples, T' a multiple of pt. Deterministic: posterior mean, or
-        the FSQ codes when the config has a quantizer."""
+        H', W' centre-cropped to patch multiples, T' a multiple of pt. 3D assets ({'feats', 'coords'}) ->
+        reconstructed voxel features [N, ph*pw*3] (feed them to GaussianDecoder). Deterministic:
+        posterior mean, or the FSQ codes when the config has a quantizer."""
         x = self.pack(media)
         z = self.bottleneck(self.encode(x))[0]
         return unpack(self.decode(z, x.coords, x.seqlens), x, self.config.patch_size)
