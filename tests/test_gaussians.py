@@ -132,3 +132,40 @@ def test_batch_independence():
         a, b = g(f[:200], c[:200]), g(f[200:], c[200:] - 20)
     torch.testing.assert_close(both['xyz'], torch.cat([a['xyz'], b['xyz']]), atol=1e-6, rtol=0)
     torch.testing.assert_close(both['features_dc'], torch.cat([a['features_dc'], b['features_dc']]), atol=1e-6, rtol=0)
+
+
+def test_overfit_one_procedural_object():
+    """The whole 3D path on CPU: procedural mesh -> 4 rendered views -> voxels + nearest-view patch
+    features -> Gaussian decoder -> reference splatting -> multiview L1. A tiny decoder (16^3 grid,
+    4 Gaussians per voxel) must lift its multiview PSNR well above the untrained start (~7 dB)."""
+    import render3d as r3
+    torch.manual_seed(0)
+    mesh, _, _ = r3.procedural_mesh(1)
+    R, cams = 16, r3.sphere_cameras(4, resolution=32, offset=(0.3, 0.6))
+    views, depths = [], []
+    for c in cams:
+        rgb, a, z = r3.render_mesh(mesh, c)
+        views.append(rgb * a[..., None] * 2 - 1), depths.append(z)
+    target = torch.stack(views)                                                 # [V, H, W, 3] in [-1, 1]
+    coords = r3.voxelize(torch.stack(depths), cams, resolution=R)
+    rgba = ((target + 1) / 2 * 255).round().byte().numpy()
+    feats = r3.voxel_features(coords, r3.view_features(rgba, (8, 8)), cams, resolution=R) * 2 - 1
+    cfg = dataclasses.replace(model.PRESETS['tiny'], gs_width=32, gs_depth=1, gs_heads=1, gs_mlp=64,
+                              gs_per_voxel=4, gs_resolution=R)
+    g = model.GaussianDecoder(cfg).init_weights()
+    opt = torch.optim.Adam(g.parameters(), lr=1e-2)
+
+    def mv_psnr():
+        with torch.no_grad():
+            gs = g(feats, coords)
+            out = torch.stack([r3.render(gs, c, backend='reference')['rgb'] for c in cams])
+        return 10 * math.log10(1 / ((out - (target + 1) / 2) ** 2).mean().item())
+
+    start = mv_psnr()
+    for _ in range(40):
+        loss = r3.multiview_l1(g(feats, coords), cams, target, backend='reference')
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = mv_psnr()
+    assert end > start + 5, (start, end)      # measured: ~7.2 -> ~15 dB after 40 steps
