@@ -1,75 +1,742 @@
 """
-Data for AToken: built-in procedural media so that training, evaluation and tests need no download.
+Data for AToken: a built-in procedural dataset (no download), loaders for real image and video files,
+resolution sampling, and packing samples of mixed sizes and modalities into a token budget per step.
 
-For now this holds the procedural generator used by the CPU demo and the tests: images of textured
-shapes on gradient backgrounds at varied sizes and aspect ratios, and videos of such shapes moving.
-Everything is deterministic from a seed; 'train' and 'val' draw from disjoint seed streams.
-(Real image/video folders, 3D assets and token-budget packing come with the data issue.)
+  built-in     SyntheticImages, SyntheticVideos: textured shapes on textured backgrounds, each sample with
+               a caption and a class label ("red circle"), deterministic from (seed, split, index). The
+               'train' and 'val' splits draw from different random streams, so they share no sample.
+  real files   ImageFolder (any format PIL reads) and VideoFolder (mp4/webm/mkv/mov via PyAV), from a folder
+               or from a JSONL/CSV manifest with captions and labels. Clips are sampled as in the paper
+               (Sec. 3.5, stage 2): stride 1-3 for reconstruction, ~1 fps up to 64 frames for understanding.
+  resolution   sample_resolution: the longer side drawn in a stage's [min, max] (Table 2), aspect kept.
+  packing      TokenBudgetSampler groups samples so that one step holds at most `budget` tokens on each
+               rank; collate turns them into one model.Packed token set (DESIGN §2; NaViT's "patch n'
+               pack", Dehghani et al. 2023) plus captions and labels. make_loader wires up a DataLoader.
+  bad input    unreadable, truncated or empty files, videos without frames and manifest rows pointing to
+               missing files are skipped with one warning "skipped <file>: <reason>" and counted
+               (dataset.skipped when found by scanning, Batch.skipped when found by decoding; see
+               skip_report). strict=True raises instead.
+(3D assets come with render3d.py, through the same item interface.)
+
+Every dataset is a map-style torch Dataset addressed by keys (index, epoch): what an item holds depends on
+its key alone, never on worker or process state, so DataLoader workers, DDP ranks and reruns all see the
+same data. The item interface: len(ds); ds[key] -> Sample (or Skipped); ds.num_tokens(key), known
+without decoding anything (packing needs it); ds.source(i); ds.skipped; ds.classes (label names; a
+Concat has none, Sample.class_name says what a label means).
+The resolution range is the attribute `res`: a curriculum changes it between epochs (not within one,
+the sampler plans an epoch's token counts up front).
+
+    ds = Concat([SyntheticImages(1000, res=(32, 64), patch_size=(4, 8, 8)),
+                 SyntheticVideos(200, res=(32, 48), patch_size=(4, 8, 8))])
+    loader = make_loader(ds, budget=2048, patch_size=(4, 8, 8), num_workers=2)
+    for epoch in range(3):
+        loader.batch_sampler.set_epoch(epoch)
+        for batch in loader: ...        # batch.packed (model.Packed), batch.captions, batch.labels
 
 Pixels are float32 in [-1, 1], channels last: images (H, W, 3), videos (T, H, W, 3).
+Letters as in model.py: T frames, H W height width, N tokens.
+Tests: python -m pytest tests/test_data.py. Loader speed vs the model: python bench/bench_data.py.
 """
+import bisect
+import csv
+import functools
+import json
 import math
+import os
+import warnings
+from dataclasses import dataclass
 
+import av
+import numpy as np
 import torch
+import torch.nn.functional as F
+from av.video.reformatter import VideoReformatter
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-SPLIT_OFFSET = {'train': 0, 'val': 1_000_003}   # seeds of the two splits never meet
+import model
 
-
-def _canvas(g, H, W):
-    """A random linear colour gradient (H, W, 3) in [-1, 1]."""
-    c0, c1 = torch.rand(3, generator=g) * 2 - 1, torch.rand(3, generator=g) * 2 - 1
-    angle = torch.rand(1, generator=g).item() * 2 * math.pi
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, H), torch.linspace(0, 1, W), indexing='ij')
-    s = (xx * math.cos(angle) + yy * math.sin(angle)).clamp(0, 1)[..., None]  # (H, W, 1)
-    return c0 * (1 - s) + c1 * s
+# -----------------------------------------------------------------------------
+# items, keys and random streams
 
 
-def _shape_mask(g, H, W, cx, cy, r):
-    """A disc, square or stripe-textured ellipse centred at (cx, cy) (fractions of W, H), radius r of min(H, W)."""
-    yy, xx = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing='ij')
-    dx, dy = (xx - cx * W) / (r * min(H, W)), (yy - cy * H) / (r * min(H, W))
-    kind = int(torch.randint(3, (1,), generator=g))
-    if kind == 0:
-        return (dx ** 2 + dy ** 2) <= 1
-    if kind == 1:
-        return (dx.abs() <= 1) & (dy.abs() <= 1)
-    return (dx ** 2 / 1.5 + dy ** 2 * 1.5) <= 1
+@dataclass
+class Sample:
+    media: torch.Tensor     # image (H, W, 3) or video (T, H, W, 3), float32 in [-1, 1], patch multiples
+    kind: str               # 'image' | 'video'
+    caption: str            # '' when the source has none
+    label: int              # index into the dataset's `classes`, -1 when unknown
+    class_name: str         # '' when unknown
+    source: str             # file path, or 'synthetic:<split>:<kind>:<index>'
 
 
-def _draw(g, img, n_shapes, offsets):
-    """Paint n_shapes textured shapes; offsets (dx, dy) shift every shape (for video motion)."""
-    H, W, _ = img.shape
-    for _ in range(n_shapes):
-        cx, cy, r = torch.rand(3, generator=g).tolist()
-        colour = torch.rand(3, generator=g) * 2 - 1
-        freq = 2 + 10 * torch.rand(1, generator=g).item()
-        m = _shape_mask(g, H, W, cx + offsets[0], cy + offsets[1], 0.15 + 0.25 * r)
-        stripes = torch.sin(torch.arange(W) * freq * 2 * math.pi / W)[None, :, None] * 0.3  # (1, W, 1)
-        img = torch.where(m[..., None], (colour + stripes).clamp(-1, 1), img)
-    return img
+@dataclass
+class Skipped:
+    """What __getitem__ returns for a file that fails to decode (non-strict); collate drops and records it."""
+    source: str
+    reason: str
 
 
-def synthetic_image(seed, split='train', sizes=(32, 64), patch=8):
-    """One procedural image; height and width drawn in [sizes[0], sizes[1]], multiples of `patch`."""
-    g = torch.Generator().manual_seed(seed + SPLIT_OFFSET[split])
-    lo, hi = sizes[0] // patch, sizes[1] // patch
-    H, W = (int(torch.randint(lo, hi + 1, (1,), generator=g)) * patch for _ in range(2))
-    return _draw(g, _canvas(g, H, W), n_shapes=1 + int(torch.randint(3, (1,), generator=g)), offsets=(0, 0))
+# Independent random streams: every draw comes from np.random.default_rng([seed, stream, split, index, epoch]).
+# The key always has 5 entries: numpy's SeedSequence treats [1, 2] and [1, 2, 0] as the same seed.
+CONTENT, SIZE, CLIP, SHUFFLE = range(4)
+SPLITS = {'train': 0, 'val': 1}
 
 
-def synthetic_video(seed, split='train', frames=8, sizes=(32, 48), patch=8):
-    """One procedural video: shapes translating on a fixed background."""
-    g = torch.Generator().manual_seed(seed + SPLIT_OFFSET[split])
-    lo, hi = sizes[0] // patch, sizes[1] // patch
-    H, W = (int(torch.randint(lo, hi + 1, (1,), generator=g)) * patch for _ in range(2))
-    bg = _canvas(g, H, W)
-    shape_seed = int(torch.randint(2 ** 31, (1,), generator=g))
-    vx, vy = ((torch.rand(2, generator=g) - 0.5) * 0.1).tolist()   # per-frame motion, fraction of size
-    out = [_draw(torch.Generator().manual_seed(shape_seed), bg, 2, (vx * t, vy * t)) for t in range(frames)]
-    return torch.stack(out)                                           # (T, H, W, 3)
+def _rng(seed, stream, split, index, epoch):
+    return np.random.default_rng([seed, stream, split, index, epoch])
+
+
+def _key(key, n):
+    """Dataset key -> (index, epoch): keys are (index, epoch) from TokenBudgetSampler, or an index (epoch 0)."""
+    i, epoch = key if isinstance(key, tuple) else (key, 0)
+    if not 0 <= i < n:
+        raise IndexError(f"index {i} out of range for a dataset of {n}")
+    return int(i), int(epoch)
+
+
+def num_tokens(kind, thw, patch_size):
+    """Tokens of a prepared sample: (T/pt) * (H/ph) * (W/pw); an image is one latent frame (DESIGN §2)."""
+    pt, ph, pw = patch_size
+    T, H, W = thw
+    return (1 if kind == 'image' else T // pt) * (H // ph) * (W // pw)
+
+
+# -----------------------------------------------------------------------------
+# resolution and clip sampling (the curriculum's knobs, Table 2 and Sec. 3.5)
+
+
+def sample_resolution(rng, hw, res, patch):
+    """Native (H, W) -> training (H', W'), multiples of patch = (ph, pw).
+
+    Table 2's "[64 -> 512]" is read as a range of the longer side: it is drawn uniformly in [min, max],
+    capped at the native longer side (no upsampling beyond native, except up to `min` for tiny inputs).
+    The shorter side follows from the aspect ratio, so it may fall below `min` for elongated media (at
+    least one patch). Rounding to the nearest multiple keeps both sides within [patch, max] because
+    res[0] and res[1] are patch multiples (the datasets check this).
+    """
+    H, W = hw
+    long = max(H, W)
+    target = rng.uniform(res[0], max(res[0], min(res[1], long)))
+    return tuple(max(p, round(x * target / long / p) * p) for x, p in zip((H, W), patch))
+
+
+def sample_clip(rng, n_frames, fps, mode, max_frames, multiple):
+    """Frame indices of one clip, as range(start, stop, stride), its length a multiple of `multiple` (pt).
+
+    mode 'recon': a random stride in 1..3 (the paper's "stride 1-3 for temporal consistency");
+    'understand': one frame per second ("1 FPS up to 64 frames"). Up to max_frames frames from a random
+    start. When the video is too short for `multiple` frames at that stride, the stride shrinks.
+    """
+    stride = int(rng.integers(1, 4)) if mode == 'recon' else max(1, round(fps))
+    while stride > 1 and (n_frames - 1) // stride + 1 < multiple:
+        stride -= 1
+    length = min(max_frames, (n_frames - 1) // stride + 1) // multiple * multiple
+    if length == 0:
+        raise ValueError(f"{n_frames} frames, a clip needs at least {multiple}")
+    start = int(rng.integers(0, n_frames - (length - 1) * stride))
+    return range(start, start + (length - 1) * stride + 1, stride)
+
+
+def _check_res(res, patch_size):
+    if not (0 < res[0] <= res[1] and all(r % p == 0 for r in res for p in patch_size[1:])):
+        raise ValueError(f"res {res} must be increasing multiples of the patch size {patch_size[1:]}")
+
+
+# -----------------------------------------------------------------------------
+# procedural scenes: parameters drawn once per sample, rendered at any size and any time
+
+SHAPES = ['circle', 'square', 'triangle', 'star', 'ring', 'cross']
+COLOURS = {'red': (0.9, 0.1, 0.1), 'orange': (1.0, 0.55, 0.05), 'yellow': (0.95, 0.9, 0.1),
+           'green': (0.1, 0.75, 0.2), 'cyan': (0.1, 0.85, 0.9), 'blue': (0.15, 0.25, 0.95),
+           'purple': (0.6, 0.15, 0.8), 'white': (0.97, 0.97, 0.97)}
+# The label names the big foreground object, so a prompt such as "a photo of a red circle" can name it.
+CLASSES = [f'{c} {s}' for s in SHAPES for c in COLOURS]
+TEXTURES = ['plain', 'striped', 'checkered', 'speckled']
+OBJECT_WORDS = {'plain': 'solid', 'striped': 'striped', 'checkered': 'checkered', 'speckled': 'speckled'}
+BACKGROUND_WORDS = {'plain': 'gradient', 'striped': 'striped', 'checkered': 'checkered', 'speckled': 'mottled'}
+MOTIONS = ['slides', 'spins', 'pulses']
+OTHERS = ['no other shapes', 'one other shape', 'two other shapes', 'three other shapes']
+IMAGE_TEMPLATES = ['{an_obj} on a {bg} background', 'a photo of {an_textured_obj}',
+                   '{an_obj} with {others}', '{an_textured_obj} and {others} on a {bg} background']
+VIDEO_TEMPLATES = ['a video of {an_obj} {motion}', '{an_textured_obj} {motion} on a {bg} background',
+                   '{an_obj} {motion}, with {others}']
+
+
+def _sdf(shape, u, v):
+    """Signed distance (negative inside) to a shape of unit size at the origin; u right, v down."""
+    r = torch.sqrt(u * u + v * v)
+    if shape == 'circle':
+        return r - 1
+    if shape == 'square':
+        return torch.maximum(u.abs(), v.abs()) - 0.8
+    if shape == 'triangle':                                     # apex up; inscribed radius 0.5
+        return torch.maximum(u.abs() * 0.866 - v * 0.5, v) - 0.5
+    if shape == 'star':                                         # 5 points; radial, not an exact distance
+        k = (2 * (5 * torch.atan2(v, u) / (2 * math.pi)).remainder(1) - 1).abs()
+        return r - (0.42 + 0.58 * k)
+    if shape == 'ring':
+        return (r - 0.72).abs() - 0.28
+    return torch.minimum(torch.maximum(u.abs() - 0.3, v.abs() - 0.95),   # cross: union of two bars
+                         torch.maximum(u.abs() - 0.95, v.abs() - 0.3))
+
+
+def _texture(kind, u, v, freq, noise):
+    """Pattern in [0, 1] over coordinates u, v (broadcastable to (T, H, W)); 0 for 'plain'."""
+    if kind == 'striped':
+        return 0.5 + 0.5 * torch.sin(math.pi * freq * u)
+    if kind == 'checkered':                                     # hard edges on purpose: high frequencies
+        return (torch.sin(math.pi * freq * u) * torch.sin(math.pi * freq * v) > 0).float()
+    if kind == 'speckled':                                      # smooth value noise from an 8x8 grid
+        grid = torch.stack(torch.broadcast_tensors(u, v), -1) * (freq / 8)           # (T, H, W, 2)
+        src = noise.expand(grid.shape[0], 1, 8, 8)                                   # (T, 1, 8, 8)
+        return F.grid_sample(src, grid, padding_mode='reflection', align_corners=False)[:, 0]
+    return torch.zeros(())
+
+
+def _bounce(p, margin):
+    """Positions (fractions of the frame) reflected back into [margin, 1 - margin]: objects bounce off the
+    borders and stay inside the frame."""
+    x = ((p - margin) / (1 - 2 * margin)).remainder(2)
+    return margin + (1 - 2 * margin) * (1 - (x - 1).abs())
+
+
+def _span(coords, lo, hi):
+    """Index range [a, b) of the sorted 1-D coords that lie within [lo, hi]."""
+    a, b = torch.searchsorted(coords, torch.stack([lo, hi])).tolist()
+    return a, b
+
+
+def _new_object(rng, shape, rgb, size):
+    """One object at rest; random_scene sets the motion fields of video objects."""
+    return dict(shape=shape, rgb=torch.tensor(np.clip(rgb, 0, 1), dtype=torch.float32), size=size,
+                x=rng.uniform(0.2, 0.8), y=rng.uniform(0.2, 0.8), angle=rng.uniform(0, 2 * math.pi),
+                texture=TEXTURES[rng.integers(4)], freq=rng.uniform(2, 6),
+                noise=torch.from_numpy(rng.random((1, 1, 8, 8), dtype=np.float32)),
+                vx=0.0, vy=0.0, spin=0.0, rate=0.0, hue=0.0, pulse=0.0)
+
+
+def random_scene(rng, video):
+    """A random scene (a dict of parameters, independent of size and time; `render` draws it): background,
+    0-3 small distractors, one big labelled object on top; for videos its motion and a phrase naming it."""
+    bg = dict(rgb0=torch.tensor(0.2 + 0.6 * rng.random(3), dtype=torch.float32),
+              rgb1=torch.tensor(0.2 + 0.6 * rng.random(3), dtype=torch.float32),
+              angle=rng.uniform(0, 2 * math.pi), tex_angle=rng.uniform(0, math.pi),
+              texture=TEXTURES[rng.integers(4)], freq=rng.uniform(2, 8), contrast=rng.uniform(0.15, 0.4),
+              noise=torch.from_numpy(rng.random((1, 1, 8, 8), dtype=np.float32)))
+    shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
+    motion = MOTIONS[rng.integers(len(MOTIONS))] if video else None
+    small = [_new_object(rng, SHAPES[rng.integers(len(SHAPES))], rng.random(3), rng.uniform(0.12, 0.3))
+             for _ in range(rng.integers(1 if motion == 'pulses' else 0, 4))]
+    main = _new_object(rng, shape, np.array(COLOURS[colour]) + rng.uniform(-0.08, 0.08, 3), rng.uniform(0.35, 0.6))
+    motion_words = ''
+    if video:
+        for ob in small:                                        # distractors drift; change hue when 'pulses'
+            ob['vx'], ob['vy'] = rng.normal(0, 0.006, 2).tolist()
+            ob['rate'], ob['hue'] = rng.uniform(0.15, 0.4), float(motion == 'pulses')
+        if motion == 'slides':                                  # near one of 4 directions, so a word names it
+            direction = int(rng.integers(4))                    # right, down, left, up (y grows downwards)
+            a = direction * math.pi / 2 + rng.uniform(-0.3, 0.3)
+            speed = rng.uniform(0.015, 0.035)                   # fraction of the frame per frame
+            main['vx'], main['vy'] = speed * math.cos(a), speed * math.sin(a)
+            motion_words = f"sliding {['right', 'down', 'left', 'up'][direction]}"
+        elif motion == 'spins':
+            main['spin'] = float(rng.choice([-1, 1])) * rng.uniform(0.12, 0.3)   # radians per frame
+            motion_words = 'spinning'
+        else:
+            main['rate'], main['pulse'] = rng.uniform(0.15, 0.4), 0.4
+            motion_words = 'pulsing while the other shapes change colour'
+    return dict(bg=bg, objects=small + [main], colour=colour, shape=shape, motion=motion_words)
+
+
+def _caption(rng, scene):
+    """One caption from the templates; it names the class, the textures and (videos) the motion."""
+    main, obj = scene['objects'][-1], f"{scene['colour']} {scene['shape']}"
+    an = lambda s: ('an ' if s[0] in 'aeiou' else 'a ') + s
+    templates = VIDEO_TEMPLATES if scene['motion'] else IMAGE_TEMPLATES
+    return templates[rng.integers(len(templates))].format(
+        an_obj=an(obj), an_textured_obj=an(f"{OBJECT_WORDS[main['texture']]} {obj}"),
+        bg=BACKGROUND_WORDS[scene['bg']['texture']], others=OTHERS[len(scene['objects']) - 1],
+        motion=scene['motion'])
+
+
+def _grid(H, W):
+    """Pixel centres in units of half the shorter side: X (1, 1, W) in [-W/s, W/s], Y (1, H, 1); pixel size."""
+    s = min(H, W)
+    X = (torch.arange(W, dtype=torch.float32) * 2 + 1 - W) / s
+    Y = (torch.arange(H, dtype=torch.float32) * 2 + 1 - H) / s
+    return X.view(1, 1, W), Y.view(1, H, 1), 2 / s
+
+
+def _background(bg, X, Y):
+    """Linear colour gradient times a low-contrast texture -> (1, H, W, 3) in [0, 1]."""
+    ca, sa = math.cos(bg['angle']), math.sin(bg['angle'])
+    d = (X * ca + Y * sa) / (X.max() * abs(ca) + Y.max() * abs(sa))                 # (1, H, W) in [-1, 1]
+    base = bg['rgb0'] + (bg['rgb1'] - bg['rgb0']) * (0.5 + 0.5 * d)[..., None]        # (1, H, W, 3)
+    ct, st = math.cos(bg['tex_angle']), math.sin(bg['tex_angle'])
+    tex = _texture(bg['texture'], X * ct + Y * st, Y * ct - X * st, bg['freq'], bg['noise'])
+    return base * (1 - bg['contrast'] * tex)[..., None]
+
+
+def _draw(img, ob, X, Y, t, px):
+    """Composite one object in place over img (T, H, W, 3) in [0, 1] at frame times t (T, 1, 1)."""
+    r, ex, ey = ob['size'], X.max() + px / 2, Y.max() + px / 2                      # half-extents of the frame
+    cx = (_bounce(ob['x'] + ob['vx'] * t, r / (2 * ex)) - 0.5) * 2 * ex              # (T, 1, 1)
+    cy = (_bounce(ob['y'] + ob['vy'] * t, r / (2 * ey)) - 0.5) * 2 * ey
+    # work only on the box the object covers over all frames (shapes reach 1.13 r): same pixels, faster
+    j0, j1 = _span(X[0, 0], cx.min() - 1.2 * r - px, cx.max() + 1.2 * r + px)
+    i0, i1 = _span(Y[0, :, 0], cy.min() - 1.2 * r - px, cy.max() + 1.2 * r + px)
+    X, Y, box = X[..., j0:j1], Y[:, i0:i1], img[:, i0:i1, j0:j1]                     # box: a view of img
+    a = ob['angle'] + ob['spin'] * t
+    dx, dy = X - cx, Y - cy
+    u = (dx * torch.cos(a) + dy * torch.sin(a)) / r                                  # (T, h, w) object frame
+    v = (dy * torch.cos(a) - dx * torch.sin(a)) / r
+    alpha = (0.5 - _sdf(ob['shape'], u, v) * r / px).clamp(0, 1)[..., None]          # 1-pixel soft edge
+    w = (0.5 - 0.5 * torch.cos(ob['rate'] * t))[..., None]                           # (T, 1, 1, 1), 0 at t=0
+    rgb = ob['rgb'] * (1 - ob['hue'] * w) + ob['rgb'][[1, 2, 0]] * (ob['hue'] * w)   # hue drifts r->g->b
+    shade = 1 - 0.45 * _texture(ob['texture'], u, v, ob['freq'], ob['noise'])        # (T, h, w)
+    colour = rgb * (1 - ob['pulse'] * w) * shade[..., None]                          # (T, h, w, 3)
+    box += alpha * (colour - box)
+
+
+def render(scene, H, W, t):
+    """A scene at size H x W and frame times t (1-D float tensor) -> (T, H, W, 3) float32 in [-1, 1]."""
+    X, Y, px = _grid(H, W)
+    img = _background(scene['bg'], X, Y).repeat(len(t), 1, 1, 1)                    # (T, H, W, 3)
+    for ob in scene['objects']:                                                      # back to front
+        _draw(img, ob, X, Y, t.view(-1, 1, 1), px)
+    return img * 2 - 1
+
+
+# -----------------------------------------------------------------------------
+# built-in datasets
+
+
+def _synthetic_plan(ds, key):
+    """key -> (index, (H, W), content rng positioned after the aspect draw); renders nothing. Each sample
+    has a native aspect ratio H/W in [1/2, 2]; its size is drawn anew each epoch by sample_resolution."""
+    i, epoch = _key(key, ds.n)
+    content = _rng(ds.seed, CONTENT, SPLITS[ds.split], i, 0)
+    aspect = math.exp(content.uniform(-math.log(2), math.log(2)))                    # H / W
+    native = (ds.res[1], ds.res[1] / aspect) if aspect > 1 else (ds.res[1] * aspect, ds.res[1])
+    size_rng = _rng(ds.seed, SIZE, SPLITS[ds.split], i, epoch)
+    return i, sample_resolution(size_rng, native, ds.res, ds.patch_size[1:]), content
+
+
+class SyntheticImages(Dataset):
+    """n procedural images of one split, rendered directly at the sampled size (longer side in `res`)."""
+
+    def __init__(self, n, split='train', seed=0, res=(64, 512), patch_size=(4, 16, 16)):
+        _check_res(res, patch_size)
+        self.n, self.split, self.seed, self.res, self.patch_size = n, split, seed, res, patch_size
+        self.classes, self.skipped = CLASSES, []
+
+    def __len__(self):
+        return self.n
+
+    def source(self, i):
+        return f"synthetic:{self.split}:image:{i}"
+
+    def num_tokens(self, key):
+        return num_tokens('image', (1, *_synthetic_plan(self, key)[1]), self.patch_size)
+
+    def __getitem__(self, key):
+        i, (H, W), rng = _synthetic_plan(self, key)
+        scene = random_scene(rng, video=False)
+        media = render(scene, H, W, torch.zeros(1))[0]                               # (H, W, 3)
+        name = f"{scene['colour']} {scene['shape']}"
+        return Sample(media, 'image', _caption(rng, scene), CLASSES.index(name), name, self.source(i))
+
+
+class SyntheticVideos(Dataset):
+    """n procedural videos: the same kind of scenes, the big object sliding, spinning or pulsing while the
+    small ones drift (and change colour when it pulses). Length: a multiple of pt in [pt, frames]."""
+
+    def __init__(self, n, split='train', seed=0, res=(64, 256), patch_size=(4, 16, 16), frames=16):
+        _check_res(res, patch_size)
+        if frames % patch_size[0]:
+            raise ValueError(f"frames={frames} must be a multiple of pt={patch_size[0]}")
+        self.n, self.split, self.seed, self.res, self.patch_size = n, split, seed, res, patch_size
+        self.frames, self.classes, self.skipped = frames, CLASSES, []
+
+    def __len__(self):
+        return self.n
+
+    def source(self, i):
+        return f"synthetic:{self.split}:video:{i}"
+
+    def _length(self, i):
+        pt = self.patch_size[0]
+        return pt * int(_rng(self.seed, CLIP, SPLITS[self.split], i, 0).integers(1, self.frames // pt + 1))
+
+    def num_tokens(self, key):
+        i, hw, _ = _synthetic_plan(self, key)
+        return num_tokens('video', (self._length(i), *hw), self.patch_size)
+
+    def __getitem__(self, key):
+        i, (H, W), rng = _synthetic_plan(self, key)
+        scene = random_scene(rng, video=True)
+        media = render(scene, H, W, torch.arange(self._length(i), dtype=torch.float32))  # (T, H, W, 3)
+        name = f"{scene['colour']} {scene['shape']}"
+        return Sample(media, 'video', _caption(rng, scene), CLASSES.index(name), name, self.source(i))
 
 
 def synthetic_media(n_images, n_videos, split='train', seed=0, patch=8):
-    """A fixed list of images then videos from one split."""
-    return ([synthetic_image(seed + i, split, patch=patch) for i in range(n_images)] +
-            [synthetic_video(seed + 10_000 + i, split, patch=patch) for i in range(n_videos)])
+    """A fixed list of media tensors (the CPU demo's data): n_images images (longer side 32-64 px) then
+    n_videos videos of 4 or 8 frames (longer side 32-48 px) from one split."""
+    ps = (4, patch, patch)
+    images = SyntheticImages(n_images, split, seed, res=(32, 64), patch_size=ps)
+    videos = SyntheticVideos(n_videos, split, seed, res=(32, 48), patch_size=ps, frames=8)
+    return [images[i].media for i in range(n_images)] + [videos[i].media for i in range(n_videos)]
+
+
+# -----------------------------------------------------------------------------
+# real files: listing, manifests, headers, decoding, bad input
+
+VIDEO_EXTENSIONS = {'.mp4', '.webm', '.mkv', '.mov'}
+# every format PIL can open (not only save); MPEG is a video container that PIL merely identifies
+IMAGE_EXTENSIONS = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN} - {'.mpg', '.mpeg'}
+# what a broken file raises: PIL (OSError, SyntaxError, DecompressionBombError), PyAV (FFmpegError), ours
+READ_ERRORS = (OSError, ValueError, EOFError, SyntaxError, av.error.FFmpegError, Image.DecompressionBombError)
+# paper Sec. 3.5: 16-32 frames (4-8 latent frames) per reconstruction clip; 1 fps up to 64 for understanding
+MAX_FRAMES = {'recon': 32, 'understand': 64}
+
+
+def read_manifest(path):
+    """JSONL (one {"file": ..., "caption": ..., "label": ...} per line) or CSV (header file,caption,label)
+    -> [(file, caption, class name)]. Files are relative to the manifest's folder (or absolute); caption
+    and label are optional; a label is a class name (numbers are read as names too)."""
+    root = os.path.dirname(os.path.abspath(path))
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f)) if path.endswith('.csv') else [json.loads(s) for s in f if s.strip()]
+    out = []
+    for n, row in enumerate(rows, 1):
+        if not row.get('file'):
+            raise ValueError(f"{path}: row {n} has no 'file'")
+        label = row.get('label')
+        name = '' if label in (None, '') else str(label)
+        out.append((os.path.join(root, row['file']), row.get('caption') or '', name))
+    return out
+
+
+def _list_files(path, extensions):
+    """A folder (walked recursively, sorted) or a .jsonl/.csv manifest -> [(file, caption, class name)]."""
+    if os.path.isfile(path) and path.endswith(('.jsonl', '.csv')):
+        return read_manifest(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: neither a folder nor a .jsonl/.csv manifest")
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+                   if os.path.splitext(f)[1].lower() in extensions)
+    return [(f, '', '') for f in files]
+
+
+def _skip(source, error, strict):
+    """A bad input: an error naming it (strict), else one warning line. Returns the (source, reason) record."""
+    reason = str(error) or type(error).__name__
+    if strict:
+        raise ValueError(f"cannot read {source}: {reason} (strict=True; strict=False skips such files)")
+    warnings.warn(f"skipped {source}: {reason}", stacklevel=3)
+    return source, reason
+
+
+def _probe_all(path, rows, probe, strict, what):
+    """Read every file's header (no decoding) -> entries [(file, caption, class name, probe(file))] and the
+    skipped [(file, reason)]. A folder or manifest with no usable file is an error naming it.
+    TODO: every rank probes every file at start-up; cache the headers in a file for millions of files."""
+    entries, skipped = [], []
+    for file, caption, name in rows:
+        try:
+            if not os.path.isfile(file):
+                raise FileNotFoundError('file not found')
+            if os.path.getsize(file) == 0:
+                raise ValueError('empty file')
+            entries.append((file, caption, name, probe(file)))
+        except READ_ERRORS as e:
+            skipped.append(_skip(file, e, strict))
+    if not entries:
+        raise ValueError(f"{path}: no usable {what} files ({len(rows)} listed, {len(skipped)} unreadable)")
+    return entries, skipped
+
+
+def _probe_image(file):
+    """Header only -> (H, W) as loaded (EXIF orientations 5-8 are 90-degree turns: sides swap)."""
+    with Image.open(file) as im:
+        w, h = im.size
+        return (w, h) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)
+
+
+def load_image(file, hw):
+    """Decode an image -> (H, W, 3) float32 in [-1, 1] at size hw: EXIF rotation applied, alpha dropped,
+    frame 0 of an animation (DESIGN §2), PIL bicubic resize (which antialiases when shrinking)."""
+    H, W = hw
+    with Image.open(file) as im:
+        im.draft('RGB', (max(hw), max(hw)))     # JPEG: decode at the smallest DCT scale >= target (fast)
+        im = ImageOps.exif_transpose(im).convert('RGB').resize((W, H), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1)        # numpy: no OpenMP threads
+
+
+def _probe_video(file, multiple):
+    """Header -> (frames, fps, (H, W)). mp4/mov store the frame count; webm/mkv often don't, so their
+    packets are counted (demuxing reads the file but decodes nothing)."""
+    with av.open(file) as container:
+        if not container.streams.video:
+            raise ValueError('no video stream')
+        s = container.streams.video[0]
+        n = s.frames or sum(1 for p in container.demux(s) if p.size)
+        fps = float(s.average_rate or s.guessed_rate or 25)      # 25 when the container states no rate
+        hw = (s.height, s.width)
+    if n == 0:
+        raise ValueError('no decodable frames')
+    if n < multiple:
+        raise ValueError(f"{n} frames, a clip needs at least {multiple}")
+    return n, fps, hw
+
+
+def load_clip(file, clip, hw, multiple):
+    """Decode frames `clip` (a range of frame indices) -> (T, H, W, 3) float32 in [-1, 1] at size hw.
+
+    Decodes from the start without seeking (exact indices; fine for clips of seconds). If the file holds
+    fewer frames than its header promised, T is cut to a multiple of `multiple`.
+    TODO: rotation metadata of phone videos is ignored.
+    """
+    H, W = hw
+    frames = []
+    scale = VideoReformatter()      # one scaler for the clip: a new one per frame costs ~40x the scaling
+    with av.open(file) as container:
+        # FFmpeg's default threading: DataLoader workers already keep the cores busy
+        for k, frame in enumerate(container.decode(container.streams.video[0])):
+            if k > clip[-1]:
+                break
+            if k in clip:                                             # O(1) for a range
+                frame = scale.reformat(frame, width=W, height=H, format='rgb24', interpolation='AREA')
+                frames.append(frame.to_ndarray())                     # (H, W, 3) uint8
+    T = len(frames) // multiple * multiple
+    if T == 0:
+        raise ValueError(f"no decodable frames ({len(frames)} of the {len(clip)} planned)")
+    return torch.from_numpy(np.stack(frames[:T]).astype(np.float32) / 127.5 - 1)   # (T, H, W, 3)
+
+
+# -----------------------------------------------------------------------------
+# real datasets
+
+
+class ImageFolder(Dataset):
+    """Images from a folder (every PIL-readable file, recursively) or a JSONL/CSV manifest, each resized to
+    a size from sample_resolution (longer side in `res`), new each epoch. Labels index `classes`, the
+    sorted class names of the manifest (-1 without one)."""
+
+    def __init__(self, path, res=(64, 512), patch_size=(4, 16, 16), seed=0, strict=False):
+        _check_res(res, patch_size)
+        self.path, self.res, self.patch_size, self.seed, self.strict = path, res, patch_size, seed, strict
+        rows = _list_files(path, IMAGE_EXTENSIONS)
+        self.entries, self.skipped = _probe_all(path, rows, _probe_image, strict, 'image')
+        self.classes = sorted({e[2] for e in self.entries if e[2]})
+
+    def __len__(self):
+        return len(self.entries)
+
+    def source(self, i):
+        return self.entries[i][0]
+
+    def _plan(self, key):
+        i, epoch = _key(key, len(self))
+        return i, sample_resolution(_rng(self.seed, SIZE, 0, i, epoch), self.entries[i][3], self.res,
+                                    self.patch_size[1:])
+
+    def num_tokens(self, key):
+        return num_tokens('image', (1, *self._plan(key)[1]), self.patch_size)
+
+    def __getitem__(self, key):
+        i, hw = self._plan(key)
+        file, caption, name, _ = self.entries[i]
+        try:
+            media = load_image(file, hw)
+        except READ_ERRORS as e:                                       # e.g. a truncated JPEG
+            return Skipped(*_skip(file, e, self.strict))
+        return Sample(media, 'image', caption, self.classes.index(name) if name else -1, name, file)
+
+
+class VideoFolder(Dataset):
+    """Videos (mp4/webm/mkv/mov) from a folder or a JSONL/CSV manifest. Each epoch draws a clip per video
+    with sample_clip (mode 'recon' or 'understand', up to max_frames, default MAX_FRAMES[mode]) and a
+    frame size with sample_resolution (longer side in `res`); frames are resized by FFmpeg (area)."""
+
+    def __init__(self, path, mode='recon', res=(64, 512), patch_size=(4, 16, 16), max_frames=None, seed=0,
+                 strict=False):
+        _check_res(res, patch_size)
+        if mode not in MAX_FRAMES:
+            raise ValueError(f"mode {mode!r}: expected one of {list(MAX_FRAMES)}")
+        self.max_frames = max_frames or MAX_FRAMES[mode]
+        if self.max_frames % patch_size[0]:
+            raise ValueError(f"max_frames={self.max_frames} must be a multiple of pt={patch_size[0]}")
+        self.path, self.mode, self.res, self.patch_size = path, mode, res, patch_size
+        self.seed, self.strict = seed, strict
+        probe = functools.partial(_probe_video, multiple=patch_size[0])
+        self.entries, self.skipped = _probe_all(path, _list_files(path, VIDEO_EXTENSIONS), probe, strict, 'video')
+        self.classes = sorted({e[2] for e in self.entries if e[2]})
+
+    def __len__(self):
+        return len(self.entries)
+
+    def source(self, i):
+        return self.entries[i][0]
+
+    def _plan(self, key):
+        """key -> (index, (H, W), clip range); from the header alone."""
+        i, epoch = _key(key, len(self))
+        n_frames, fps, native = self.entries[i][3]
+        rng = _rng(self.seed, CLIP, 0, i, epoch)
+        hw = sample_resolution(rng, native, self.res, self.patch_size[1:])
+        return i, hw, sample_clip(rng, n_frames, fps, self.mode, self.max_frames, self.patch_size[0])
+
+    def num_tokens(self, key):
+        _, hw, clip = self._plan(key)
+        return num_tokens('video', (len(clip), *hw), self.patch_size)
+
+    def __getitem__(self, key):
+        i, hw, clip = self._plan(key)
+        file, caption, name, _ = self.entries[i]
+        try:
+            media = load_clip(file, clip, hw, self.patch_size[0])
+        except READ_ERRORS as e:                                       # corrupt packets, no frames
+            return Skipped(*_skip(file, e, self.strict))
+        return Sample(media, 'video', caption, self.classes.index(name) if name else -1, name, file)
+
+
+class Concat(Dataset):
+    """Several datasets as one, so that a batch mixes modalities and sources. Global index = the offset of
+    its dataset + its local index. Labels stay per dataset (Sample.class_name says what they mean)."""
+
+    def __init__(self, datasets):
+        self.datasets, self.offsets = list(datasets), [0]
+        for d in self.datasets:
+            self.offsets.append(self.offsets[-1] + len(d))
+
+    def __len__(self):
+        return self.offsets[-1]
+
+    def _locate(self, key):
+        i, epoch = _key(key, len(self))
+        j = bisect.bisect_right(self.offsets, i) - 1                     # skips empty datasets
+        return self.datasets[j], (i - self.offsets[j], epoch)
+
+    def source(self, i):
+        d, (k, _) = self._locate(i)
+        return d.source(k)
+
+    def num_tokens(self, key):
+        d, k = self._locate(key)
+        return d.num_tokens(k)
+
+    def __getitem__(self, key):
+        d, k = self._locate(key)
+        return d[k]
+
+    @property
+    def skipped(self):
+        return [s for d in self.datasets for s in d.skipped]
+
+
+# -----------------------------------------------------------------------------
+# packing: a token budget per step instead of a batch size (DESIGN §2)
+
+
+def _even_out(batches, world_size):
+    """Split the batch with the most samples in two until the count is a multiple of world_size, so that
+    every rank runs the same number of steps (DDP would hang otherwise). That fails only if every batch
+    is a single sample; then the first batches are repeated, the one case where a sample comes twice."""
+    while len(batches) % world_size:
+        j = max(range(len(batches)), key=lambda b: len(batches[b]))
+        if len(batches[j]) < 2:
+            return batches + batches[:world_size - len(batches) % world_size]
+        b = batches[j]
+        batches[j:j + 1] = [b[:len(b) // 2], b[len(b) // 2:]]
+    return batches
+
+
+class TokenBudgetSampler(Sampler):
+    """Batches of dataset keys [(index, epoch), ...] holding at most `budget` tokens: one step of one rank.
+
+    Per epoch: shuffle all indices (seeded by seed and epoch), pack them greedily in that order (a batch
+    closes when the next sample would overflow it), even the batch count out to a multiple of world_size
+    (_even_out), and give batch b to rank b % world_size. Ranks see disjoint samples, run the same number
+    of steps, and together see every sample exactly once. Token counts come from dataset.num_tokens,
+    which decodes nothing. A sample larger than the budget is an error naming it. Call set_epoch(e) before
+    each epoch (as with DistributedSampler).
+    """
+
+    def __init__(self, dataset, budget, seed=0, rank=0, world_size=1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if len(dataset) < world_size:
+            raise ValueError(f"{len(dataset)} samples cannot feed {world_size} ranks")
+        self.dataset, self.budget, self.seed, self.rank, self.world_size = dataset, budget, seed, rank, world_size
+        self.epoch, self._cache = 0, (None, None)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def plan(self, epoch):
+        """Every rank's batches of one epoch as lists of indices; batch b belongs to rank b % world_size."""
+        if self._cache[0] != epoch:
+            self._cache = (epoch, _even_out(self._pack(epoch), self.world_size))
+        return self._cache[1]
+
+    def _pack(self, epoch):
+        order = _rng(self.seed, SHUFFLE, 0, 0, epoch).permutation(len(self.dataset)).tolist()
+        batches, used = [[]], 0
+        for i in order:
+            n = self.dataset.num_tokens((i, epoch))
+            if n > self.budget:
+                raise ValueError(f"{self.dataset.source(i)}: {n} tokens, more than the budget of {self.budget} "
+                                 f"per step; raise the budget or lower res / max_frames")
+            if used + n > self.budget:
+                batches, used = batches + [[]], 0
+            batches[-1].append(i)
+            used += n
+        return batches
+
+    def __iter__(self):
+        for b in self.plan(self.epoch)[self.rank::self.world_size]:
+            yield [(i, self.epoch) for i in b]
+
+    def __len__(self):
+        return len(self.plan(self.epoch)) // self.world_size
+
+
+@dataclass
+class Batch:
+    """One step: the packed token set and, in the same sample order, its metadata."""
+    packed: model.Packed    # feats [N, pt*ph*pw*3], coords [N, 4], seqlens, kinds, grids; None if all failed
+    captions: list
+    labels: torch.Tensor    # [B] int64, -1 where unknown
+    class_names: list
+    sources: list
+    skipped: list           # [(source, reason)] of this batch's items that failed to decode
+
+
+def collate(items, patch_size):
+    """Samples (and Skipped) -> one Batch; as a collate_fn: functools.partial(collate, patch_size=...)."""
+    good = [s for s in items if isinstance(s, Sample)]
+    return Batch(model.pack([s.media for s in good], patch_size) if good else None,
+                 [s.caption for s in good], torch.tensor([s.label for s in good], dtype=torch.int64),
+                 [s.class_name for s in good], [s.source for s in good],
+                 [(s.source, s.reason) for s in items if isinstance(s, Skipped)])
+
+
+def make_loader(dataset, budget, patch_size, seed=0, rank=0, world_size=1, num_workers=0):
+    """DataLoader of Batches of at most `budget` tokens on this rank. The sampler runs in the main process
+    and items depend only on their keys, so any num_workers gives the same batches. Call
+    loader.batch_sampler.set_epoch(e) before each epoch."""
+    return DataLoader(dataset, batch_sampler=TokenBudgetSampler(dataset, budget, seed, rank, world_size),
+                      collate_fn=functools.partial(collate, patch_size=patch_size), num_workers=num_workers)
+
+
+def skip_report(dataset, skipped):
+    """End-of-epoch summary of bad inputs: dataset.skipped (found when scanning) plus `skipped`, this
+    epoch's Batch.skipped lists joined (found when decoding). '' when nothing was skipped."""
+    found = list(dataset.skipped) + list(skipped)
+    if not found:
+        return ''
+    head = f"{len(found)} files skipped ({len(dataset.skipped)} when scanning, {len(skipped)} when decoding):"
+    return '\n'.join([head] + [f"  {source}: {reason}" for source, reason in found])

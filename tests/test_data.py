@@ -1,0 +1,359 @@
+"""Tests for data.py: the built-in data, real image/video files written here with PIL and PyAV, bad input,
+resolution/clip sampling and token-budget packing (ranks, workers). CPU, no network, ~15 s."""
+import json
+import os
+import warnings
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import model
+
+PS = (4, 8, 8)   # tiny patch size (pt, ph, pw)
+
+
+def level(k):
+    """Grey level of frame k in the test videos, so that decoded frames tell their index."""
+    return 8 + 6 * k
+
+
+def write_video(path, codec, n, fps=10, hw=(48, 64)):
+    with av.open(str(path), 'w') as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = hw[1], hw[0], 'yuv420p'
+        for k in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((*hw, 3), level(k), np.uint8), format='rgb24')
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def frame_indices(video):
+    """(T, H, W, 3) in [-1, 1] from write_video -> the frame index each frame shows."""
+    grey = (video.mean(dim=(1, 2, 3)) + 1) * 127.5
+    idx = (grey - level(0)) / (level(1) - level(0))
+    assert (idx - idx.round()).abs().max() < 0.35, idx          # codecs keep flat grey within ~2 levels
+    return idx.round().long().tolist()
+
+
+def index_of(ds, name):
+    """Index of the file called `name` in a folder dataset."""
+    return [os.path.basename(ds.source(i)) for i in range(len(ds))].index(name)
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp('media')
+    img = root / 'images'
+    (img / 'sub').mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {'a.png': rng.integers(0, 256, (48, 64, 3), dtype=np.uint8),
+              'b.jpg': rng.integers(0, 256, (30, 50, 3), dtype=np.uint8),
+              'sub/c.bmp': rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)}
+    for name, a in arrays.items():
+        Image.fromarray(a).save(img / name)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(img / 'big.jpg', quality=95)
+    jpg = (img / 'big.jpg').read_bytes()
+    (img / 'truncated.jpg').write_bytes(jpg[:len(jpg) // 2])      # header fine, decoding fails
+    (img / 'empty.png').write_bytes(b'')
+    (img / 'text.png').write_text('not an image')
+    (img / 'notes.txt').write_text('ignored: not an image extension')
+    (img / 'big.jpg').unlink()
+    with open(img / 'manifest.jsonl', 'w') as f:
+        for row in [dict(file='a.png', caption='a cat', label='cat'),
+                    dict(file='b.jpg', caption='a dog', label='dog'),
+                    dict(file='sub/c.bmp', label='cat'), dict(file='missing.png', caption='gone')]:
+            f.write(json.dumps(row) + '\n')
+    (img / 'manifest.csv').write_text('file,caption,label\na.png,a cat,cat\nmissing.png,gone,dog\n')
+
+    vid = root / 'videos'
+    vid.mkdir()
+    write_video(vid / 'a.mp4', 'libx264', 40)
+    write_video(vid / 'b.webm', 'libvpx-vp9', 24)                 # webm/mkv store no frame count
+    write_video(vid / 'c.mkv', 'libx264', 20, hw=(32, 48))
+    write_video(vid / 'd.mov', 'libx264', 16)
+    bad = root / 'bad_videos'
+    bad.mkdir()
+    (bad / 'garbage.mp4').write_bytes(rng.integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    (bad / 'empty.mov').write_bytes(b'')
+    mkv = (vid / 'c.mkv').read_bytes()
+    cluster = mkv.index(b'\x1f\x43\xb6\x75')                      # header intact, no frame data
+    (bad / 'noframes.mkv').write_bytes(mkv[:cluster + 8])
+    write_video(bad / 'ok.mp4', 'libx264', 12)
+    return dict(root=root, images=img, videos=vid, bad=bad, arrays=arrays)
+
+
+# -----------------------------------------------------------------------------
+# built-in data
+
+
+def test_synthetic_deterministic():
+    for cls in (data.SyntheticImages, data.SyntheticVideos):
+        a, b = cls(6, seed=3, res=(32, 64), patch_size=PS), cls(6, seed=3, res=(32, 64), patch_size=PS)
+        for key in [0, 5, (2, 0), (2, 7)]:
+            x, y = a[key], b[key]
+            assert torch.equal(x.media, y.media)
+            assert (x.caption, x.label, x.source) == (y.caption, y.label, y.source)
+        other = cls(6, seed=4, res=(32, 64), patch_size=PS)
+        assert not any(a[i].media.shape == other[i].media.shape and torch.equal(a[i].media, other[i].media)
+                       for i in range(6))
+        # a new epoch draws a new size, not a new scene: the class and caption stay
+        assert (a[(1, 0)].caption, a[(1, 0)].label) == (a[(1, 9)].caption, a[(1, 9)].label)
+
+
+def test_synthetic_splits_disjoint():
+    train = data.SyntheticImages(40, 'train', res=(32, 32), patch_size=PS)
+    val = data.SyntheticImages(40, 'val', res=(32, 32), patch_size=PS)
+    tr = [train[i] for i in range(40)]
+    va = [val[i] for i in range(40)]
+    assert not {s.source for s in tr} & {s.source for s in va}
+    assert not any(a.media.shape == b.media.shape and torch.equal(a.media, b.media) for a in tr for b in va)
+    assert len({s.label for s in tr + va}) > 15                     # classes vary (48 in all)
+
+
+def test_synthetic_samples():
+    images = data.SyntheticImages(20, res=(32, 64), patch_size=PS)
+    videos = data.SyntheticVideos(8, res=(32, 48), patch_size=PS, frames=12)
+    for ds, kind in [(images, 'image'), (videos, 'video')]:
+        for i in range(len(ds)):
+            s = ds[(i, 1)]
+            assert s.kind == kind and s.media.dtype == torch.float32
+            assert s.media.dim() == (3 if kind == 'image' else 4)
+            assert -1 <= s.media.min() and s.media.max() <= 1 and s.media.std() > 0.05
+            H, W = s.media.shape[-3:-1]
+            assert H % 8 == 0 and W % 8 == 0 and ds.res[0] <= max(H, W) <= ds.res[1]
+            if kind == 'video':
+                assert s.media.shape[0] % 4 == 0 and 4 <= s.media.shape[0] <= 12
+                assert not torch.equal(s.media[0], s.media[-1])       # something moves
+            assert data.CLASSES[s.label] == s.class_name and s.class_name in s.caption
+            packed = model.pack([s.media], PS)
+            assert packed.seqlens == [ds.num_tokens((i, 1))]          # token count known without rendering
+
+
+def test_synthetic_media_wrapper():
+    media = data.synthetic_media(3, 2, 'val', seed=5, patch=8)
+    assert [m.dim() for m in media] == [3, 3, 3, 4, 4]
+    assert all(m.shape[-2] % 8 == 0 and max(m.shape[-3:-1]) <= 64 for m in media)
+
+
+# -----------------------------------------------------------------------------
+# resolution and clip sampling
+
+
+def test_sample_resolution():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        H, W = rng.integers(20, 2000, 2)
+        h, w = data.sample_resolution(rng, (H, W), (64, 512), (16, 16))
+        assert h % 16 == 0 and w % 16 == 0 and h >= 16 and w >= 16
+        assert 64 <= max(h, w) <= min(512, max(64, round(max(H, W) / 16) * 16))
+        if min(h, w) >= 64:                                          # rounding moves a side by < 8 px
+            assert abs(h / w - H / W) < (H / W) * 16 / min(h, w)
+    assert data.sample_resolution(rng, (20, 30), (64, 512), (16, 16)) == (48, 64)   # tiny: up to min
+
+
+def test_sample_clip():
+    rng = np.random.default_rng(0)
+    strides = set()
+    for _ in range(100):
+        c = data.sample_clip(rng, 100, 30.0, 'recon', 32, 4)
+        strides.add(c.step)
+        assert len(c) % 4 == 0 and 4 <= len(c) <= 32 and c[0] >= 0 and c[-1] < 100
+    assert strides == {1, 2, 3}
+    c = data.sample_clip(rng, 3000, 25.0, 'understand', 64, 4)      # 2 minutes at 25 fps
+    assert (c.step, len(c)) == (25, 64)
+    c = data.sample_clip(rng, 50, 25.0, 'understand', 64, 4)        # 2 s: stride shrinks to fit 4 frames
+    assert len(c) == 4 and c[-1] < 50
+    with pytest.raises(ValueError, match='3 frames'):
+        data.sample_clip(rng, 3, 25.0, 'recon', 32, 4)
+
+
+# -----------------------------------------------------------------------------
+# real files
+
+
+def test_image_folder(files):
+    with pytest.warns(UserWarning) as record:
+        ds = data.ImageFolder(str(files['images']), res=(64, 64), patch_size=PS)
+    assert sorted(os.path.basename(s) for s, _ in ds.skipped) == ['empty.png', 'text.png'] and len(record) == 2
+    assert all('skipped' in str(w.message) for w in record)
+    names = [os.path.basename(ds.source(i)) for i in range(len(ds))]
+    assert sorted(names) == ['a.png', 'b.jpg', 'c.bmp', 'truncated.jpg']
+    s = ds[index_of(ds, 'a.png')]                                   # 48x64 png at longer side 64: no resize
+    assert s.media.shape == (48, 64, 3) and s.kind == 'image' and s.label == -1 and s.caption == ''
+    expected = torch.from_numpy(files['arrays']['a.png']).float() / 127.5 - 1
+    assert torch.allclose(s.media, expected, atol=1e-6)
+    j = index_of(ds, 'b.jpg')
+    b = ds[j]                                                       # 30x50 jpg upsampled to 64 wide
+    assert b.media.shape == (40, 64, 3) and -1 <= b.media.min() and b.media.max() <= 1
+    assert ds.num_tokens(j) == 5 * 8
+
+
+def test_truncated_image_skipped_or_strict(files):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ds = data.ImageFolder(str(files['images']), res=(32, 64), patch_size=PS)
+        strict_rows = data.ImageFolder(str(files['images'] / 'manifest.csv'), res=(32, 64), patch_size=PS)
+    i = index_of(ds, 'truncated.jpg')
+    with pytest.warns(UserWarning, match=r'skipped .*truncated\.jpg'):
+        item = ds[i]
+    assert isinstance(item, data.Skipped) and 'truncated' in item.reason
+    ds.strict = True
+    with pytest.raises(ValueError, match=r'truncated\.jpg'):
+        ds[i]
+    with pytest.raises(ValueError, match=r'empty\.png'):
+        data.ImageFolder(str(files['images']), patch_size=PS, strict=True)
+    with pytest.raises(ValueError, match=r'missing\.png'):
+        data.ImageFolder(str(files['images'] / 'manifest.csv'), patch_size=PS, strict=True)
+    assert len(strict_rows) == 1 and strict_rows.skipped[0][1] == 'file not found'
+
+
+def test_manifests(files):
+    with pytest.warns(UserWarning, match=r'skipped .*missing\.png: file not found'):
+        ds = data.ImageFolder(str(files['images'] / 'manifest.jsonl'), res=(32, 64), patch_size=PS)
+    assert len(ds) == 3 and len(ds.skipped) == 1 and ds.classes == ['cat', 'dog']
+    got = {os.path.basename(s.source): (s.caption, s.label, s.class_name) for s in (ds[i] for i in range(3))}
+    assert got == {'a.png': ('a cat', 0, 'cat'), 'b.jpg': ('a dog', 1, 'dog'), 'c.bmp': ('', 0, 'cat')}
+    with pytest.warns(UserWarning, match='missing'):
+        csv_ds = data.ImageFolder(str(files['images'] / 'manifest.csv'), res=(32, 64), patch_size=PS)
+    assert csv_ds[0].caption == 'a cat' and csv_ds.classes == ['cat']
+
+
+def test_video_folder_recon(files):
+    ds = data.VideoFolder(str(files['videos']), 'recon', res=(32, 64), patch_size=PS, max_frames=16)
+    assert sorted(os.path.basename(ds.source(i)) for i in range(len(ds))) == ['a.mp4', 'b.webm', 'c.mkv', 'd.mov']
+    assert ds.skipped == []
+    frames = {os.path.basename(e[0]): e[3][0] for e in ds.entries}
+    assert frames == {'a.mp4': 40, 'b.webm': 24, 'c.mkv': 20, 'd.mov': 16}   # webm/mkv: counted packets
+    strides = set()
+    for epoch in range(4):
+        for i in range(len(ds)):
+            s = ds[(i, epoch)]
+            T, H, W, C = s.media.shape
+            assert s.kind == 'video' and C == 3 and T % 4 == 0 and 4 <= T <= 16
+            assert H % 8 == 0 and W % 8 == 0 and 32 <= max(H, W) <= 64
+            assert -1 <= s.media.min() and s.media.max() <= 1
+            idx = frame_indices(s.media)
+            step = idx[1] - idx[0]
+            assert step in (1, 2, 3) and idx == list(range(idx[0], idx[0] + step * T, step))
+            assert idx[-1] < frames[os.path.basename(s.source)]
+            assert model.pack([s.media], PS).seqlens == [ds.num_tokens((i, epoch))]
+            strides.add(step)
+    assert len(strides) > 1
+
+
+def test_video_folder_understand(files):
+    ds = data.VideoFolder(str(files['videos']), 'understand', res=(32, 32), patch_size=PS)
+    idx = frame_indices(ds[index_of(ds, 'a.mp4')].media)            # 40 frames at 10 fps: 1 fps -> 4 frames
+    assert len(idx) == 4 and np.diff(idx).tolist() == [10, 10, 10]
+    assert len(frame_indices(ds[index_of(ds, 'd.mov')].media)) == 4     # 1.6 s: the stride shrinks to fit 4
+
+
+def test_bad_videos(files):
+    with pytest.warns(UserWarning) as record:
+        ds = data.VideoFolder(str(files['bad']), res=(32, 64), patch_size=PS)
+    assert len(ds) == 1 and len(record) == 3
+    reasons = {os.path.basename(s): r for s, r in ds.skipped}
+    assert set(reasons) == {'garbage.mp4', 'empty.mov', 'noframes.mkv'}
+    assert reasons['empty.mov'] == 'empty file' and reasons['noframes.mkv'] == 'no decodable frames'
+    with pytest.raises(ValueError, match=r'cannot read .*(garbage\.mp4|empty\.mov|noframes\.mkv)'):
+        data.VideoFolder(str(files['bad']), patch_size=PS, strict=True)
+
+
+def test_no_usable_files_names_folder(tmp_path):
+    (tmp_path / 'bad.jpg').write_bytes(b'\xff\xd8 nope')
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=str(tmp_path)):
+        data.ImageFolder(str(tmp_path), patch_size=PS)
+    with pytest.raises(ValueError, match=str(tmp_path)):
+        data.VideoFolder(str(tmp_path), patch_size=PS)
+    with pytest.raises(FileNotFoundError, match='nowhere'):
+        data.ImageFolder(str(tmp_path / 'nowhere'), patch_size=PS)
+
+
+# -----------------------------------------------------------------------------
+# packing
+
+
+def mixed(n_img=30, n_vid=10):
+    return data.Concat([data.SyntheticImages(n_img, res=(16, 64), patch_size=PS),
+                        data.SyntheticVideos(n_vid, res=(16, 32), patch_size=PS, frames=8)])
+
+
+def test_sampler_budget_ranks_once():
+    ds, budget = mixed(), 160
+    for epoch in range(2):
+        per_rank, steps = [], []
+        for rank in range(2):
+            sampler = data.TokenBudgetSampler(ds, budget, seed=1, rank=rank, world_size=2)
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            assert len(batches) == len(sampler)
+            for b in batches:
+                assert sum(ds.num_tokens(k) for k in b) <= budget and all(e == epoch for _, e in b)
+            per_rank.append([i for b in batches for i, _ in b])
+            steps.append(len(batches))
+        assert steps[0] == steps[1]                                             # DDP: same step count
+        assert not set(per_rank[0]) & set(per_rank[1])
+        assert sorted(per_rank[0] + per_rank[1]) == list(range(len(ds)))       # every sample exactly once
+    s0, s1 = data.TokenBudgetSampler(ds, budget), data.TokenBudgetSampler(ds, budget)
+    s1.set_epoch(1)
+    assert list(s0) != list(s1)                                                 # reshuffled per epoch
+
+
+def test_sampler_even_steps_by_splitting():
+    batches = data._even_out([[0, 1, 2], [3]], 3)
+    assert len(batches) == 3 and sorted(i for b in batches for i in b) == [0, 1, 2, 3]
+    assert data._even_out([[0], [1], [2]], 2) == [[0], [1], [2], [0]]          # singletons: documented repeat
+
+
+def test_sampler_oversized_sample_names_it():
+    ds = data.SyntheticImages(4, res=(64, 64), patch_size=PS)               # 64 tokens at least per image
+    with pytest.raises(ValueError, match=r'synthetic:train:image:\d+: \d+ tokens'):
+        list(data.TokenBudgetSampler(ds, budget=20))
+
+
+def test_loader_packs_and_workers_agree():
+    ds, budget = mixed(), 200
+    batches = {}
+    for workers in (0, 2):
+        loader = data.make_loader(ds, budget, PS, seed=2, num_workers=workers)
+        loader.batch_sampler.set_epoch(1)
+        batches[workers] = list(loader)
+    assert len(batches[0]) == len(batches[2])
+    seen = []
+    for a, b in zip(batches[0], batches[2]):
+        assert torch.equal(a.packed.feats, b.packed.feats) and a.captions == b.captions and a.sources == b.sources
+        p = a.packed
+        assert isinstance(p, model.Packed) and sum(p.seqlens) == p.feats.shape[0] <= budget
+        assert p.feats.shape[1] == 4 * 8 * 8 * 3 and p.coords.shape == (p.feats.shape[0], 4)
+        assert len(p.seqlens) == len(a.captions) == len(a.labels) == len(a.sources) and a.skipped == []
+        seen += a.sources
+    assert sorted(seen) == sorted(ds.source(i) for i in range(len(ds)))
+    assert {k for b in batches[0] for k in b.packed.kinds} == {'image', 'video'}
+
+
+def test_loader_skips_bad_files_and_reports(files):
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ds = data.Concat([data.ImageFolder(str(files['images']), res=(32, 64), patch_size=PS),
+                          data.VideoFolder(str(files['videos']), res=(32, 48), patch_size=PS, max_frames=8)])
+        loader = data.make_loader(ds, 200, PS, num_workers=2)
+        batches = list(loader)
+    skipped = [s for b in batches for s in b.skipped]
+    assert [os.path.basename(s) for s, _ in skipped] == ['truncated.jpg']
+    assert sum(len(b.sources) for b in batches) == len(ds) - 1
+    report = data.skip_report(ds, skipped)
+    assert report.startswith('3 files skipped (2 when scanning, 1 when decoding)') and 'truncated.jpg' in report
+
+
+def test_tiny_model_runs_on_a_packed_batch():
+    torch.manual_seed(0)
+    tok = model.AToken(model.PRESETS['tiny']).init_weights()
+    batch = next(iter(data.make_loader(mixed(6, 2), 400, PS)))
+    out = tok(batch.packed)
+    assert out['rec'].shape == batch.packed.feats.shape and out['embedding'].shape[0] == len(batch.captions)
