@@ -16,7 +16,9 @@ resolution sampling, and packing samples of mixed sizes and modalities into a to
                missing files are skipped with one warning "skipped <file>: <reason>" and counted
                (dataset.skipped when found by scanning, Batch.skipped when found by decoding; see
                skip_report). strict=True raises instead.
-(3D assets come with render3d.py, through the same item interface.)
+  3D           Synthetic3D (procedural textured primitives, labelled by shape) and AssetFolder (assets
+               prepared by `python render3d.py prepare`): voxel tokens + ground-truth views, through
+               the same item interface (render3d.py does the rendering and voxel packing).
 
 Every dataset is a map-style torch Dataset addressed by keys (index, epoch): what an item holds depends on
 its key alone, never on worker or process state, so DataLoader workers, DDP ranks and reruns all see the
@@ -62,8 +64,10 @@ import model
 
 @dataclass
 class Sample:
-    media: torch.Tensor     # image (H, W, 3) or video (T, H, W, 3), float32 in [-1, 1], patch multiples
-    kind: str               # 'image' | 'video'
+    media: object           # image (H, W, 3) or video (T, H, W, 3), float32 in [-1, 1], patch multiples;
+                            # 3D: dict(feats [N, ph*pw*3] in [-1, 1], coords [N, 3], views [V, H, W, 3] in
+                            # [-1, 1], cameras [render3d.Camera]) (model.pack reads feats and coords)
+    kind: str               # 'image' | 'video' | '3d'
     caption: str            # '' when the source has none
     label: int              # index into the dataset's `classes`, -1 when unknown
     class_name: str         # '' when unknown
@@ -79,7 +83,7 @@ class Skipped:
 
 # Independent random streams: every draw comes from np.random.default_rng([seed, stream, split, index, epoch]).
 # The key always has 5 entries: numpy's SeedSequence treats [1, 2] and [1, 2, 0] as the same seed.
-CONTENT, SIZE, CLIP, SHUFFLE = range(4)
+CONTENT, SIZE, CLIP, SHUFFLE, MESH = range(5)
 SPLITS = {'train': 0, 'val': 1}
 
 
@@ -381,6 +385,39 @@ class SyntheticVideos(Dataset):
         return Sample(media, 'video', _caption(rng, scene), CLASSES.index(name), name, self.source(i))
 
 
+class Synthetic3D(Dataset):
+    """n procedural 3D objects (render3d.procedural_mesh: textured cube / sphere / cylinder / cone / torus,
+    labelled by shape), each rendered into `views` views of view_res px on the TRELLIS camera sphere and
+    packed as the official 3D tokens: occupied voxels of a grid^3 (official 64) with their nearest view's
+    ph x pw RGB patch. Built once at construction: an asset's token count is its voxel count, known only
+    after voxelising, and the sampler needs it up front. Resolution sampling does not apply to 3D."""
+
+    def __init__(self, n, split='train', seed=0, views=8, view_res=64, grid=64, patch_size=(4, 16, 16)):
+        import render3d
+        self.n, self.split, self.seed, self.patch_size = n, split, seed, patch_size
+        self.classes, self.skipped = list(render3d.SHAPES), []
+        self.items = []
+        for i in range(n):
+            rng = _rng(seed, MESH, SPLITS[split], i, 0)
+            mesh, shape, caption = render3d.procedural_mesh(int(rng.integers(2 ** 31)))
+            p = render3d.pack_asset(mesh, views, view_res, patch_size, offset=tuple(rng.random(2)), grid=grid)
+            views_ = p['rgba'][..., :3].float() / 255 * 2 - 1                        # on black, [-1, 1]
+            media = dict(feats=p['feats'] * 2 - 1, coords=p['coords'], views=views_, cameras=p['cameras'])
+            self.items.append(Sample(media, '3d', caption, self.classes.index(shape), shape, self.source(i)))
+
+    def __len__(self):
+        return self.n
+
+    def source(self, i):
+        return f"synthetic:{self.split}:3d:{i}"
+
+    def num_tokens(self, key):
+        return len(self.items[_key(key, self.n)[0]].media['coords'])
+
+    def __getitem__(self, key):
+        return self.items[_key(key, self.n)[0]]
+
+
 def synthetic_media(n_images, n_videos, split='train', seed=0, patch=8):
     """A fixed list of media tensors (the CPU demo's data): n_images images (longer side 32-64 px) then
     n_videos videos of 4 or 8 frames (longer side 32-48 px) from one split."""
@@ -603,6 +640,51 @@ class VideoFolder(Dataset):
         return Sample(media, 'video', caption, self.classes.index(name) if name else -1, name, file)
 
 
+class AssetFolder(Dataset):
+    """3D assets prepared by `python render3d.py prepare <assets> <root>`: one sub-folder per asset (views,
+    cameras.json, voxels.npz, meta.json). Token counts come from meta.json; a folder missing its files is
+    skipped (or an error with strict=True). Caption from meta.json; no labels."""
+
+    def __init__(self, root, patch_size=(4, 16, 16), strict=False):
+        self.root, self.patch_size, self.strict, self.classes, self.skipped = root, patch_size, strict, [], []
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{root}: no such folder of prepared 3D assets")
+        self.folders, self.voxels = [], []
+        for name in sorted(os.listdir(root)):
+            folder = os.path.join(root, name)
+            if not os.path.isdir(folder):
+                continue
+            try:
+                with open(os.path.join(folder, 'meta.json')) as f:
+                    meta = json.load(f)
+                if meta['patch'] != list(patch_size[1:]):
+                    raise ValueError(f"prepared with patch {meta['patch']}, the model uses {list(patch_size[1:])}")
+                self.folders.append(folder), self.voxels.append(int(meta['voxels']))
+            except (OSError, ValueError, KeyError) as e:
+                self.skipped.append(_skip(folder, e, strict))
+        if not self.folders:
+            raise ValueError(f"{root}: no usable prepared 3D assets")
+
+    def __len__(self):
+        return len(self.folders)
+
+    def source(self, i):
+        return self.folders[i]
+
+    def num_tokens(self, key):
+        return self.voxels[_key(key, len(self))[0]]
+
+    def __getitem__(self, key):
+        import render3d
+        folder = self.folders[_key(key, len(self))[0]]
+        try:
+            a = render3d.load_prepared(folder)
+        except (OSError, ValueError, KeyError) as e:
+            return Skipped(*_skip(folder, e, self.strict))
+        media = dict(feats=a['feats'] * 2 - 1, coords=a['coords'], views=a['views'], cameras=a['cameras'])
+        return Sample(media, '3d', a['meta'].get('caption', ''), -1, '', folder)
+
+
 class Concat(Dataset):
     """Several datasets as one, so that a batch mixes modalities and sources. Global index = the offset of
     its dataset + its local index. Labels stay per dataset (Sample.class_name says what they mean)."""
@@ -713,6 +795,7 @@ class Batch:
     class_names: list
     sources: list
     skipped: list           # [(source, reason)] of this batch's items that failed to decode
+    views: list = None      # per sample: (views [V, H, W, 3] in [-1, 1], cameras) for 3D, else None
 
 
 def collate(items, patch_size):
@@ -721,7 +804,8 @@ def collate(items, patch_size):
     return Batch(model.pack([s.media for s in good], patch_size) if good else None,
                  [s.caption for s in good], torch.tensor([s.label for s in good], dtype=torch.int64),
                  [s.class_name for s in good], [s.source for s in good],
-                 [(s.source, s.reason) for s in items if isinstance(s, Skipped)])
+                 [(s.source, s.reason) for s in items if isinstance(s, Skipped)],
+                 [(s.media['views'], s.media['cameras']) if s.kind == '3d' else None for s in good])
 
 
 def make_loader(dataset, budget, patch_size, seed=0, rank=0, world_size=1, num_workers=0):

@@ -159,6 +159,9 @@ def pack(media, patch_size):
     -> one Packed batch."""
     feats, coords, seqlens, kinds, grids = [], [], [], [], []
     pt, ph, pw = patch_size
+    if not media:   # an empty batch (e.g. every file of a step failed to decode)
+        return Packed(torch.zeros(0, pt * ph * pw * 3), torch.zeros(0, 4, dtype=torch.long), [], [], [],
+                      tuple(patch_size))
     for x in media:
         if isinstance(x, dict):
             f, c = voxel_tokens(x, patch_size)

@@ -860,10 +860,11 @@ def model_input(feats, coords):
 
 
 def pack_asset(mesh, n_views=16, resolution=256, patch_size=(4, 16, 16), offset=(0.0, 0.0),
-               max_points=500_000, seed=0):
+               max_points=500_000, seed=0, grid=GRID):
     """Mesh -> everything the 3D tasks need: rgba [V, H, W, 4] uint8 (what the PNGs hold), depth [V, H, W]
     float32 (float16-rounded as stored, inf = empty), cameras, coords [N, 3] int64, feats [N, ph*pw*3] in [0, 1].
-    Views come from sphere_cameras(n_views, offset); voxels from the depth maps, as the official packing."""
+    Views come from sphere_cameras(n_views, offset); voxels (grid^3, official 64) from the depth maps, as the
+    official packing."""
     cams = sphere_cameras(n_views, offset=offset, resolution=resolution)
     rgba, depth = [], []
     for cam in cams:
@@ -871,8 +872,9 @@ def pack_asset(mesh, n_views=16, resolution=256, patch_size=(4, 16, 16), offset=
         rgba.append(torch.cat([rgb * alpha[..., None], alpha[..., None]], -1).mul(255).round().byte().cpu())
         depth.append(z.half().float().cpu())                          # as stored on disk (official: float16)
     rgba, depth = torch.stack(rgba), torch.stack(depth)
-    coords = voxelize(depth, cams, max_points=max_points, generator=torch.Generator().manual_seed(seed))
-    feats = voxel_features(coords, view_features(rgba[..., :3].numpy(), patch_size[1:]), cams)
+    coords = voxelize(depth, cams, resolution=grid, max_points=max_points,
+                      generator=torch.Generator().manual_seed(seed))
+    feats = voxel_features(coords, view_features(rgba[..., :3].numpy(), patch_size[1:]), cams, resolution=grid)
     return dict(rgba=rgba, depth=depth, cameras=cams, coords=coords, feats=feats)
 
 

@@ -357,3 +357,50 @@ def test_tiny_model_runs_on_a_packed_batch():
     batch = next(iter(data.make_loader(mixed(6, 2), 400, PS)))
     out = tok(batch.packed)
     assert out['rec'].shape == batch.packed.feats.shape and out['embedding'].shape[0] == len(batch.captions)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3D
+
+
+def test_synthetic_3d_deterministic_and_split():
+    import model
+    a = data.Synthetic3D(3, 'train', seed=0, views=2, view_res=32, grid=16, patch_size=(4, 8, 8))
+    b = data.Synthetic3D(3, 'train', seed=0, views=2, view_res=32, grid=16, patch_size=(4, 8, 8))
+    v = data.Synthetic3D(3, 'val', seed=0, views=2, view_res=32, grid=16, patch_size=(4, 8, 8))
+    for i in range(3):
+        s, t = a[i], b[i]
+        assert s.kind == '3d' and s.caption == t.caption and s.label == a.classes.index(s.class_name)
+        assert torch.equal(s.media['feats'], t.media['feats']) and torch.equal(s.media['coords'], t.media['coords'])
+        f, c = s.media['feats'], s.media['coords']
+        assert f.shape == (len(c), 8 * 8 * 3) and f.min() >= -1 and f.max() <= 1
+        assert c.min() >= 0 and c.max() < 16 and a.num_tokens(i) == len(c)
+        assert s.media['views'].shape == (2, 32, 32, 3) and len(s.media['cameras']) == 2
+        assert s.class_name in s.caption
+    train = {a[i].media['coords'].numpy().tobytes() + a[i].caption.encode() for i in range(3)}
+    assert not train & {v[i].media['coords'].numpy().tobytes() + v[i].caption.encode() for i in range(3)}
+    # a packed batch carries the tokens and the ground-truth views of its 3D samples
+    batch = data.collate([a[0], data.SyntheticImages(1, res=(32, 32), patch_size=(4, 8, 8))[0]], (4, 8, 8))
+    assert batch.packed.kinds == ['3d', 'image'] and batch.packed.seqlens[0] == a.num_tokens(0)
+    assert batch.views[0][0].shape == (2, 32, 32, 3) and batch.views[1] is None
+    assert torch.equal(batch.packed.feats[:a.num_tokens(0), :192], a[0].media['feats'])
+
+
+def test_asset_folder(tmp_path):
+    import render3d
+    mesh, _, caption = render3d.procedural_mesh(7)
+    pack = render3d.pack_asset(mesh, n_views=2, resolution=32, patch_size=(4, 8, 8), grid=16)
+    render3d.write_prepared(str(tmp_path / 'obj'), pack, dict(caption=caption, patch=[8, 8],
+                                                             voxels=len(pack['coords'])))
+    (tmp_path / 'broken').mkdir()                                     # no meta.json: skipped, named
+    with pytest.warns(UserWarning, match='broken'):
+        ds = data.AssetFolder(str(tmp_path), patch_size=(4, 8, 8))
+    assert len(ds) == 1 and len(ds.skipped) == 1 and 'broken' in ds.skipped[0][0]
+    s = ds[0]
+    assert s.kind == '3d' and s.caption == caption and ds.num_tokens(0) == len(pack['coords'])
+    torch.testing.assert_close(s.media['feats'], pack['feats'] * 2 - 1, atol=1 / 255, rtol=0)
+    assert torch.equal(s.media['coords'], pack['coords'])
+    with pytest.raises(ValueError, match='broken'):
+        data.AssetFolder(str(tmp_path), patch_size=(4, 8, 8), strict=True)
+    with pytest.raises(ValueError, match='no usable'):
+        data.AssetFolder(str(tmp_path / 'broken'), patch_size=(4, 8, 8))
