@@ -164,14 +164,17 @@ def _load_siglip(cfg, embed_dim):
         return tiny_siglip(embed_dim)
     pretrained = None if cfg.random_frozen else (cfg.siglip_weights or 'webli')
     try:
+        if 'SigLIP2' in cfg.siglip_model:
+            import transformers  # noqa: F401  (open_clip's SigLIP2 tokenizer is the Gemma one from HF)
         m = open_clip.create_model(cfg.siglip_model, pretrained=pretrained)
         tok = open_clip.get_tokenizer(cfg.siglip_model)
     except Exception as e:
         raise RuntimeError(
             f"could not build SigLIP2 '{cfg.siglip_model}' with weights '{pretrained}' and its tokenizer "
-            f"({type(e).__name__}: {e}). The teacher, text tower and CLIP loss need it: download it once "
-            f"online (open_clip caches it under $HF_HOME), or give siglip_weights=<local open_clip "
-            f"checkpoint>; tests use siglip_model='tiny' with random_frozen=True") from e
+            f"({type(e).__name__}: {e}). The teacher, text tower and CLIP loss need it: `pip install "
+            f"transformers` (its Gemma tokenizer), download the weights once online (open_clip caches them "
+            f"under $HF_HOME) or give siglip_weights=<local open_clip checkpoint>; tests and the CPU demo "
+            f"use siglip_model='tiny' with random_frozen=True") from e
     return m, tok
 
 
@@ -238,10 +241,18 @@ def _frames(feats, packed, ids):
     return [atoken.unpatchify(parts[i], packed.grids[i], patch)[0] for i in ids]
 
 
-def image_rec_terms(rec, target, frozen, cfg):
+@torch.no_grad()
+def siglip_targets(frozen, images):
+    """One frozen SigLIP2 pass over target images (list of (H, W, 3)) at the tower's own input size (no
+    position-table resampling) -> (tokens [n, C, h, w] for CLIP-perceptual, embeddings [n, D] for Eq. 7).
+    Images are squashed to the square input, as for LPIPS and Gram."""
+    return frozen.vision(resize(images, frozen.image_size()).to(next(frozen.parameters()).dtype))
+
+
+def image_rec_terms(rec, target, frozen, cfg, target_tokens=None):
     """Perceptual terms of Eq. 6 for images (lists of (H, W, 3) in [-1, 1]) -> dict of per-image [n].
-    LPIPS and Gram on perceptual_size^2 copies (one VGG pass serves both); CLIP-perceptual on copies at
-    the SigLIP tower's own input size (no position-table resampling)."""
+    LPIPS and Gram on perceptual_size^2 copies (one VGG pass serves both); CLIP-perceptual against
+    target_tokens (siglip_targets; computed here when not given)."""
     dtype = next(frozen.parameters()).dtype
     out = {}
     if cfg.lpips or cfg.gram:
@@ -251,24 +262,21 @@ def image_rec_terms(rec, target, frozen, cfg):
         out['lpips'] = lpips_from_features(fr, ft, frozen.lpips.lins).float()
         out['gram'] = gram_loss(fr, ft)
     if cfg.clip:
-        s = frozen.image_size()
-        tr = frozen.vision(resize(rec, s).to(dtype))[0]
-        with torch.no_grad():
-            tt = frozen.vision(resize(target, s).to(dtype))[0]
+        tr = frozen.vision(resize(rec, frozen.image_size()).to(dtype))[0]
+        tt = siglip_targets(frozen, target)[0] if target_tokens is None else target_tokens
         out['clip'] = clip_perceptual_loss(tr, tt)
     return out
 
 
-def semantic_terms(emb, target_images, img_captions, other_emb, other_captions, frozen, cfg, temperature):
-    """L_sem parts: Eq. 7 distillation for images, the sigmoid loss for videos / 3D. Returns a dict."""
+def semantic_terms(emb, teacher, img_captions, other_emb, other_captions, frozen, cfg, temperature):
+    """L_sem parts: Eq. 7 distillation for images (student emb vs the frozen teacher's embeddings of the
+    same images, both [n, D]), the sigmoid loss for videos / 3D (other_emb). Returns a dict."""
     out = {}
     if img_captions:
         texts = list(dict.fromkeys(img_captions))                  # the batch's distinct captions, K
         txt = frozen.encode_text(texts)                             # [K, D]
         if txt.shape[1] != emb.shape[1]:
             raise ValueError(f"student embedding width {emb.shape[1]} != text tower width {txt.shape[1]}")
-        with torch.no_grad():
-            teacher = frozen.vision(resize(target_images, frozen.image_size()).to(txt.dtype))[1]
         scale = frozen.teacher_scale()                              # similarities as SigLIP2 logits
         out['distill'] = distillation_loss(scale * teacher.float() @ txt.float().t(),
                                            scale * emb.float() @ txt.float().t(), cfg.tau)
@@ -300,6 +308,13 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
             raise ValueError(f"sample {i} ({packed.kinds[i]}) has an understanding task but no caption")
     zero = out['rec'].new_zeros((), dtype=torch.float32)
     logs, rec_loss = {}, zero
+    # one frozen SigLIP2 pass per target image serves both CLIP-perceptual and the distillation teacher
+    need = sorted({i for i in range(B) if packed.kinds[i] == 'image' and
+                   (i in und_ids or (i in rec_ids and cfg.clip))})
+    sig = {}
+    if need:
+        tok, emb = siglip_targets(frozen, _frames(packed.feats, packed, need))
+        sig = {i: (tok[j], emb[j]) for j, i in enumerate(need)}
 
     if rec_ids:   # ---- reconstruction (Eq. 6)
         pred, tgt = out['rec'].split(packed.seqlens), packed.feats.split(packed.seqlens)
@@ -309,14 +324,16 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
                 if not views or i not in views:
                     raise ValueError(f"3D sample {i} has a reconstruction task but no rendered views")
                 l1[i] = l1_loss(views[i][0].float(), views[i][1].float())
-            else:
-                l1[i] = l1_loss(pred[i].float(), tgt[i].float())
+            else:   # an image's loss covers its real frame only: the pt = 0 slot, not the zero padding
+                n = pred[i].shape[1] // packed.patch_size[0] if packed.kinds[i] == 'image' else None
+                l1[i] = l1_loss(pred[i][:, :n].float(), tgt[i][:, :n].float())
         logs['l1'] = sum(l1.values()).detach() / len(l1)
         per = {i: cfg.l1 * v for i, v in l1.items()}          # per-sample L_rec, images add terms below
         img = [i for i in rec_ids if packed.kinds[i] == 'image']
         if img and (cfg.lpips or cfg.gram or cfg.clip):
+            tt = torch.stack([sig[i][0] for i in img]) if cfg.clip else None
             terms = image_rec_terms(_frames(out['rec'], packed, img), _frames(packed.feats, packed, img),
-                                    frozen, cfg)
+                                    frozen, cfg, tt)
             for name, vals in terms.items():
                 logs[name] = vals.detach().mean()
                 for j, i in enumerate(img):
@@ -331,7 +348,8 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
     if und_ids:   # ---- understanding (Eq. 7 / SigLIP)
         img = [i for i in und_ids if packed.kinds[i] == 'image']
         oth = [i for i in und_ids if packed.kinds[i] != 'image']
-        terms = semantic_terms(out['embedding'][img], _frames(packed.feats, packed, img),
+        teacher = torch.stack([sig[i][1] for i in img]) if img else None
+        terms = semantic_terms(out['embedding'][img], teacher,
                                [captions[i] for i in img], out['embedding'][oth],
                                [captions[i] for i in oth], frozen, cfg, temperature)
         sem = sum(terms.values())
