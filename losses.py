@@ -108,8 +108,8 @@ class SigmoidTemperature(nn.Module):
     Trained with the tokenizer (put it in the optimizer and the training checkpoint)."""
     def __init__(self):
         super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(10.0)]))   # [1], not scalars: FSDP2 shards
+        self.logit_bias = nn.Parameter(torch.tensor([-10.0]))             # 1D tensors only
 
 
 def resize(images, size):

@@ -733,6 +733,16 @@ class AToken(nn.Module):
             own[k].copy_(v)
         return self
 
+    def estimate_flops(self, x):
+        """Training FLOPs (forward + backward = 3 x forward) of one packed batch x: 6 x parameters x tokens for
+        the matmuls, plus attention: 12 x width x sum over (sample, tile) segments of length^2, per layer
+        (the PaLM appendix-B count nanoGPT uses, with packed segments instead of one sequence length)."""
+        c = self.config
+        seg = split_tiles(x.coords, x.seqlens, c.tile_frames // c.patch_size[0])
+        s2 = sum(n * n for n in seg.lengths)
+        attn = 12 * s2 * (c.encoder_width * c.encoder_depth + c.decoder_width * c.decoder_depth)
+        return 6 * self.num_params() * sum(x.seqlens) + attn
+
     def num_params(self, prefix=''):
         return sum(p.numel() for n, p in self.named_parameters() if n.startswith(prefix))
 

@@ -1,94 +1,659 @@
 """
-Train AToken. For now: the CPU demo that trains the tiny tokenizer on built-in procedural images and
-videos (a fresh batch each step) and prints reconstruction PSNR before and after, on training media and
-on held-out media. (The four-stage curriculum, configs, checkpoints and torchrun come with the training issue.)
+Train AToken through the paper's four-stage curriculum (arXiv 2509.14476, Sec. 3.4-3.5, Table 2), from a
+laptop CPU to many GPUs with the same script.
 
-    python train.py                 # ~2 minutes on 2 CPU cores
-    python train.py --steps=50      # any TrainConfig field as --key=value
+    python train.py configs/cpu_tiny.py                      # the CPU demo (README), ~15 min on 2 cores
+    python train.py configs/cpu_tiny.py --lr=1e-3 --model.decoder_depth=3 --loss.lpips=0
+    torchrun --nproc_per_node=8 train.py configs/so400m.py --parallel=fsdp
+
+Config files are plain Python assignments (nanoGPT style) loaded into TrainConfig; --key=value flags
+override them, and --model.<field> / --loss.<field> set ModelConfig / LossConfig fields. Unknown keys and
+wrong types are errors. The curriculum is a list of stage dicts (see configs/); each stage round-robins
+over its tasks (image/video/3D x reconstruction/understanding) with gradient accumulation, and starts
+from the previous stage's weights (widening the latent 32 -> 48, switching FSQ on).
+
+Borrowed: nanoGPT (configurator, get_lr, MFU, train loop layout), the FSDP2 recipe of torchtitan.
 """
+import ast
+import json
 import math
+import os
+import signal
+import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
 
 import data
-import model
+import losses
+import model as atoken
+
+TASKS = ('image_rec', 'image_und', 'video_rec', 'video_und', '3d_rec', '3d_und')
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 400
-    lr: float = 5e-3
-    n_images: int = 6               # per step (and in each evaluation set)
-    n_videos: int = 2
+    # run
+    out_dir: str = 'out/run'
     seed: int = 0
-    preset: str = 'tiny'
+    device: str = 'auto'            # auto: cuda -> mps -> cpu
+    dtype: str = 'bfloat16'         # autocast dtype on CUDA (CPU always runs fp32)
+    compile: bool = False
+    parallel: str = 'none'          # none | ddp | fsdp (under torchrun)
+    # model
+    preset: str = 'tiny'            # model.PRESETS key; `model` overrides its fields
+    model: dict = field(default_factory=dict)
+    init_siglip2: str = ''          # SigLIP2 tower for the encoder ('' = random init); see model.load_siglip2_tower
+    loss: dict = field(default_factory=dict)    # LossConfig overrides
+    # data: built-in procedural data, or folders (any of them; empty = built-in for that modality)
+    image_dir: str = ''
+    video_dir: str = ''
+    asset_dir: str = ''             # 3D assets prepared by `python render3d.py prepare`
+    n_images: int = 4096            # built-in dataset sizes (train split)
+    n_videos: int = 1024
+    n_3d: int = 64
+    video_frames: int = 16          # built-in video length (max), a multiple of pt
+    views_3d: int = 8               # built-in 3D: rendered views per object and their size
+    view_res_3d: int = 64
+    num_workers: int = 0
+    # optimisation (paper 3.5)
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 2000        # per stage: each stage is its own warmup + cosine run
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    encoder_lr_mult: float = 0.1    # the encoder starts from SigLIP2
+    ema_decay: float = 0.9999
+    max_bad_steps: int = 10         # consecutive non-finite losses before the run stops
+    # curriculum: a list of stage dicts, see get_stage and configs/
+    stages: list = field(default_factory=list)
+    # logging, evaluation, checkpoints
+    log_interval: int = 10
+    eval_interval: int = 0          # 0 = only at the end
+    eval_n: int = 16                # held-out samples per modality for evaluation
+    ckpt_interval: int = 500
+    resume: bool = True             # continue from out_dir/ckpt.pt when it exists
+    max_steps: int = 0              # stop (with a checkpoint) after this many steps in this invocation, e.g.
+                                    # to fit a cluster time limit; 0 = run to the end of the curriculum
 
 
-def parse_args(argv):
-    """--key=value overrides of TrainConfig; unknown keys and bad values are errors."""
-    cfg, known = TrainConfig(), {f.name: f.type for f in fields(TrainConfig)}
+STAGE_KEYS = dict(name=str, steps=int, mix=dict, grad_accum=int, tokens=int, image_res=tuple, video_res=tuple,
+                  latent_channels=int, use_quantizer=bool)
+
+# -----------------------------------------------------------------------------
+# config loading: python files + --key=value, checked against the dataclasses
+
+
+def _parse(text):
+    """A CLI value: a Python literal when it parses as one (1, 2.5, True, (64, 512), [..]), else a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _coerce(where, value, default):
+    """Check `value` against the type of `default` (int -> float and list <-> tuple allowed)."""
+    t = type(default)
+    if t is float and type(value) is int:
+        return float(value)
+    if t in (tuple, list) and isinstance(value, (tuple, list)):
+        return t(value)
+    if type(value) is not t:
+        raise TypeError(f"{where}: expected {t.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _set_sub(cfg, name, key, value, cls):
+    """--model.key / --loss.key: validate against ModelConfig / LossConfig fields."""
+    known = {f.name: f.default for f in fields(cls)}
+    if key not in known:
+        raise KeyError(f"unknown {name} key {key!r}; {cls.__name__} has {sorted(known)}")
+    getattr(cfg, name)[key] = _coerce(f"{name}.{key}", value, known[key])
+
+
+def load_config(argv):
+    """[config.py ...] [--key=value ...] -> TrainConfig. Files run in a fresh namespace; their names and the
+    flags are applied with type checks; unknown keys raise."""
+    cfg, known = TrainConfig(), {f.name: f for f in fields(TrainConfig)}
+    updates = []
     for arg in argv:
-        key, sep, value = arg.removeprefix('--').partition('=')
-        if not arg.startswith('--') or not sep or key not in known:
-            raise SystemExit(f"unknown argument {arg!r}; expected --key=value with key in {sorted(known)}")
-        try:
-            setattr(cfg, key, known[key](value))
-        except ValueError:
-            raise SystemExit(f"--{key}: cannot read {value!r} as {known[key].__name__}")
+        if arg.startswith('--'):
+            key, sep, value = arg[2:].partition('=')
+            if not sep:
+                raise ValueError(f"flag {arg!r}: expected --key=value")
+            updates.append((f"flag --{key}", key, _parse(value)))
+        else:
+            ns = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, 'exec'), ns)
+            updates += [(f"{arg}: {k}", k, v) for k, v in ns.items() if not k.startswith('_')
+                        and not callable(v) and not isinstance(v, type(sys))]
+    for where, key, value in updates:
+        head, _, sub = key.partition('.')
+        if sub and head in ('model', 'loss'):
+            _set_sub(cfg, head, sub, value, atoken.ModelConfig if head == 'model' else losses.LossConfig)
+        elif key in ('model', 'loss') and isinstance(value, dict):
+            for k, v in value.items():
+                _set_sub(cfg, key, k, v, atoken.ModelConfig if key == 'model' else losses.LossConfig)
+        elif key in known:
+            default = getattr(TrainConfig(), key)
+            setattr(cfg, key, _coerce(where, value, default))
+        else:
+            raise KeyError(f"{where}: unknown config key {key!r}")
+    check_stages(cfg.stages)
+    if cfg.preset not in atoken.PRESETS:
+        raise KeyError(f"preset {cfg.preset!r} not in {sorted(atoken.PRESETS)}")
+    if cfg.parallel not in ('none', 'ddp', 'fsdp'):
+        raise ValueError(f"parallel={cfg.parallel!r}: expected none | ddp | fsdp")
     return cfg
 
 
-def psnr(x, y):
-    """PSNR in dB of media in [-1, 1] (peak-to-peak 2)."""
-    return 10 * math.log10(4.0 / F.mse_loss(x.clamp(-1, 1), y).item())
+def check_stages(stages):
+    if not stages:
+        raise ValueError("config has no stages: set stages = [dict(name=..., steps=..., mix=...), ...]")
+    for i, s in enumerate(stages):
+        for k, v in s.items():
+            if k not in STAGE_KEYS:
+                raise KeyError(f"stage {i}: unknown key {k!r}; known: {sorted(STAGE_KEYS)}")
+            _coerce(f"stage {i}.{k}", v, STAGE_KEYS[k]())
+        for k in ('name', 'steps', 'mix'):
+            if k not in s:
+                raise KeyError(f"stage {i}: missing {k!r}")
+        bad = set(s['mix']) - set(TASKS)
+        if bad or not s['mix'] or min(s['mix'].values()) <= 0:
+            raise ValueError(f"stage {i} mix {s['mix']}: tasks must be in {TASKS} with positive ratios")
+
+# -----------------------------------------------------------------------------
+# pure schedule helpers (unit-tested)
 
 
-def mean_psnr(tok, media):
-    """Mean PSNR of tok.reconstruct over media (compared with the centre-cropped, frame-cut input)."""
-    recs = tok.reconstruct(media)
-    vals = []
-    for x, r in zip(media, recs):
-        target, _ = model.prepare(x, tok.config.patch_size)
-        vals.append(psnr(r, target[0] if x.dim() == 3 else target))
-    return sum(vals) / len(vals)
+def get_stage(step, stages):
+    """Global step -> (stage index, stage dict, step within the stage). Past the end: the last stage."""
+    start = 0
+    for i, s in enumerate(stages):
+        if step < start + s['steps'] or i == len(stages) - 1:
+            return i, s, step - start
+        start += s['steps']
+
+
+def get_lr(step, steps, cfg):
+    """Linear warmup to cfg.lr over warmup_steps, then cosine to min_lr at `steps` (per stage)."""
+    warmup = min(cfg.warmup_steps, max(steps // 10, 1))   # short demo stages keep a sane warmup
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min((step - warmup) / max(steps - warmup, 1), 1.0)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def task_schedule(mix, n):
+    """n micro-steps distributed over tasks in proportion to `mix`, interleaved (smooth weighted
+    round-robin, as nginx balances servers): {'a': 2, 'b': 1}, 3 -> ['a', 'b', 'a']."""
+    total, current, out = sum(mix.values()), {t: 0.0 for t in mix}, []
+    for _ in range(n):
+        for t in mix:
+            current[t] += mix[t]
+        best = max(mix, key=lambda t: current[t])
+        current[best] -= total
+        out.append(best)
+    return out
+
+# -----------------------------------------------------------------------------
+# compute: devices, dtypes, torchrun
+
+
+def init_compute(cfg):
+    """Detect torchrun, pick the device, init the process group. -> (rank, local_rank, world, device)."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('LOCAL_RANK', 0),
+                                                                       ('WORLD_SIZE', 1)))
+    if cfg.device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    else:
+        device = cfg.device
+    if device == 'cuda':
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    elif cfg.parallel != 'none':
+        print(f"parallel={cfg.parallel} without torchrun: running as one process")
+    return rank, local_rank, world, device
+
+
+def print0(*a, **k):
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def all_reduce_mean(x, world):
+    if world > 1:
+        import torch.distributed as dist
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world
+    return x
+
+
+def git_commit():
+    try:
+        return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or 'unknown'
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+# -----------------------------------------------------------------------------
+# data: one resumable stream of packed batches per task
+
+
+class TaskStream:
+    """Batches for one task from a dataset, resumable: its position is (epoch, batch) on this rank.
+    Batches come from data.TokenBudgetSampler's deterministic plan, so a resumed run sees the same data."""
+
+    def __init__(self, dataset, budget, patch_size, seed, rank, world, workers):
+        self.sampler = data.TokenBudgetSampler(dataset, budget, seed, rank, world)
+        self.dataset, self.patch_size, self.workers = dataset, patch_size, workers
+        self.epoch, self.pos, self._it, self.skipped = 0, 0, None, []
+
+    def state(self):
+        return dict(epoch=self.epoch, pos=self.pos)
+
+    def load(self, state):
+        self.epoch, self.pos, self._it = state['epoch'], state['pos'], None
+
+    def _open(self):
+        mine = self.sampler.plan(self.epoch)[self.sampler.rank::self.sampler.world_size][self.pos:]
+        keys = [[(i, self.epoch) for i in b] for b in mine]
+        collate = lambda items: data.collate(items, self.patch_size)
+        # own generator: opening a DataLoader iterator draws a seed, which must not move the global RNG
+        # (a resumed run opens one more iterator than an uninterrupted one)
+        self._it = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=keys, collate_fn=collate,
+                                                    num_workers=self.workers, generator=torch.Generator()))
+
+    def next(self):
+        while True:
+            if self._it is None:
+                self._open()
+            batch = next(self._it, None)
+            if batch is not None:
+                self.pos += 1
+                self.skipped += batch.skipped
+                return batch
+            report = data.skip_report(self.dataset, self.skipped)
+            if report:
+                print0(report)
+            self.epoch, self.pos, self._it, self.skipped = self.epoch + 1, 0, None, []
+
+
+def build_datasets(cfg, stage, mcfg, split='train', n_scale=1.0):
+    """Task -> dataset for a stage (resolutions from the stage; folders when configured)."""
+    ps = mcfg.patch_size
+    need = set(stage['mix'])
+    out = {}
+    if need & {'image_rec', 'image_und'}:
+        res = tuple(stage.get('image_res', (64, 256)))
+        ds = (data.ImageFolder(cfg.image_dir, res=res, patch_size=ps) if cfg.image_dir else
+              data.SyntheticImages(max(int(cfg.n_images * n_scale), 2), split, cfg.seed, res=res, patch_size=ps))
+        out.update({t: ds for t in ('image_rec', 'image_und') if t in need})
+    if need & {'video_rec', 'video_und'}:
+        res = tuple(stage.get('video_res', (64, 128)))
+        for t in need & {'video_rec', 'video_und'}:
+            mode = 'recon' if t == 'video_rec' else 'understand'
+            out[t] = (data.VideoFolder(cfg.video_dir, res=res, patch_size=ps, mode=mode) if cfg.video_dir else
+                      data.SyntheticVideos(max(int(cfg.n_videos * n_scale), 2), split, cfg.seed, res=res,
+                                           patch_size=ps, frames=cfg.video_frames))
+    if need & {'3d_rec', '3d_und'}:
+        ds = (data.AssetFolder(cfg.asset_dir, patch_size=ps) if cfg.asset_dir else
+              data.Synthetic3D(max(int(cfg.n_3d * n_scale), 2), split, cfg.seed, views=cfg.views_3d,
+                               view_res=cfg.view_res_3d, grid=mcfg.gs_resolution, patch_size=ps))
+        out.update({t: ds for t in ('3d_rec', '3d_und') if t in need})
+    return out
+
+# -----------------------------------------------------------------------------
+# model surgery between stages, optimizer, EMA, checkpoints
+
+
+@torch.no_grad()
+def widen_latent(sd, old, new):
+    """Stage 1 -> 2 (paper: latent 32 -> 48): proj gains new mean rows (small random) and new logvar rows
+    (zero), the decoder's input linear gains zero columns, so the decoder output is unchanged at the switch
+    and the new channels grow from there. The official s1 -> s2 checkpoints differ exactly in these two
+    tensors (proj.weight [64 -> 96, C], decoder.input_layer.weight [C, 32 -> 48])."""
+    p, w = sd['proj.weight'], sd['decoder.input_layer.weight']
+    mean, logvar = p[:old], p[old:]
+    new_mean = torch.randn(new - old, p.shape[1], dtype=p.dtype) * 0.02
+    sd['proj.weight'] = torch.cat([mean, new_mean, logvar, torch.zeros_like(new_mean)])
+    sd['decoder.input_layer.weight'] = torch.cat([w, torch.zeros(w.shape[0], new - old, dtype=w.dtype)], 1)
+    return sd
+
+
+def param_groups(modules, cfg):
+    """AdamW groups: weight decay on matrices only (not norms, biases, position tables, the probe), and the
+    encoder's learning rate scaled by encoder_lr_mult. Each group carries its lr multiplier."""
+    groups = {}
+    for prefix, m in modules.items():
+        for n, p in m.named_parameters():
+            if not p.requires_grad:
+                continue
+            decay = p.dim() >= 2 and 'pos_embedder' not in n and 'probe' not in n
+            enc = prefix == 'tok' and n.startswith('encoder.')
+            key = (decay, enc)
+            g = groups.setdefault(key, dict(params=[], weight_decay=cfg.weight_decay if decay else 0.0,
+                                            lr_mult=cfg.encoder_lr_mult if enc else 1.0))
+            g['params'].append(p)
+    return list(groups.values())
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def full_state(module):
+    """A module's full (unsharded) state dict on CPU, for DDP / FSDP2 / plain modules alike."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def rng_states():
+    s = dict(torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        s['cuda'] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_states(s):
+    torch.set_rng_state(s['torch'])
+    if 'cuda' in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s['cuda'])
+
+# -----------------------------------------------------------------------------
+# one micro-step's loss, as a module so DDP / FSDP2 see every trainable part in one forward
+
+
+class Trainable(torch.nn.Module):
+    """The trained parts (tokenizer, Gaussian decoder, sigmoid-loss temperature) and the loss of one packed
+    batch of one task. The frozen networks are held outside the module tree (never trained or saved)."""
+
+    def __init__(self, tok, gs, temperature, frozen, loss_cfg):
+        super().__init__()
+        self.tok, self.gs, self.temperature = tok, gs, temperature
+        self.frozen, self.loss_cfg = [frozen], loss_cfg       # a list hides them from .parameters()
+
+    def forward(self, batch, task):
+        p = batch.packed
+        out = self.tok(p)
+        views = None
+        if task == '3d_rec':        # decoded voxels -> Gaussians -> renders vs ground-truth views
+            import render3d
+            ph, pw = self.tok.config.patch_size[1:]
+            starts = atoken.cu_seqlens(p.seqlens).tolist()
+            views = {}
+            for i, v in enumerate(batch.views):
+                feats = out['rec'][starts[i]:starts[i + 1], :ph * pw * 3]
+                g = self.gs(feats, p.coords[starts[i]:starts[i + 1], 1:])
+                views[i] = (torch.stack([render3d.render(g, c)['rgb'] * 2 - 1 for c in v[1]]), v[0].to(feats))
+        tasks = ['rec' if task.endswith('rec') else 'und'] * len(p.seqlens)
+        return losses.compute_losses(out, p, self.frozen[0], self.loss_cfg, tasks, batch.captions, views,
+                                     self.temperature)
+
+
+def stage_model_config(cfg, stage):
+    return replace(atoken.PRESETS[cfg.preset], **cfg.model,
+                   **{k: stage[k] for k in ('latent_channels', 'use_quantizer') if k in stage})
+
+
+def build_trainable(cfg, stage, state, frozen, loss_cfg):
+    """Fresh (init_weights, SigLIP2 encoder) or from `state` ({'tok', 'gs', 'temperature'} state dicts,
+    widened when the stage's latent is wider)."""
+    mcfg = stage_model_config(cfg, stage)
+    tok, gs, temp = atoken.AToken(mcfg), atoken.GaussianDecoder(mcfg), losses.SigmoidTemperature()
+    if state is None:
+        tok.init_weights()
+        gs.init_weights()
+        if cfg.init_siglip2:
+            tok.init_from_siglip2(cfg.init_siglip2)
+    else:
+        sd = dict(state['tok'])
+        old = sd['decoder.input_layer.weight'].shape[1]
+        if old != mcfg.latent_channels:
+            print0(f"stage {stage['name']}: widening the latent {old} -> {mcfg.latent_channels}")
+            sd = widen_latent(sd, old, mcfg.latent_channels)
+        tok.load_checkpoint_state(sd, 'previous stage')
+        gs.load_state_dict(state['gs'])
+        temp.load_state_dict(state['temperature'])
+    return Trainable(tok, gs, temp, frozen, loss_cfg)
+
+
+def wrap(net, cfg, world, device):
+    """DDP or FSDP2 (fully_shard each block, then each model, then the root) when under torchrun."""
+    if world == 1 or cfg.parallel == 'none':
+        return net
+    if cfg.parallel == 'ddp':
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(net, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None,
+                   find_unused_parameters=True)       # tasks use different parts (3D head, temperature)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.split(':')[0], (world,))
+    for m in (net.tok.encoder, net.tok.decoder, net.gs):
+        for block in m.blocks:
+            fully_shard(block, mesh=mesh)
+    fully_shard(net.tok, mesh=mesh)
+    fully_shard(net.gs, mesh=mesh)
+    return fully_shard(net, mesh=mesh)
+
+
+def unwrap(net):
+    return net.module if hasattr(net, 'module') else net
+
+
+def local(t):
+    """A DTensor's full value (FSDP2), else the tensor itself."""
+    return t.full_tensor() if hasattr(t, 'full_tensor') else t
+
+# -----------------------------------------------------------------------------
+# the run
 
 
 def main(cfg):
-    torch.manual_seed(cfg.seed)
-    mcfg = model.PRESETS[cfg.preset]
-    patch = mcfg.patch_size[1]
-    train_media = data.synthetic_media(cfg.n_images, cfg.n_videos, 'train', cfg.seed, patch)
-    val_media = data.synthetic_media(cfg.n_images, cfg.n_videos, 'val', cfg.seed, patch)
-    tok = model.AToken(mcfg).init_weights()
-    print(f"model {cfg.preset}: {tok.num_params() / 1e6:.2f}M parameters; "
-          f"{len(train_media)} train / {len(val_media)} held-out media; device cpu, fp32")
-    before = (mean_psnr(tok.eval(), train_media), mean_psnr(tok, val_media))
+    # --- compute init -----------------------------------------------------------
+    rank, local_rank, world, device = init_compute(cfg)
+    master = rank == 0
+    torch.manual_seed(cfg.seed + rank)
+    cuda = device.startswith('cuda')
+    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[cfg.dtype]
+    autocast = torch.autocast('cuda', dtype=ptdtype) if cuda and ptdtype != torch.float32 else nullcontext()
+    print0(f"device {device} x {world} ({cfg.parallel}), "
+           f"{'autocast ' + cfg.dtype if cuda else 'fp32 (autocast is CUDA-only here)'}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    loss_cfg = replace(losses.LossConfig(), **cfg.loss)
+    total_steps = sum(s['steps'] for s in cfg.stages)
+    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False) if cfg.resume and \
+        os.path.exists(ckpt_path) else None
+    step = ckpt['step'] if ckpt else 0
+    if ckpt:
+        print0(f"resuming {ckpt_path} at step {step}")
+    stop = {'signal': None}
+    signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))   # save, then exit at a step boundary
+    last = min(total_steps, step + cfg.max_steps) if cfg.max_steps else total_steps
 
-    opt = torch.optim.AdamW(tok.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    tok.train()
-    t0 = time.time()
-    for step in range(cfg.steps):
-        lr = cfg.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-        for group in opt.param_groups:
-            group['lr'] = lr
-        batch = tok.pack(data.synthetic_media(cfg.n_images, cfg.n_videos, 'train', 100 * (step + 1), patch))
-        out = tok(batch)
-        loss = F.l1_loss(out['rec'], batch.feats)     # L1 averaged over patches (paper Eq. 4, pixels only)
+    # --- frozen networks (built once; never trained or saved) --------------------
+    mcfg0 = stage_model_config(cfg, cfg.stages[0])
+    frozen = losses.FrozenNets(loss_cfg, embed_dim=mcfg0.encoder_width).to(device)
+    log = open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') if master else None
+
+    stage_i, bad_steps, state = None, 0, None
+    while step < last and stop['signal'] is None:
+        i, stage, s_step = get_stage(step, cfg.stages)
+        if i != stage_i:
+            # --- model, optimizer, data for this stage -------------------------------
+            resuming = ckpt is not None and ckpt['stage'] == i
+            prev = ckpt['trainable'] if resuming else state
+            torch.manual_seed(cfg.seed + 7919 * i)     # the same initial weights on every rank
+            net = build_trainable(cfg, stage, prev, frozen, loss_cfg)
+            torch.manual_seed(cfg.seed + 7919 * i + 1 + rank)
+            if resuming and ckpt['trainable']['tok']['decoder.input_layer.weight'].shape[1] != \
+                    net.tok.config.latent_channels:
+                raise ValueError(f"{ckpt_path}: latent width does not match stage {stage['name']}")
+            net = net.to(device)
+            raw = net
+            net = wrap(net, cfg, world, device)
+            if cfg.compile:
+                net = torch.compile(net)
+            opt = torch.optim.AdamW(param_groups({'tok': raw.tok, 'gs': raw.gs, 'temp': raw.temperature}, cfg),
+                                    lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=cuda)
+            ema = {n: p.detach().clone() for n, p in raw.named_parameters()}
+            grad_accum = stage.get('grad_accum', 1)
+            schedule = task_schedule(stage['mix'], grad_accum)
+            budget = stage.get('tokens', 4096)
+            dsets = build_datasets(cfg, stage, raw.tok.config)
+            streams = {t: TaskStream(d, budget, raw.tok.config.patch_size, cfg.seed + 1000 * TASKS.index(t),
+                                     rank, world, cfg.num_workers) for t, d in dsets.items()}
+            if resuming:
+                from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                     set_optimizer_state_dict)
+                set_optimizer_state_dict(net, opt, ckpt['optimizer'],   # strict=False: parts with no
+                                         options=StateDictOptions(full_state_dict=True, strict=False))  # grads yet
+                for n, t in ema.items():
+                    t.copy_(ckpt['ema'][n] if not hasattr(t, 'full_tensor') else
+                            torch.distributed.tensor.distribute_tensor(ckpt['ema'][n], t.device_mesh, t.placements))
+                for t, s in ckpt['streams'].items():
+                    streams[t].load(s)
+                set_rng_states(ckpt['rng'])
+                bad_steps = ckpt.get('bad_steps', 0)
+                ckpt = None                    # consumed
+            stage_i = i
+            n_params = sum(p.numel() for p in raw.tok.parameters())
+            print0(f"stage {i + 1}/{len(cfg.stages)} '{stage['name']}': {stage['steps']} steps, tasks {schedule}, "
+                   f"{budget} tokens per micro-batch, {n_params / 1e6:.2f}M tokenizer parameters, latent "
+                   f"{raw.tok.config.latent_channels}{' + FSQ' if raw.tok.config.use_quantizer else ''}")
+            bar = None
+            if master:
+                from tqdm import tqdm
+                bar = tqdm(total=stage['steps'], initial=s_step, desc=stage['name'], dynamic_ncols=True,
+                           mininterval=2.0)
+
+        # --- one optimizer step: round-robin micro-batches, gradient accumulation ---
+        t0 = time.time()
+        lr = get_lr(s_step, stage['steps'], cfg)
+        for g in opt.param_groups:
+            g['lr'] = lr * g['lr_mult']
+        terms, tokens, samples, finite = {}, 0, 0, True
+        for j, task in enumerate(schedule):
+            batch = streams[task].next()
+            if batch.packed is None or not batch.packed.seqlens:
+                raise RuntimeError(f"{task}: a whole batch failed to decode ({batch.skipped})")
+            batch.packed = batch.packed.to(device)
+            sync = (j == len(schedule) - 1)
+            ctx = net.no_sync() if (cfg.parallel == 'ddp' and world > 1 and not sync) else nullcontext()
+            if cfg.parallel == 'fsdp' and world > 1:
+                raw.set_requires_gradient_sync(sync)
+            with ctx:
+                with autocast:
+                    loss, parts = net(batch, task)
+                finite &= bool(torch.isfinite(loss))
+                (loss / len(schedule)).backward()
+            for k, v in parts.items():
+                terms[f"{task}/{k}"] = terms.get(f"{task}/{k}", 0.0) + float(v) / schedule.count(task)
+            tokens += sum(batch.packed.seqlens)
+            samples += len(batch.packed.seqlens)
+        gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
+        ok = all_reduce_mean(torch.tensor(float(finite and bool(torch.isfinite(local(gnorm)))), device=device),
+                             world).item() == 1.0
+        if ok:
+            opt.step()
+            bad_steps = 0
+            with torch.no_grad():
+                for n, p in raw.named_parameters():
+                    ema[n].lerp_(p.detach(), 1 - cfg.ema_decay)
+        else:
+            bad_steps += 1
+            warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+            if bad_steps >= cfg.max_bad_steps:
+                raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {step}: stopping. Lower the "
+                                   f"lr, check the data ({[b for s in streams.values() for b in s.skipped]}), "
+                                   f"or resume from {ckpt_path}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == cfg.steps - 1:
-            print(f"step {step:4d}  L1 {loss.item():.4f}  lr {lr:.2e}  {time.time() - t0:.1f}s")
-    after = (mean_psnr(tok.eval(), train_media), mean_psnr(tok, val_media))
-    print("\nreconstruction PSNR (dB)  before  after")
-    print(f"  training media          {before[0]:6.2f}  {after[0]:6.2f}")
-    print(f"  held-out media          {before[1]:6.2f}  {after[1]:6.2f}")
-    return after
+        step, s_step = step + 1, s_step + 1
+
+        # --- logging --------------------------------------------------------------
+        dt = time.time() - t0
+        if master:
+            flops = raw.tok.estimate_flops(batch.packed) * len(schedule) * world
+            mfu = flops / dt / peak_flops(device) if cuda else None
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(v for k, v in terms.items() if k.endswith('/total')):.4f}",
+                            tok_s=f"{tokens * world / dt:.0f}", smp_s=f"{samples * world / dt:.1f}",
+                            **({'mfu': f"{100 * mfu:.1f}%"} if mfu is not None else {}))
+            if step % cfg.log_interval == 0 or s_step == stage['steps']:
+                rec = dict(step=step, stage=stage['name'], lr=lr, grad_norm=float(local(gnorm)), dt=dt,
+                           tokens=tokens * world, skipped_step=not ok, **terms)
+                log.write(json.dumps(rec) + '\n')
+                log.flush()
+
+        # --- checkpoints ------------------------------------------------------------
+        end_of_stage = s_step == stage['steps']
+        if step % cfg.ckpt_interval == 0 or end_of_stage or step == last or stop['signal']:
+            state = save_checkpoint(cfg, ckpt_path, net, raw, opt, ema, streams, step, stage_i, bad_steps, master)
+        if end_of_stage and bar is not None:
+            bar.close()
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and master:
+            evaluate_run(cfg, raw, frozen, os.path.join(cfg.out_dir, f'eval_{step}'))
+
+    # --- cleanup ----------------------------------------------------------------------
+    if stop['signal'] is not None:
+        print0(f"signal {stop['signal']}: checkpoint saved at step {step} in {ckpt_path}; exiting")
+    elif step < total_steps:
+        print0(f"max_steps={cfg.max_steps}: stopped at step {step}/{total_steps}; run again to resume")
+    if log:
+        log.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return step
+
+
+def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_steps, master):
+    """Everything a resumed run needs, written atomically by rank 0 (all ranks gather FSDP shards), plus
+    the EMA tokenizer alone as out_dir/tokenizer.pt (AToken.from_pretrained / eval.py read it).
+    Returns the trainable state (full tensors) for the next stage."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    full = full_state(net)
+    trainable = {k: {n[len(k) + 1:]: v for n, v in full.items() if n.startswith(k + '.')}
+                 for k in ('tok', 'gs', 'temperature')}
+    optim = get_optimizer_state_dict(net, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    ema_full = {n: local(t).detach().cpu() for n, t in ema.items()}
+    if master:
+        save_atomic(dict(step=step, stage=stage_i, trainable=trainable, optimizer=optim, ema=ema_full,
+                         streams={t: s.state() for t, s in streams.items()}, rng=rng_states(),
+                         bad_steps=bad_steps, config=asdict(cfg), model_config=asdict(raw.tok.config),
+                         loss_config=asdict(raw.loss_cfg), command=' '.join(sys.argv), commit=git_commit()), path)
+        tok_ema = {n[4:]: v for n, v in ema_full.items() if n.startswith('tok.')}
+        gs_ema = {n[3:]: v for n, v in ema_full.items() if n.startswith('gs.')}
+        save_atomic(dict(model_config=asdict(raw.tok.config), model=tok_ema, gs_decoder=gs_ema,
+                         loss_config=asdict(raw.loss_cfg), step=step, commit=git_commit()),
+                    os.path.join(cfg.out_dir, 'tokenizer.pt'))
+    return trainable
+
+
+PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
+
+
+def peak_flops(device):
+    """Dense bf16 peak of the GPU (by name) for MFU; nan when the GPU is not in the table."""
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), float('nan'))
 
 
 if __name__ == '__main__':
-    main(parse_args(sys.argv[1:]))
+    main(load_config(sys.argv[1:]))

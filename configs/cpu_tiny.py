@@ -1,0 +1,28 @@
+# CPU demo: the whole curriculum (images -> +video -> +3D -> FSQ) on built-in procedural data, tiny model.
+# Hardware/command: any laptop or the 2-core CI machine; `python train.py configs/cpu_tiny.py`.
+# Expected: ~15 minutes on 2 cores, then eval prints PSNR vs a bicubic baseline and zero-shot accuracy.
+out_dir = 'out/cpu_tiny'
+preset = 'tiny'
+model = dict(gs_width=64, gs_depth=2, gs_heads=2, gs_mlp=128, gs_per_voxel=8, gs_resolution=16)
+# random frozen nets: nothing can be downloaded here (set random_frozen=False and real weights on a real run)
+loss = dict(siglip_model='tiny', random_frozen=True, perceptual_size=64)
+n_images, n_videos, n_3d = 2048, 512, 48
+video_frames = 8
+views_3d, view_res_3d = 4, 32
+lr, min_lr, warmup_steps = 2e-3, 2e-4, 50
+encoder_lr_mult = 1.0               # no pretrained encoder on CPU: train it at the full rate
+ema_decay = 0.99
+log_interval, ckpt_interval, eval_n = 10, 100, 16
+stages = [
+    dict(name='stage1_image', steps=150, mix={'image_rec': 2, 'image_und': 1}, grad_accum=3, tokens=1024,
+         image_res=(32, 64), latent_channels=32),
+    dict(name='stage2_video', steps=100, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 6},
+         grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=48),
+    dict(name='stage3_3d', steps=60, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 4,
+                                          '3d_und': 1, '3d_rec': 1},
+         grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=48),
+    dict(name='stage4_fsq', steps=40, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 4,
+                                           '3d_und': 1, '3d_rec': 1},
+         grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=48,
+         use_quantizer=True),
+]

@@ -1,0 +1,195 @@
+"""train.py: schedule and stage functions by hand, the config loader's checks, exact resume, NaN steps,
+and DDP / FSDP2 on two CPU processes (gloo)."""
+import math
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import data
+import model
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# a run small enough for tests: tiny model, 32 px images, L1 + KL only (random perceptual nets are slow)
+TINY_RUN = """
+preset = 'tiny'
+model = dict(encoder_depth=1, decoder_depth=1, gs_width=32, gs_depth=1, gs_heads=1, gs_mlp=64, gs_per_voxel=2,
+             gs_resolution=16)
+loss = dict(siglip_model='tiny', random_frozen=True, perceptual_size=32, lpips=0.0, gram=0.0, clip=0.0)
+n_images, n_videos, n_3d, video_frames, views_3d, view_res_3d = 32, 8, 4, 8, 2, 16
+lr, min_lr, warmup_steps, ema_decay = 1e-3, 1e-4, 2, 0.9
+log_interval, ckpt_interval = 1, 1000
+"""
+
+
+def make_cfg(tmp_path, stages, *flags):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "run.py"
+    path.write_text(TINY_RUN + f"stages = {stages!r}\nout_dir = {str(tmp_path / 'out')!r}\n")
+    return train.load_config([str(path), *flags])
+
+
+# --- pure functions -----------------------------------------------------------------------------
+
+
+def test_get_lr_by_hand():
+    cfg = train.TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert train.get_lr(0, 1000, cfg) == pytest.approx(1e-4)           # (0 + 1) / 10 * lr
+    assert train.get_lr(9, 1000, cfg) == pytest.approx(1e-3)
+    # cosine: half way through the decay -> the middle of [min_lr, lr]
+    assert train.get_lr(10 + 495, 1000, cfg) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 9e-4)
+    assert train.get_lr(1000, 1000, cfg) == pytest.approx(1e-4)
+    assert train.get_lr(5000, 1000, cfg) == pytest.approx(1e-4)       # past the end: min_lr
+    # a stage shorter than 10 x warmup warms up over a tenth of it
+    assert train.get_lr(0, 20, cfg) == pytest.approx(5e-4)
+
+
+def test_get_stage_by_hand():
+    stages = [dict(name='a', steps=3), dict(name='b', steps=2), dict(name='c', steps=4)]
+    got = [(i, s) for i, _, s in (train.get_stage(k, stages) for k in range(11))]
+    assert got == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2), (2, 3), (2, 4), (2, 5)]
+
+
+def test_task_schedule():
+    assert train.task_schedule({'a': 2, 'b': 1}, 3) == ['a', 'b', 'a']
+    s = train.task_schedule({'image_rec': 22.2, 'video_und': 11.1, 'video_rec': 66.6}, 9)
+    assert (s.count('image_rec'), s.count('video_und'), s.count('video_rec')) == (2, 1, 6)
+    assert s[0] == 'video_rec' and s.count('video_rec') == 6 and 'video_und' in s[:5]   # interleaved
+
+
+# --- config loading ---------------------------------------------------------------------------------
+
+
+def test_config_loader(tmp_path):
+    stages = [dict(name='s', steps=2, mix={'image_rec': 1}, tokens=256, image_res=(32, 32))]
+    cfg = make_cfg(tmp_path, stages, '--lr=0.01', '--model.decoder_depth=3', '--loss.l1=2', '--compile=True')
+    assert cfg.lr == 0.01 and cfg.model['decoder_depth'] == 3 and cfg.loss['l1'] == 2.0 and cfg.compile is True
+    with pytest.raises(KeyError, match='learning_rate'):
+        make_cfg(tmp_path, stages, '--learning_rate=0.1')
+    with pytest.raises(TypeError, match='lr'):
+        make_cfg(tmp_path, stages, '--lr=fast')
+    with pytest.raises(TypeError, match='steps'):
+        make_cfg(tmp_path, [dict(name='s', steps='10', mix={'image_rec': 1})])
+    with pytest.raises(KeyError, match='depth'):
+        make_cfg(tmp_path, stages, '--model.depth=3')
+    with pytest.raises(TypeError, match='loss.random_frozen'):
+        make_cfg(tmp_path, stages, '--loss.random_frozen=1')
+    with pytest.raises(KeyError, match='resolution'):
+        make_cfg(tmp_path, [dict(name='s', steps=1, mix={'image_rec': 1}, resolution=64)])
+    with pytest.raises(ValueError, match='mix'):
+        make_cfg(tmp_path, [dict(name='s', steps=1, mix={'audio_rec': 1})])
+    bad = tmp_path / 'bad.py'
+    bad.write_text("batch_size = 8\n")
+    with pytest.raises(KeyError, match='bad.py.*batch_size'):
+        train.load_config([str(bad)])
+
+
+def test_shipped_configs_load():
+    for name in sorted(os.listdir(os.path.join(ROOT, 'configs'))):
+        if name.endswith('.py'):
+            cfg = train.load_config([os.path.join(ROOT, 'configs', name)])
+            assert cfg.stages and cfg.preset in model.PRESETS
+
+
+# --- runs --------------------------------------------------------------------------------------------
+
+
+def params(out):
+    ck = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+    return {f'{k}.{n}': v for k, sd in ck['trainable'].items() for n, v in sd.items()}, ck
+
+
+STAGES = [dict(name='s1', steps=3, mix={'image_rec': 1, 'image_und': 1}, grad_accum=2, tokens=256,
+               image_res=(32, 32), latent_channels=32),
+          dict(name='s2', steps=3, mix={'image_rec': 1, 'video_rec': 1, '3d_rec': 1}, grad_accum=3, tokens=256,
+               image_res=(32, 32), video_res=(32, 32), latent_channels=48)]
+
+
+def test_resume_is_exact(tmp_path):
+    """6 steps in one go == 2 steps, resume, 4 steps (crossing the 32 -> 48 widening): identical weights,
+    EMA and optimizer state."""
+    a = make_cfg(tmp_path / 'a', STAGES)
+    train.main(a)
+    b = make_cfg(tmp_path / 'b', STAGES, '--max_steps=2')
+    assert train.main(b) == 2
+    b.max_steps = 0
+    assert train.main(b) == 6
+    pa, ca = params(a.out_dir)
+    pb, cb = params(b.out_dir)
+    assert pa.keys() == pb.keys() and pa['tok.proj.weight'].shape[0] == 96
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    for k in ca['ema']:
+        assert torch.equal(ca['ema'][k], cb['ema'][k]), k
+    # the exported tokenizer loads for evaluation
+    tok = model.AToken.from_pretrained(os.path.join(b.out_dir, 'tokenizer.pt'))
+    assert tok.config.latent_channels == 48
+
+
+def test_nan_batch_is_skipped(tmp_path, monkeypatch):
+    real = data.SyntheticImages.__getitem__
+
+    def poisoned(self, key):
+        s = real(self, key)
+        if (key[0] if isinstance(key, tuple) else key) % 2 == 0 and self.split == 'train':
+            s.media = s.media * float('nan')
+        return s
+
+    monkeypatch.setattr(data.SyntheticImages, '__getitem__', poisoned)
+    cfg = make_cfg(tmp_path, [dict(name='s', steps=3, mix={'image_rec': 1}, tokens=128, image_res=(32, 32))],
+                   '--max_bad_steps=100')
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        train.main(cfg)
+    assert any('non-finite' in str(x.message) for x in w)
+    p, ck = params(cfg.out_dir)
+    assert all(torch.isfinite(v).all() for v in p.values())
+    assert ck['bad_steps'] >= 1
+    cfg = make_cfg(tmp_path / 'stop', [dict(name='s', steps=3, mix={'image_rec': 1}, tokens=1024,
+                                           image_res=(32, 32))], '--max_bad_steps=1')
+    with pytest.raises(RuntimeError, match='non-finite steps in a row'):
+        train.main(cfg)
+
+
+def torchrun(cfg_path, out, *flags):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(ROOT, 'train.py'), str(cfg_path), f'--out_dir={out}', *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+# FSQ stage: no posterior sampling, so one process and two ranks draw no different noise
+DIST = [dict(name='s', steps=2, mix={'image_rec': 1}, grad_accum=1, tokens=96, image_res=(32, 32),
+             use_quantizer=True)]
+
+
+def test_ddp_matches_single_process(tmp_path):
+    """2 ranks x 1 micro-batch == 1 process x 2 micro-batches of the same batches (DDP averages the
+    gradients, accumulation averages the losses): parameters equal to fp32 reduction-order rounding."""
+    cfg = make_cfg(tmp_path, DIST)
+    plan = data.TokenBudgetSampler(data.SyntheticImages(32, res=(32, 32), patch_size=(4, 8, 8)), 96).plan(0)
+    assert len(plan) % 2 == 0          # otherwise the 2-rank plan would split a batch and differ
+    torchrun(tmp_path / 'run.py', tmp_path / 'ddp', '--parallel=ddp')
+    single = [dict(DIST[0], grad_accum=2)]
+    cfg = make_cfg(tmp_path / 'one', single)
+    train.main(cfg)
+    pd, _ = params(tmp_path / 'ddp')
+    ps, _ = params(cfg.out_dir)
+    for k in ps:
+        torch.testing.assert_close(pd[k], ps[k], atol=1e-5, rtol=1e-4)   # measured ~1e-7
+
+
+def test_fsdp_trains_and_exports(tmp_path):
+    make_cfg(tmp_path, DIST)
+    torchrun(tmp_path / 'run.py', tmp_path / 'fsdp', '--parallel=fsdp')
+    p, ck = params(tmp_path / 'fsdp')
+    assert ck['step'] == 2 and all(torch.isfinite(v).all() for v in p.values())
+    tok = model.AToken.from_pretrained(str(tmp_path / 'fsdp' / 'tokenizer.pt'))
+    x = torch.rand(32, 32, 3) * 2 - 1
+    assert tok.reconstruct([x])[0].shape == (32, 32, 3)
