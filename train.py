@@ -131,7 +131,7 @@ def load_config(argv):
                 raise ValueError(f"flag {arg!r}: expected --key=value")
             updates.append((f"flag --{key}", key, _parse(value)))
         else:
-            ns = {}
+            ns = {'__file__': os.path.abspath(arg)}
             with open(arg) as f:
                 exec(compile(f.read(), arg, 'exec'), ns)
             updates += [(f"{arg}: {k}", k, v) for k, v in ns.items() if not k.startswith('_')
@@ -204,6 +204,19 @@ def task_schedule(mix, n):
         current[best] -= total
         out.append(best)
     return out
+
+def describe(cfg, world):
+    """The derived per-stage figures (printed at startup): micro-batches per task per step, tokens per step."""
+    lines = []
+    for s in cfg.stages:
+        sched = task_schedule(s['mix'], s.get('grad_accum', 1))
+        per_step = s.get('tokens', 4096) * len(sched) * world
+        counts = ', '.join(f"{t} x{sched.count(t)}" for t in s['mix'])
+        lines.append(f"  {s['name']}: {s['steps']} steps x {len(sched)} micro-batches ({counts}) x {world} ranks "
+                     f"x {s.get('tokens', 4096)} tokens = {per_step / 1e6:.2f}M tokens/step, "
+                     f"{per_step * s['steps'] / 1e9:.2f}B tokens in the stage")
+    return '\n'.join(lines)
+
 
 # -----------------------------------------------------------------------------
 # compute: devices, dtypes, torchrun
@@ -482,6 +495,7 @@ def main(cfg):
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False) if cfg.resume and \
         os.path.exists(ckpt_path) else None
     step = ckpt['step'] if ckpt else 0
+    print0(f"curriculum ({total_steps} steps):\n{describe(cfg, world)}")
     if ckpt:
         print0(f"resuming {ckpt_path} at step {step}")
     stop = {'signal': None}

@@ -193,3 +193,24 @@ def test_fsdp_trains_and_exports(tmp_path):
     tok = model.AToken.from_pretrained(str(tmp_path / 'fsdp' / 'tokenizer.pt'))
     x = torch.rand(32, 32, 3) * 2 - 1
     assert tok.reconstruct([x])[0].shape == (32, 32, 3)
+
+
+def test_paper_configs_on_meta():
+    """The paper configs build So400m / Base with the official parameter counts, and their derived
+    per-step figures read sensibly on 8 and 256 GPUs."""
+    so = train.load_config([os.path.join(ROOT, 'configs', 'so400m.py')])
+    counts = []
+    for st in so.stages:
+        with torch.device('meta'):
+            tok = model.AToken(train.stage_model_config(so, st))
+        counts.append(tok.num_params())
+    assert counts == [845_682_752, 845_738_048, 845_738_048, 845_738_048]      # s1 latent 32, then 48
+    assert train.stage_model_config(so, so.stages[3]).use_quantizer
+    for world in (8, 256):
+        text = train.describe(so, world)
+        assert f'x {world} ranks' in text and 'video_rec x6' in text and text.count('\n') == 3
+    # stage 2 on 256 GPUs: 10 micro-batches x 256 ranks x 16384 tokens
+    assert '41.94M tokens/step' in train.describe(so, 256).splitlines()[1]
+    base = train.load_config([os.path.join(ROOT, 'configs', 'base.py')])
+    with torch.device('meta'):
+        assert model.AToken(train.stage_model_config(base, base.stages[1])).num_params() == 182_338_560
