@@ -155,7 +155,7 @@ def tiny_siglip(embed_dim):
     return m, open_clip.tokenizer.SimpleTokenizer(context_length=32)
 
 
-def _load_siglip(cfg, embed_dim):
+def load_siglip(cfg, embed_dim):
     """The frozen SigLIP2 model (teacher image tower + text tower) and its tokenizer."""
     import open_clip
     if cfg.siglip_model == 'tiny':
@@ -195,7 +195,7 @@ class FrozenNets(nn.Module):
         else:
             with torch.no_grad():
                 _load_vgg16(self.lpips, cfg)
-        self.siglip, self.tokenizer = _load_siglip(cfg, embed_dim)
+        self.siglip, self.tokenizer = load_siglip(cfg, embed_dim)
         self.requires_grad_(False)
         self.eval()
 

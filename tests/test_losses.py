@@ -408,10 +408,10 @@ def test_frozen_nets_fail_fast_offline(frozen):
         losses._load_vgg16(lp, losses.LossConfig(vgg_weights='/nonexistent/vgg16.pth'))
     t0 = time.time()
     with pytest.raises(RuntimeError, match='no-such-siglip-model'):
-        losses._load_siglip(losses.LossConfig(siglip_model='no-such-siglip-model'), 64)
+        losses.load_siglip(losses.LossConfig(siglip_model='no-such-siglip-model'), 64)
     assert time.time() - t0 < 20                                      # no network retries
     with pytest.raises(ValueError, match='random_frozen'):
-        losses._load_siglip(losses.LossConfig(siglip_model='tiny', random_frozen=False), 64)
+        losses.load_siglip(losses.LossConfig(siglip_model='tiny', random_frozen=False), 64)
 
 
 def test_encode_text(frozen):
