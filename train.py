@@ -213,8 +213,8 @@ def describe(cfg, world):
         per_step = s.get('tokens', 4096) * len(sched) * world
         counts = ', '.join(f"{t} x{sched.count(t)}" for t in s['mix'])
         lines.append(f"  {s['name']}: {s['steps']} steps x {len(sched)} micro-batches ({counts}) x {world} ranks "
-                     f"x {s.get('tokens', 4096)} tokens = {per_step / 1e6:.2f}M tokens/step, "
-                     f"{per_step * s['steps'] / 1e9:.2f}B tokens in the stage")
+                     f"x {s.get('tokens', 4096)} tokens = {per_step:,} tokens/step, "
+                     f"{per_step * s['steps'] / 1e9:.3g}B tokens in the stage")
     return '\n'.join(lines)
 
 
@@ -622,10 +622,13 @@ def main(cfg):
             state = save_checkpoint(cfg, ckpt_path, net, raw, opt, ema, streams, step, stage_i, bad_steps, master)
         if end_of_stage and bar is not None:
             bar.close()
-        if cfg.eval_interval and step % cfg.eval_interval == 0 and master:
-            evaluate_run(cfg, raw, frozen, os.path.join(cfg.out_dir, f'eval_{step}'))
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and master and step < last:
+            evaluate_run(cfg, os.path.join(cfg.out_dir, f'eval_{step}'), cfg.eval_n // 4)
 
-    # --- cleanup ----------------------------------------------------------------------
+    # --- final evaluation (EMA weights, held-out built-in data) and cleanup ----------------
+    report = None
+    if master and step == total_steps and stop['signal'] is None:
+        report = evaluate_run(cfg, os.path.join(cfg.out_dir, 'eval'), cfg.eval_n)
     if stop['signal'] is not None:
         print0(f"signal {stop['signal']}: checkpoint saved at step {step} in {ckpt_path}; exiting")
     elif step < total_steps:
@@ -652,12 +655,33 @@ def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_s
                          streams={t: s.state() for t, s in streams.items()}, rng=rng_states(),
                          bad_steps=bad_steps, config=asdict(cfg), model_config=asdict(raw.tok.config),
                          loss_config=asdict(raw.loss_cfg), command=' '.join(sys.argv), commit=git_commit()), path)
-        tok_ema = {n[4:]: v for n, v in ema_full.items() if n.startswith('tok.')}
-        gs_ema = {n[3:]: v for n, v in ema_full.items() if n.startswith('gs.')}
+        # EMA parameters over the full state (which also holds buffers, e.g. the Gaussian offsets)
+        tok_ema = {**trainable['tok'], **{n[4:]: v for n, v in ema_full.items() if n.startswith('tok.')}}
+        gs_ema = {**trainable['gs'], **{n[3:]: v for n, v in ema_full.items() if n.startswith('gs.')}}
         save_atomic(dict(model_config=asdict(raw.tok.config), model=tok_ema, gs_decoder=gs_ema,
                          loss_config=asdict(raw.loss_cfg), step=step, commit=git_commit()),
                     os.path.join(cfg.out_dir, 'tokenizer.pt'))
     return trainable
+
+
+def evaluate_run(cfg, out_dir, n):
+    """Evaluate the exported EMA tokenizer (out_dir/tokenizer.pt, with its Gaussian decoder) on the
+    held-out built-in data of the modalities the curriculum trains; writes report.json / report.md and
+    grids into out_dir and prints the table. Folder data (image_dir, ...) is evaluated by eval.py itself."""
+    import eval as ev
+    mods = {t.split('_')[0] for s in cfg.stages for t in s['mix']}
+    last = cfg.stages[-1]
+    ecfg = ev.EvalConfig(checkpoint=os.path.join(cfg.out_dir, 'tokenizer.pt'), out_dir=out_dir,
+                         n_images=n if 'image' in mods else 0, n_videos=n // 2 if 'video' in mods else 0,
+                         n_3d=n // 2 if '3d' in mods else 0, seed=cfg.seed,
+                         res=tuple(last.get('image_res', (64, 256))), frames=cfg.video_frames,
+                         views_3d=cfg.views_3d, view_res_3d=cfg.view_res_3d,
+                         latent='fsq' if last.get('use_quantizer') else 'mean',
+                         random_nets=bool(cfg.loss.get('random_frozen', False)), fid=False)
+    flag = lambda v: ','.join(map(str, v)) if isinstance(v, tuple) else v      # eval.py's tuple syntax
+    report = ev.main([f'--{k}={flag(v)}' for k, v in asdict(ecfg).items()])
+    print0(f"evaluation report: {os.path.join(out_dir, 'report.json')}")
+    return report
 
 
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}

@@ -4,8 +4,10 @@
 out_dir = 'out/cpu_tiny'
 preset = 'tiny'
 model = dict(gs_width=64, gs_depth=2, gs_heads=2, gs_mlp=128, gs_per_voxel=8, gs_resolution=16)
-# random frozen nets: nothing can be downloaded here (set random_frozen=False and real weights on a real run)
-loss = dict(siglip_model='tiny', random_frozen=True, perceptual_size=64)
+# Nothing can be downloaded here, so the frozen nets are random (random_frozen). Random VGG / SigLIP features
+# carry no perceptual meaning and cost most of the CPU time, so LPIPS, Gram and CLIP are off in this demo;
+# the semantic losses still run against the random text tower. A real run keeps the paper's weights.
+loss = dict(siglip_model='tiny', random_frozen=True, lpips=0.0, gram=0.0, clip=0.0)
 n_images, n_videos, n_3d = 2048, 512, 48
 video_frames = 8
 views_3d, view_res_3d = 4, 32
@@ -18,10 +20,10 @@ stages = [
          image_res=(32, 64), latent_channels=32),
     dict(name='stage2_video', steps=100, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 6},
          grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=48),
-    dict(name='stage3_3d', steps=60, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 4,
+    dict(name='stage3_3d', steps=50, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 4,
                                           '3d_und': 1, '3d_rec': 1},
          grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=48),
-    dict(name='stage4_fsq', steps=40, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 4,
+    dict(name='stage4_fsq', steps=30, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 4,
                                            '3d_und': 1, '3d_rec': 1},
          grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=48,
          use_quantizer=True),

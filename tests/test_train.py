@@ -210,7 +210,7 @@ def test_paper_configs_on_meta():
         text = train.describe(so, world)
         assert f'x {world} ranks' in text and 'video_rec x6' in text and text.count('\n') == 3
     # stage 2 on 256 GPUs: 10 micro-batches x 256 ranks x 16384 tokens
-    assert '41.94M tokens/step' in train.describe(so, 256).splitlines()[1]
+    assert '41,943,040 tokens/step' in train.describe(so, 256).splitlines()[1]
     base = train.load_config([os.path.join(ROOT, 'configs', 'base.py')])
     with torch.device('meta'):
         assert model.AToken(train.stage_model_config(base, base.stages[1])).num_params() == 182_338_560
