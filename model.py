@@ -243,8 +243,12 @@ def attention(q, k, v, cu_q, cu_k, softcap=None):
 
     q [N, h, d], k/v [M, h, d]; segment i is q[cu_q[i]:cu_q[i+1]] against k[cu_k[i]:cu_k[i+1]].
     Non-causal, scale 1/sqrt(d). softcap c: scores become c * tanh(s / c) (the Gaussian decoder's).
-    TODO(kernels issue): the fused Triton kernel replaces this loop on CUDA.
+    On CUDA the fused Triton kernel (kernels/attention.py, same semantics) replaces this loop; it is
+    imported only there, so CPU users never need Triton.
     """
+    if q.is_cuda:
+        from kernels.attention import attention as fused_attention
+        return fused_attention(q, k, v, cu_q, cu_k, softcap=softcap)
     out = []
     bq, bk = cu_q.tolist(), cu_k.tolist()
     for i in range(len(bq) - 1):

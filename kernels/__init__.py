@@ -1,0 +1,1 @@
+"""Small Triton kernels, each with its pure-torch reference, tests and benchmark: see attention.py."""

@@ -1,0 +1,474 @@
+"""
+Fused block-diagonal (varlen) attention with 4D RoPE on q and k, in Triton.
+
+AToken packs every batch into one token set: segment i (a sample x temporal tile) is the query rows
+q[cu_q[i]:cu_q[i+1]] against the key rows k[cu_k[i]:cu_k[i+1]], non-causal, scale 1/sqrt(d). With
+cu_q != cu_k the keys of a segment may start with extra rows: the decoder KV cache puts the cached
+keys of the previous latent frames there (model.KVCache.attend). Every encoder and decoder layer runs
+this, so it is the inner loop of the tokenizer.
+
+Algorithm: FlashAttention-2 (Dao 2023, arXiv 2307.08691) as laid out in the Triton fused-attention
+tutorial (python/tutorials/06-fused-attention.py):
+  forward   one program per (query block, head); online softmax over the key blocks of its segment;
+            stores O and the row log-sum-exp (base 2) for the backward.
+  backward  delta = rowsum(dO * O) (one torch line); one program per (key block, head) loops over the
+            query blocks of its segment and accumulates dK, dV; one program per (query block, head)
+            loops over the key blocks and accumulates dQ. P is recomputed from the stored LSE.
+  varlen    the host lists every BLOCK-row tile of every segment as (segment, first row), longest
+            segments first, so a 1024 px image and a 64 px image in one batch waste no programs.
+  4D RoPE   (official layout, model.rope_angles) applied in registers: head_dim splits into four
+            blocks t|x|y|z, block a rotates its interleaved pairs (2m, 2m+1) by
+            coord_a * theta^(-j/head_dim), j = 0..d/8-1. Rotation in fp32, cast back to the input
+            dtype before the dot (as model.apply_rope). The backward re-rotates q and k and applies
+            the inverse rotation (angle -> -angle) to dq, dk before storing them.
+  head_dim  tl.arange needs powers of two, so the head dim is split into D0 = the largest power of two
+            <= d plus a second part of D1 = max(16, next power of two of the rest) columns, masked:
+            72 = 64 + 16 (8 used), 64 = 64, 96 = 64 + 32. Two dots instead of padding 72 to 128
+            (tl.dot needs K >= 16, hence 16 and not 8). Pairs never straddle the split (d0 is even).
+  soft-cap  optional scores c * tanh(s / c) (the Gaussian decoder's), derivative (1 - tanh^2).
+
+Constraints: q [N, h, d], k/v [M, h, d] with unit stride in d (other strides are free, so the q, k, v
+views of a fused qkv projection need no copy); fp16, bf16 or fp32 (fp32 dots use ieee precision, for
+tests); d >= 16, d % 8 == 0 with RoPE; cu_* int32 [S+1] from 0 to N / M; coords int [N, 4] / [M, 4].
+Segments with queries but no keys give zeros (the reference gives NaN). The host copies cu_q, cu_k to
+the CPU once per call (like the reference loop). Not causal, no dropout: AToken needs neither.
+
+Runs on CUDA; on CPU only under the Triton interpreter (TRITON_INTERPRET=1 set before this module is
+imported; tests/conftest.py does that when there is no GPU). `attention()` is the one entry point:
+backend 'auto' uses the kernel for CUDA tensors and the pure-torch reference (per-segment SDPA)
+otherwise.
+
+    python -m pytest -q kernels/test_attention.py       # CPU: interpreter; GPU: compiled, bf16 too
+    python kernels/bench_attention.py                    # TFLOP/s vs SDPA / FlexAttention
+"""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:         # CPU-only installs: the reference path still works
+    HAS_TRITON = False
+
+# triton.jit reads this when the kernels below are defined; we only mirror it to give a clear error
+INTERPRET = os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', 'on', 'yes')
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BACKEND = 'auto'    # override switch for tests and benchmarks: 'auto' | 'triton' | 'reference'
+
+# -----------------------------------------------------------------------------
+# reference: pure torch (4D RoPE as model.rope_angles + model.apply_rope, then one SDPA per segment)
+
+
+def rope_freqs(head_dim, theta, device=None):
+    """theta^(-j/head_dim), j = 0..head_dim/8-1, fp32 [d/8] (official: divided by the full head dim)."""
+    j = torch.arange(head_dim // 8, device=device, dtype=torch.float32)
+    return theta ** (-j / head_dim)
+
+
+def rope_ref(x, coords, theta):
+    """x [N, h, d] with 4D RoPE at coords [N, 4] (t, x, y, z): pairs (2m, 2m+1) rotated in fp32."""
+    N, d = x.shape[0], x.shape[-1]
+    if d % 8:
+        raise ValueError(f"4D RoPE needs head_dim divisible by 8, got {d}")
+    ang = (coords.float()[:, :, None] * rope_freqs(d, theta, x.device)).reshape(N, d // 2)  # [N, d/2]
+    a, b = x.float().unflatten(-1, (d // 2, 2)).unbind(-1)                                # [N, h, d/2]
+    cos, sin = ang.cos()[:, None], ang.sin()[:, None]                                     # [N, 1, d/2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).to(x.dtype)  # [N, h, d]
+
+
+def attention_ref(q, k, v, cu_q, cu_k, coords_q=None, coords_k=None, rope_theta=10000.0, softcap=None):
+    """The reference: same arguments and result as `attention`; differentiable; any device."""
+    if coords_q is not None:
+        q, k = rope_ref(q, coords_q, rope_theta), rope_ref(k, coords_k, rope_theta)
+    out, bq, bk = [], cu_q.tolist(), cu_k.tolist()
+    for i in range(len(bq) - 1):
+        qi = q[bq[i]:bq[i + 1]].transpose(0, 1)                                 # [h, n, d]
+        ki, vi = (x[bk[i]:bk[i + 1]].transpose(0, 1) for x in (k, v))          # [h, m, d]
+        if softcap is None:
+            o = F.scaled_dot_product_attention(qi, ki, vi)
+        else:
+            s = qi @ ki.transpose(1, 2) / math.sqrt(q.shape[-1])                 # [h, n, m]
+            o = torch.softmax(softcap * torch.tanh(s / softcap), dim=-1) @ vi
+        out.append(o.transpose(0, 1))                                            # [n, h, d]
+    return torch.cat(out) if out else q.new_zeros(q.shape)
+
+
+# -----------------------------------------------------------------------------
+# Triton kernels, innermost first
+
+if HAS_TRITON:
+    LOG2E = tl.constexpr(1.4426950408889634)
+
+    @triton.jit
+    def _load(ptr, rows, rmask, stride, col0, C: tl.constexpr, D: tl.constexpr):
+        """Rows `rows` of one head, head-dim columns col0..col0+C-1 (columns >= D read as 0): [R, C]."""
+        cols = col0 + tl.arange(0, C)
+        return tl.load(ptr + rows[:, None] * stride + cols[None, :],
+                       mask=rmask[:, None] & (cols[None, :] < D), other=0.0)
+
+    @triton.jit
+    def _store(ptr, x, rows, rmask, stride, col0, D: tl.constexpr):
+        C: tl.constexpr = x.shape[1]
+        cols = col0 + tl.arange(0, C)
+        tl.store(ptr + rows[:, None] * stride + cols[None, :], x.to(ptr.dtype.element_ty),
+                 mask=rmask[:, None] & (cols[None, :] < D))
+
+    @triton.jit
+    def _rope(x, Pos, Freq, rows, rmask, col0, D: tl.constexpr, sign):
+        """Rotate the interleaved pairs of x [R, C] fp32 (head-dim columns col0..) by sign * angle.
+
+        pair m = column // 2 belongs to axis m // (D/8) (t, x, y, z) and frequency j = m % (D/8):
+        angle = coords[row, axis] * Freq[j], computed in fp32 exactly as model.rope_angles."""
+        R: tl.constexpr = x.shape[0]
+        C: tl.constexpr = x.shape[1]
+        m = col0 // 2 + tl.arange(0, C // 2)                                     # pair index [C/2]
+        pmask = m < D // 2
+        pos = tl.load(Pos + rows[:, None] * 4 + (m // (D // 8))[None, :],
+                      mask=rmask[:, None] & pmask[None, :], other=0)              # [R, C/2]
+        ang = pos.to(tl.float32) * tl.load(Freq + m % (D // 8), mask=pmask, other=0.0)[None, :]
+        cos, sin = tl.cos(ang), sign * tl.sin(ang)
+        a, b = tl.split(tl.reshape(x, [R, C // 2, 2]))                           # even, odd columns
+        return tl.reshape(tl.join(a * cos - b * sin, a * sin + b * cos), [R, C])
+
+    @triton.jit
+    def _load_qk(ptr, Pos, Freq, rows, rmask, stride, col0, C: tl.constexpr, D: tl.constexpr,
+                 ROPE: tl.constexpr):
+        """A q or k tile, rotated in fp32 and cast back to the input dtype (as model.apply_rope)."""
+        x = _load(ptr, rows, rmask, stride, col0, C, D)
+        if ROPE:
+            x = _rope(x.to(tl.float32), Pos, Freq, rows, rmask, col0, D, 1.0).to(ptr.dtype.element_ty)
+        return x
+
+    @triton.jit
+    def _logits(s, scale, softcap, SOFTCAP: tl.constexpr):
+        """Raw q.k -> (logits in log2 units, tanh(s/c) for the soft-cap derivative; s when no cap)."""
+        s = s * scale
+        t = s
+        if SOFTCAP:             # tanh via exp (portable to the interpreter): sign(x)(1-e^-2|x|)/(1+e^-2|x|)
+            e = tl.exp(-2.0 * tl.abs(s / softcap))
+            t = tl.where(s >= 0, 1.0, -1.0) * (1.0 - e) / (1.0 + e)
+            s = softcap * t
+        return s * LOG2E, t
+
+    @triton.jit
+    def _attn_fwd(Q, K, V, O, LSE, PosQ, PosK, Freq, CuQ, CuK, BlkSeg, BlkStart,
+                  sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, so_n, so_h, n_heads, scale, softcap,
+                  D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ROPE: tl.constexpr,
+                  SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        # 1. this program's query rows (one tile of one segment) and head; the segment's key range
+        blk, hd = tl.program_id(0), tl.program_id(1)
+        seg = tl.load(BlkSeg + blk)
+        rows = tl.load(BlkStart + blk) + tl.arange(0, BM)
+        rmask = rows < tl.load(CuQ + seg + 1)
+        k_lo, k_hi = tl.load(CuK + seg), tl.load(CuK + seg + 1)
+        Q, K, V, O = Q + hd * sq_h, K + hd * sk_h, V + hd * sv_h, O + hd * so_h
+        # 2. rotated q, in two head-dim parts
+        q0 = _load_qk(Q, PosQ, Freq, rows, rmask, sq_n, 0, D0, D, ROPE)
+        if D1 > 0:
+            q1 = _load_qk(Q, PosQ, Freq, rows, rmask, sq_n, D0, D1, D, ROPE)
+            acc1 = tl.zeros([BM, D1], tl.float32)
+        acc0 = tl.zeros([BM, D0], tl.float32)
+        m_i = tl.full([BM], float('-inf'), tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        # 3. online softmax over the segment's key tiles (base 2)
+        for n0 in range(k_lo, k_hi, BN):
+            cols = n0 + tl.arange(0, BN)
+            cmask = cols < k_hi
+            k0 = _load_qk(K, PosK, Freq, cols, cmask, sk_n, 0, D0, D, ROPE)
+            s = tl.dot(q0, tl.trans(k0), input_precision=PREC)                   # [BM, BN]
+            if D1 > 0:
+                k1 = _load_qk(K, PosK, Freq, cols, cmask, sk_n, D0, D1, D, ROPE)
+                s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+            s, _ = _logits(s, scale, softcap, SOFTCAP)
+            s = tl.where(cmask[None, :], s, float('-inf'))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v0 = _load(V, cols, cmask, sv_n, 0, D0, D)
+            acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0, input_precision=PREC)
+            if D1 > 0:
+                v1 = _load(V, cols, cmask, sv_n, D0, D1, D)
+                acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PREC)
+            m_i = m_new
+        # 4. normalise (rows without keys give 0), store O and LSE
+        l_i = tl.where(l_i > 0, l_i, 1.0)
+        _store(O, acc0 / l_i[:, None], rows, rmask, so_n, 0, D)
+        if D1 > 0:
+            _store(O, acc1 / l_i[:, None], rows, rmask, so_n, D0, D)
+        tl.store(LSE + rows * n_heads + hd, m_i + tl.log2(l_i), mask=rmask)
+
+    @triton.jit
+    def _attn_bwd_dkdv(Q, K, V, DO, LSE, Delta, DK, DV, PosQ, PosK, Freq, CuQ, CuK, BlkSeg, BlkStart,
+                       sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sdo_n, sdo_h, sdk_n, sdk_h, n_heads, scale,
+                       softcap, D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ROPE: tl.constexpr,
+                       SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        # 1. this program's key rows and head; the segment's query range
+        blk, hd = tl.program_id(0), tl.program_id(1)
+        seg = tl.load(BlkSeg + blk)
+        cols = tl.load(BlkStart + blk) + tl.arange(0, BN)
+        cmask = cols < tl.load(CuK + seg + 1)
+        q_lo, q_hi = tl.load(CuQ + seg), tl.load(CuQ + seg + 1)
+        Q, K, V, DO = Q + hd * sq_h, K + hd * sk_h, V + hd * sv_h, DO + hd * sdo_h
+        DK, DV = DK + hd * sdk_h, DV + hd * sdk_h
+        # 2. rotated k and v, stay in registers; fp32 accumulators
+        k0 = _load_qk(K, PosK, Freq, cols, cmask, sk_n, 0, D0, D, ROPE)
+        v0 = _load(V, cols, cmask, sv_n, 0, D0, D)
+        dk0, dv0 = tl.zeros([BN, D0], tl.float32), tl.zeros([BN, D0], tl.float32)
+        if D1 > 0:
+            k1 = _load_qk(K, PosK, Freq, cols, cmask, sk_n, D0, D1, D, ROPE)
+            v1 = _load(V, cols, cmask, sv_n, D0, D1, D)
+            dk1, dv1 = tl.zeros([BN, D1], tl.float32), tl.zeros([BN, D1], tl.float32)
+        # 3. loop over the segment's query tiles: P^T from the stored LSE, then dV, dP, dS, dK
+        for m0 in range(q_lo, q_hi, BM):
+            rows = m0 + tl.arange(0, BM)
+            rmask = rows < q_hi
+            q0 = _load_qk(Q, PosQ, Freq, rows, rmask, sq_n, 0, D0, D, ROPE)
+            do0 = _load(DO, rows, rmask, sdo_n, 0, D0, D)
+            sT = tl.dot(k0, tl.trans(q0), input_precision=PREC)                  # [BN, BM]
+            dpT = tl.dot(v0, tl.trans(do0), input_precision=PREC)                # [BN, BM]
+            if D1 > 0:
+                q1 = _load_qk(Q, PosQ, Freq, rows, rmask, sq_n, D0, D1, D, ROPE)
+                do1 = _load(DO, rows, rmask, sdo_n, D0, D1, D)
+                sT += tl.dot(k1, tl.trans(q1), input_precision=PREC)
+                dpT += tl.dot(v1, tl.trans(do1), input_precision=PREC)
+            sT, tT = _logits(sT, scale, softcap, SOFTCAP)
+            lse = tl.load(LSE + rows * n_heads + hd, mask=rmask, other=0.0)
+            pT = tl.where(rmask[None, :], tl.exp2(sT - lse[None, :]), 0.0)       # [BN, BM]
+            delta = tl.load(Delta + rows * n_heads + hd, mask=rmask, other=0.0)
+            dsT = pT * (dpT - delta[None, :])                    # dL/d(logit), natural units
+            if SOFTCAP:
+                dsT = dsT * (1.0 - tT * tT)
+            dv0 += tl.dot(pT.to(do0.dtype), do0, input_precision=PREC)
+            dk0 += tl.dot(dsT.to(q0.dtype), q0, input_precision=PREC)
+            if D1 > 0:
+                dv1 += tl.dot(pT.to(do1.dtype), do1, input_precision=PREC)
+                dk1 += tl.dot(dsT.to(q1.dtype), q1, input_precision=PREC)
+        # 4. dk back through the rotation (R^T = rotation by -angle), store
+        dk0 = dk0 * scale
+        if ROPE:
+            dk0 = _rope(dk0, PosK, Freq, cols, cmask, 0, D, -1.0)
+        _store(DK, dk0, cols, cmask, sdk_n, 0, D)
+        _store(DV, dv0, cols, cmask, sdk_n, 0, D)
+        if D1 > 0:
+            dk1 = dk1 * scale
+            if ROPE:
+                dk1 = _rope(dk1, PosK, Freq, cols, cmask, D0, D, -1.0)
+            _store(DK, dk1, cols, cmask, sdk_n, D0, D)
+            _store(DV, dv1, cols, cmask, sdk_n, D0, D)
+
+    @triton.jit
+    def _attn_bwd_dq(Q, K, V, DO, LSE, Delta, DQ, PosQ, PosK, Freq, CuQ, CuK, BlkSeg, BlkStart,
+                     sq_n, sq_h, sk_n, sk_h, sv_n, sv_h, sdo_n, sdo_h, sdq_n, sdq_h, n_heads, scale,
+                     softcap, D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, ROPE: tl.constexpr,
+                     SOFTCAP: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        # 1. this program's query rows and head; the segment's key range
+        blk, hd = tl.program_id(0), tl.program_id(1)
+        seg = tl.load(BlkSeg + blk)
+        rows = tl.load(BlkStart + blk) + tl.arange(0, BM)
+        rmask = rows < tl.load(CuQ + seg + 1)
+        k_lo, k_hi = tl.load(CuK + seg), tl.load(CuK + seg + 1)
+        Q, K, V, DO, DQ = Q + hd * sq_h, K + hd * sk_h, V + hd * sv_h, DO + hd * sdo_h, DQ + hd * sdq_h
+        # 2. rotated q, dO, LSE and delta of these rows
+        q0 = _load_qk(Q, PosQ, Freq, rows, rmask, sq_n, 0, D0, D, ROPE)
+        do0 = _load(DO, rows, rmask, sdo_n, 0, D0, D)
+        dq0 = tl.zeros([BM, D0], tl.float32)
+        if D1 > 0:
+            q1 = _load_qk(Q, PosQ, Freq, rows, rmask, sq_n, D0, D1, D, ROPE)
+            do1 = _load(DO, rows, rmask, sdo_n, D0, D1, D)
+            dq1 = tl.zeros([BM, D1], tl.float32)
+        lse = tl.load(LSE + rows * n_heads + hd, mask=rmask, other=0.0)
+        delta = tl.load(Delta + rows * n_heads + hd, mask=rmask, other=0.0)
+        # 3. loop over the segment's key tiles: P, dP, dS, dQ += dS K
+        for n0 in range(k_lo, k_hi, BN):
+            cols = n0 + tl.arange(0, BN)
+            cmask = cols < k_hi
+            k0 = _load_qk(K, PosK, Freq, cols, cmask, sk_n, 0, D0, D, ROPE)
+            v0 = _load(V, cols, cmask, sv_n, 0, D0, D)
+            s = tl.dot(q0, tl.trans(k0), input_precision=PREC)                   # [BM, BN]
+            dp = tl.dot(do0, tl.trans(v0), input_precision=PREC)                 # [BM, BN]
+            if D1 > 0:
+                k1 = _load_qk(K, PosK, Freq, cols, cmask, sk_n, D0, D1, D, ROPE)
+                v1 = _load(V, cols, cmask, sv_n, D0, D1, D)
+                s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
+                dp += tl.dot(do1, tl.trans(v1), input_precision=PREC)
+            s, t = _logits(s, scale, softcap, SOFTCAP)
+            p = tl.where(cmask[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dq0 += tl.dot(ds.to(k0.dtype), k0, input_precision=PREC)
+            if D1 > 0:
+                dq1 += tl.dot(ds.to(k1.dtype), k1, input_precision=PREC)
+        # 4. dq back through the rotation, store
+        dq0 = dq0 * scale
+        if ROPE:
+            dq0 = _rope(dq0, PosQ, Freq, rows, rmask, 0, D, -1.0)
+        _store(DQ, dq0, rows, rmask, sdq_n, 0, D)
+        if D1 > 0:
+            dq1 = dq1 * scale
+            if ROPE:
+                dq1 = _rope(dq1, PosQ, Freq, rows, rmask, D0, D, -1.0)
+            _store(DQ, dq1, rows, rmask, sdq_n, D0, D)
+
+
+# -----------------------------------------------------------------------------
+# host side: block lists, launch configuration, autograd wrapper
+
+
+def head_dim_split(d):
+    """(D0, D1): the two power-of-two column tiles covering head dim d (D1 = 0 when d is a power of 2)."""
+    d0 = 1 << (d.bit_length() - 1)
+    rest = d - d0
+    return d0, 0 if rest == 0 else max(16, 1 << (rest - 1).bit_length())
+
+
+def block_list(cu, block):
+    """cu [S+1] (on the CPU) -> (segment, first row) int32 of every `block`-row tile of every segment,
+    longest segments first (they finish last, so they should start first)."""
+    lens = cu[1:] - cu[:-1]                                                     # [S]
+    order = torch.argsort(lens, descending=True, stable=True)
+    nblk = (lens[order] + block - 1) // block                                   # tiles per segment
+    seg = torch.repeat_interleave(order, nblk)                                  # [n_tiles]
+    first = torch.repeat_interleave(torch.cumsum(nblk, 0) - nblk, nblk)         # list index of seg's tile 0
+    start = cu[seg] + (torch.arange(len(seg)) - first) * block
+    return seg.to(torch.int32), start.to(torch.int32)
+
+
+def launch_config(device, dtype):
+    """Tile sizes (BM query rows, BN key rows) per kernel. Not tuned on hardware: the GPU values are the
+    largest FA2-tutorial tiles that compile for sm_90 without register spills at d = 72 with RoPE
+    (checked with ptxas; TODO(GPU session): autotune on H100)."""
+    if device.type != 'cuda':   # the interpreter: small tiles, BM != BN so both loops cross tiles
+        return dict(fwd=(32, 16), dkdv=(16, 32), dq=(32, 16), num_warps=1, num_stages=1)
+    if dtype == torch.float32:  # tests: ieee fp32 dots need twice the shared memory
+        return dict(fwd=(64, 32), dkdv=(32, 32), dq=(32, 32), num_warps=4, num_stages=1)
+    return dict(fwd=(128, 64), dkdv=(64, 64), dq=(64, 64), num_warps=8, num_stages=2)
+
+
+def _check(q, k, v, cu_q, cu_k, pos_q, pos_k):
+    """Raise ValueError unless the inputs are what the kernels assume; returns cu_q, cu_k on the CPU."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[1:] != q.shape[1:]:
+        raise ValueError(f"expected q [N, h, d] and k, v [M, h, d], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
+        raise ValueError(f"q, k, v must share one dtype of {DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on one device")
+    if q.device.type != 'cuda' and not INTERPRET:
+        raise ValueError("the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before importing "
+                         "kernels.attention")
+    if min(x.stride(-1) for x in (q, k, v)) != 1 or max(x.stride(-1) for x in (q, k, v)) != 1:
+        raise ValueError("q, k, v need unit stride in the head dim")
+    d = q.shape[-1]
+    if d < 16:
+        raise ValueError(f"head_dim must be >= 16, got {d}")
+    for cu in (cu_q, cu_k):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or len(cu) != len(cu_q) or cu.device != q.device:
+            raise ValueError("cu_q, cu_k must be int32 [S+1] on q's device, both of the same length S+1")
+    cq, ck = cu_q.cpu(), cu_k.cpu()
+    for name, cu, n in (('cu_q', cq, len(q)), ('cu_k', ck, len(k))):
+        if cu[0] != 0 or cu[-1] != n or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name} must rise from 0 to {n}, got {cu.tolist()}")
+    if (pos_q is None) != (pos_k is None):
+        raise ValueError("give both coords_q and coords_k, or neither")
+    if pos_q is not None:
+        if d % 8:
+            raise ValueError(f"4D RoPE needs head_dim divisible by 8, got {d}")
+        if pos_q.shape != (len(q), 4) or pos_k.shape != (len(k), 4) or pos_q.is_floating_point() \
+                or pos_k.is_floating_point():
+            raise ValueError(f"coords must be integer [N, 4] / [M, 4], got {tuple(pos_q.shape)}, "
+                             f"{tuple(pos_k.shape)}")
+    return cq, ck
+
+
+class _Attention(torch.autograd.Function):
+    """Varlen attention with in-kernel 4D RoPE; saves q, k, v (unrotated), O and LSE for the backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, pos_q, pos_k, rope_theta, softcap):
+        cq, ck = _check(q, k, v, cu_q, cu_k, pos_q, pos_k)
+        N, h, d = q.shape
+        dev, cfg = q.device, launch_config(q.device, q.dtype)
+        rope = pos_q is not None
+        if rope:
+            pos_q, pos_k = (p.to(device=dev, dtype=torch.int32).contiguous() for p in (pos_q, pos_k))
+            freq = rope_freqs(d, rope_theta, dev)
+        else:
+            pos_q = pos_k = freq = q.new_zeros(1, dtype=torch.float32)         # unused by the kernels
+        d0, d1 = head_dim_split(d)
+        meta = dict(D=d, D0=d0, D1=d1, ROPE=rope, SOFTCAP=softcap is not None,
+                    PREC='ieee' if q.dtype == torch.float32 else 'tf32',
+                    num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
+        blocks = dict(fwd=block_list(cq, cfg['fwd'][0]), dkdv=block_list(ck, cfg['dkdv'][1]),
+                      dq=block_list(cq, cfg['dq'][0]))                          # query / key / query tiles
+        blocks = {name: [x.to(dev, non_blocking=True) for x in b] for name, b in blocks.items()}
+        o = torch.empty(N, h, d, device=dev, dtype=q.dtype)                     # [N, h, d]
+        lse = torch.empty(N, h, device=dev, dtype=torch.float32)                # base-2 log-sum-exp
+        scale, cap = 1.0 / math.sqrt(d), float(softcap or 1.0)
+        if N and len(k):
+            BM, BN = cfg['fwd']
+            _attn_fwd[(len(blocks['fwd'][0]), h)](
+                q, k, v, o, lse, pos_q, pos_k, freq, cu_q, cu_k, *blocks['fwd'],
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                o.stride(0), o.stride(1), h, scale, cap, BM=BM, BN=BN, **meta)
+        else:
+            o.zero_()
+        ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k, pos_q, pos_k, freq, *blocks['dkdv'],
+                              *blocks['dq'])
+        ctx.meta, ctx.cfg, ctx.scale, ctx.cap = meta, cfg, scale, cap
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_q, cu_k, pos_q, pos_k, freq, kseg, kstart, qseg, qstart = ctx.saved_tensors
+        (N, h, d), cfg, meta = q.shape, ctx.cfg, ctx.meta
+        if do.stride(-1) != 1:
+            do = do.contiguous()
+        if not (N and len(k)):
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), *[None] * 6
+        delta = (do.float() * o.float()).sum(-1)                                # [N, h] FA2: rowsum(dO * O)
+        # every row lies in some segment (checked), so the kernels write every row of dq, dk, dv
+        dq = torch.empty(N, h, d, device=q.device, dtype=q.dtype)
+        dk, dv = (torch.empty(len(k), h, d, device=k.device, dtype=k.dtype) for _ in range(2))
+        common = (pos_q, pos_k, freq, cu_q, cu_k)
+        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                   do.stride(0), do.stride(1))
+        BM, BN = cfg['dkdv']
+        _attn_bwd_dkdv[(len(kseg), h)](q, k, v, do, lse, delta, dk, dv, *common, kseg, kstart, *strides,
+                                       dk.stride(0), dk.stride(1), h, ctx.scale, ctx.cap, BM=BM, BN=BN, **meta)
+        BM, BN = cfg['dq']
+        _attn_bwd_dq[(len(qseg), h)](q, k, v, do, lse, delta, dq, *common, qseg, qstart, *strides,
+                                     dq.stride(0), dq.stride(1), h, ctx.scale, ctx.cap, BM=BM, BN=BN, **meta)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+# -----------------------------------------------------------------------------
+# the one entry point
+
+
+def attention(q, k, v, cu_q, cu_k, coords_q=None, coords_k=None, rope_theta=10000.0, softcap=None,
+              backend=None):
+    """Block-diagonal attention over packed segments, with 4D RoPE on q and k when coords are given.
+
+    q [N, h, d]; k, v [M, h, d]; cu_q, cu_k int32 [S+1]: segment i is q[cu_q[i]:cu_q[i+1]] against
+    k[cu_k[i]:cu_k[i+1]] (a KV-cache prefix is just more keys). coords_q [N, 4], coords_k [M, 4] integer
+    (t, x, y, z), or None for no RoPE. softcap c: scores c * tanh(s / c). Returns [N, h, d].
+    backend: 'auto' (the Triton kernel for CUDA tensors it supports, else the reference), 'triton'
+    (always the kernel; on CPU under TRITON_INTERPRET=1), 'reference'; None: the module's BACKEND.
+    """
+    backend = backend or BACKEND
+    if backend == 'auto':
+        ok = HAS_TRITON and q.is_cuda and q.dtype in DTYPES and q.shape[-1] >= 16
+        backend = 'triton' if ok else 'reference'
+    if backend == 'reference':
+        return attention_ref(q, k, v, cu_q, cu_k, coords_q, coords_k, rope_theta, softcap)
+    if backend != 'triton':
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' but triton is not installed")
+    return _Attention.apply(q, k, v, cu_q, cu_k, coords_q, coords_k, rope_theta, softcap)
