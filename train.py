@@ -524,7 +524,7 @@ def main(cfg):
             raw = net
             net = wrap(net, cfg, world, device)
             if cfg.compile:
-                net = torch.compile(net)
+                compile_token_parts(raw)
             opt = torch.optim.AdamW(param_groups({'tok': raw.tok, 'gs': raw.gs, 'temp': raw.temperature}, cfg),
                                     lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=cuda)
             ema = {n: p.detach().clone() for n, p in raw.named_parameters()}
@@ -685,6 +685,18 @@ def evaluate_run(cfg, out_dir, n):
 
 
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
+
+
+def compile_token_parts(net):
+    """torch.compile the per-token parts (MLPs and norms) in place, with dynamic shapes.
+
+    Packed batches change length every step and attention needs host-side segment lists, so compiling the
+    whole model recompiles or graph-breaks constantly. MLPs and norms are most of the FLOPs besides attention
+    (which runs the Triton kernel on CUDA) and see only [N, C] tensors: one dynamic graph each.
+    Module.compile() keeps parameter names, so checkpoints and EMA are unaffected."""
+    for m in net.modules():
+        if isinstance(m, (atoken.MLP, atoken.LayerNorm, atoken.RMSNorm)):
+            m.compile(dynamic=True)
 
 
 def peak_flops(device):

@@ -57,7 +57,9 @@ except ImportError:         # CPU-only installs: the reference path still works
 # triton.jit reads this when the kernels below are defined; we only mirror it to give a clear error
 INTERPRET = os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', 'on', 'yes')
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BACKEND = 'auto'    # override switch for tests and benchmarks: 'auto' | 'triton' | 'reference'
+# override switch for tests and benchmarks: 'auto' | 'triton' | 'reference'; the environment variable
+# ATOKEN_ATTENTION sets it for a whole run (e.g. ATOKEN_ATTENTION=reference python train.py ...)
+BACKEND = os.environ.get('ATOKEN_ATTENTION', 'auto')
 
 # -----------------------------------------------------------------------------
 # reference: pure torch (4D RoPE as model.rope_angles + model.apply_rope, then one SDPA per segment)
@@ -340,14 +342,21 @@ def block_list(cu, block):
 
 
 def launch_config(device, dtype):
-    """Tile sizes (BM query rows, BN key rows) per kernel. Not tuned on hardware: the GPU values are the
-    largest FA2-tutorial tiles that compile for sm_90 without register spills at d = 72 with RoPE
-    (checked with ptxas; TODO(GPU session): autotune on H100)."""
+    """Tile sizes (BM query rows, BN key rows) per kernel.
+
+    GPU values measured on one H100 (torch 2.11, Triton 3.6, bf16, d = 72 with RoPE, the bench's 'full'
+    workload): fwd (128, 32), dK/dV (32, 128), dQ (128, 32) at 8 warps, 2 stages ran 6.0 ms forward and
+    16.9 ms forward+backward, the fastest of 8 candidates. Two candidates were WRONG or crashed there, so any
+    change here must rerun the GPU tests (tests/test_kernels.py):
+      fwd (128, 64), 8 warps: forward off by ~1 at d = 72 (fine at d = 64): the 16-wide second head-dim
+                              part with 128-row tiles miscompiles;
+      (64, 64) at 4 warps:    illegal memory access (at 8 warps it is correct, 1.6x slower than the above).
+    """
     if device.type != 'cuda':   # the interpreter: small tiles, BM != BN so both loops cross tiles
         return dict(fwd=(32, 16), dkdv=(16, 32), dq=(32, 16), num_warps=1, num_stages=1)
     if dtype == torch.float32:  # tests: ieee fp32 dots need twice the shared memory
         return dict(fwd=(64, 32), dkdv=(32, 32), dq=(32, 32), num_warps=4, num_stages=1)
-    return dict(fwd=(128, 64), dkdv=(64, 64), dq=(64, 64), num_warps=8, num_stages=2)
+    return dict(fwd=(128, 32), dkdv=(32, 128), dq=(128, 32), num_warps=8, num_stages=2)
 
 
 def _check(q, k, v, cu_q, cu_k, pos_q, pos_k):
