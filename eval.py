@@ -57,6 +57,28 @@ def psnr(x, y, value_range=(-1, 1)):
     return 10 * torch.log10(1.0 / mse)
 
 
+def bicubic_baseline(x, floats_per_pixel):
+    """The non-learned codec at the tokenizer's budget: bicubic down- then up-sampling that keeps
+    `floats_per_pixel` floats per pixel (3 channels at (H/s) x (W/s): s = sqrt(3 / floats_per_pixel)).
+    x (..., H, W, 3) in [-1, 1] -> the reconstruction, same shape, clamped to [-1, 1]. Downsampling is
+    antialiased (PIL-style), upsampling plain bicubic (align_corners=False)."""
+    s = math.sqrt(3.0 / floats_per_pixel)
+    H, W = x.shape[-3:-1]
+    small = (max(1, round(H / s)), max(1, round(W / s)))
+    y = x.reshape(-1, H, W, 3).permute(0, 3, 1, 2).float()                       # [B, 3, H, W]
+    y = F.interpolate(y, size=small, mode='bicubic', align_corners=False, antialias=True)
+    y = F.interpolate(y, size=(H, W), mode='bicubic', align_corners=False)
+    return y.permute(0, 2, 3, 1).reshape(x.shape).clamp(-1, 1)
+
+
+def latent_floats_per_pixel(kind, config):
+    """Latent floats per pixel of one image / one video frame: latent_channels per (pt x) ph x pw patch.
+    An image fills one frame of a temporal patch (the others are padding), so it has pt times the budget
+    of a video frame: 48 floats per 16x16 patch = a bicubic factor of 4 per side for images, 8 for video."""
+    pt, ph, pw = config.patch_size
+    return config.latent_channels / (ph * pw * (pt if kind == 'video' else 1))
+
+
 def gaussian_window(size=11, sigma=1.5):
     """Normalised 2D Gaussian [size, size] (the SSIM window of Wang et al. 2004)."""
     r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
@@ -424,7 +446,7 @@ def load_tokenizer(cfg):
         tok = AToken(config)
     tok.load_checkpoint_state(ck[weights], source=f"{cfg.checkpoint} ['{weights}']")
     info = dict(kind='training' if len(set(ck) - {'model', 'model_config'}) else 'export', weights=weights,
-                loss_config=ck.get('loss_config'), gs_decoder=ck.get('gs_decoder'))
+                loss_config=ck.get('loss_config'), gs_decoder=ck.get('gs_decoder'), text_tower=ck.get('text_tower'))
     return tok.eval(), info
 
 
@@ -448,6 +470,7 @@ class TextTower:
     strings) -> [K, D] L2-normalised, on the CPU. Built with losses.load_siglip, as FrozenNets does, but
     without FrozenNets' VGG16, which evaluation does not need."""
     def __init__(self, loss_config, embed_dim, device='cpu'):
+        self.trained = False                    # True: a text tower trained with the tokenizer (train_text)
         self.siglip, self.tokenizer = losses.load_siglip(loss_config, embed_dim)
         self.siglip = self.siglip.eval().requires_grad_(False).to(device)
         self.device = device
@@ -459,9 +482,22 @@ class TextTower:
         return torch.cat(out).float().cpu()
 
 
-def load_text_tower(cfg, loss_config, embed_dim, device, notes):
+def load_text_tower(cfg, loss_config, embed_dim, device, notes, text_state=None):
     """-> TextTower (warnings appended to notes). --random_nets: a tiny random SigLIP of width embed_dim;
-    else the training checkpoint's LossConfig (siglip_model, siglip_weights), else the default SigLIP2."""
+    else the training checkpoint's LossConfig (siglip_model, siglip_weights), else the default SigLIP2.
+    text_state: a text tower trained with the tokenizer (LossConfig.train_text; the export's 'text_tower'),
+    loaded into the LossConfig's SigLIP model."""
+    if text_state:
+        lc = losses.LossConfig(**(loss_config or {}))
+        tower = TextTower(lc, embed_dim, device)
+        try:
+            tower.siglip.text.load_state_dict(text_state)
+        except RuntimeError as e:
+            raise ValueError(f"{cfg.checkpoint}: 'text_tower' does not fit the text tower of SigLIP "
+                             f"'{lc.siglip_model}' ({str(e).splitlines()[0]})") from e
+        notes.append(f"text tower: trained with the tokenizer (train_text, from {lc.siglip_model!r})")
+        tower.trained = True
+        return tower
     if cfg.random_nets:
         lc = losses.LossConfig(siglip_model='tiny', random_frozen=True)
     else:
@@ -581,14 +617,18 @@ def pixel_scores(target, rec, lpips_fn):
     return out
 
 
-def score_sample(s, rec, lpips_fn, gs, patch_size):
+def score_sample(s, rec, lpips_fn, gs, patch_size, budget=None):
     """One Sample and its reconstruction -> (scores, target, reconstruction to show; None, None for 3D
     without a Gaussian decoder). Images and videos are compared with the centre-cropped, frame-cut input
-    (model.prepare); 3D: PSNR of the reconstructed voxel features, and the renders vs the true views."""
+    (model.prepare), and with budget ({kind: latent floats per pixel}) also scored for the bicubic codec
+    that keeps as many floats (bicubic_psnr); 3D: PSNR of the reconstructed voxel features, and the renders vs the true views."""
     if s.kind != '3d':
         target = prepare(torch.as_tensor(s.media), patch_size)[0]
         target = target[0] if s.kind == 'image' else target  # (H', W', 3) | (T', H', W', 3)
-        return pixel_scores(target, rec, lpips_fn), target, rec
+        scores = pixel_scores(target, rec, lpips_fn)
+        if budget is not None:                                # the bicubic codec at the same float budget
+            scores['bicubic_psnr'] = psnr(bicubic_baseline(target, budget[s.kind]), target).mean().item()
+        return scores, target, rec
     pw = patch_size[2]
     feats = torch.as_tensor(s.media['feats']).float()
     scores = dict(feat_psnr=psnr(rec.reshape(-1, pw, 3), feats.reshape(-1, pw, 3)).item())  # (N*ph, pw, 3)
@@ -642,7 +682,8 @@ def collect(model, ds, cfg, lpips_fn, features, gs):
             continue
         recs, emb, idx = run_batch(model, [s.media for s in good], cfg.latent)
         for s, rec, e, ix in zip(good, recs, emb, idx):
-            scores, target, shown = score_sample(s, rec, lpips_fn, gs, model.config.patch_size)
+            budget = {k: latent_floats_per_pixel(k, model.config) for k in ('image', 'video')}
+            scores, target, shown = score_sample(s, rec, lpips_fn, gs, model.config.patch_size, budget)
             c['scores'].append(scores), c['labels'].append(s.label), c['captions'].append(s.caption)
             c['emb'].append(e)
             if ix is not None:
@@ -710,8 +751,9 @@ def optional(build, what, notes):
 def setup_warnings(cfg, datasets, gs, text):
     notes = []
     if cfg.random_nets:
-        notes.append('random_nets: LPIPS, Inception (rFID), R3D (rFVD) and the text tower are RANDOM: '
-                     'a smoke test, the numbers are not meaningful')
+        trained_text = getattr(text, 'trained', False)
+        notes.append(f"random_nets: LPIPS, Inception (rFID), R3D (rFVD){'' if trained_text else ' and the text tower'} "
+                     f"are RANDOM: a smoke test, {'those' if trained_text else 'the'} numbers are not meaningful")
     if text is None and cfg.understanding:
         notes.append('no text tower given: understanding metrics skipped')
     if '3d' in datasets and gs is None:
@@ -851,7 +893,8 @@ def main(argv):
     gs = gs.to(device) if gs is not None else None
     text, notes = None, []
     if cfg.understanding:
-        text = optional(lambda: load_text_tower(cfg, info['loss_config'], tok.config.encoder_width, device, notes),
+        text = optional(lambda: load_text_tower(cfg, info['loss_config'], tok.config.encoder_width, device, notes,
+                                                info.get('text_tower')),
                         'understanding (text tower)', notes)
     res = evaluate(tok, cfg if text is not None else replace(cfg, understanding=False), gs, text)
 

@@ -16,6 +16,7 @@ Borrowed: LPIPS (Zhang et al. 2018, the `lpips` package), Gram loss (Gatys et al
 Benchmark: `python bench/bench_losses.py`.
 """
 import math
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,25 @@ class LossConfig:
     siglip_weights: str = ''    # local open_clip checkpoint file; '' downloads the 'webli' weights
     vgg_weights: str = ''       # local torchvision vgg16 state dict; '' uses torchvision's download/cache
     random_frozen: bool = False  # random-initialised frozen nets: runs offline, numbers not meaningful
+    # Understanding without a pretrained SigLIP2 (the offline CPU demo). The paper distils images from the
+    # frozen SigLIP2 image tower (Eq. 7) and keeps its text tower frozen; a RANDOM teacher and text tower
+    # carry no meaning, so such runs can instead train a copy of the text tower with the sigmoid loss
+    # (SigLIP pre-training from scratch, Zhai et al. 2023) and use that loss for images too.
+    image_und: str = 'distill'  # 'distill' (Eq. 7, paper) | 'sigmoid' (SigLIP loss on the captions)
+    # initial bias b of the sigmoid loss (SigLIP: -10, with t = log 10). It suits SigLIP's 32k batches and
+    # long runs; b moves by about lr per step, so a short run with small batches (the CPU demo: ~25 captions)
+    # stays near -10, where even a perfect match (cosine 1) scores logit 0 and embeddings collapse.
+    # -5 puts the decision threshold at cosine 0.5.
+    sigmoid_bias_init: float = -10.0
+    # decode z ~ N(mean, exp(logvar)) in training (the KL-regularised VAE of the paper); False decodes the
+    # posterior mean (an autoencoder with the KL penalty on the mean). The posterior std starts near 1 and the
+    # 1e-8 KL weight lets it shrink only slowly, so very short runs (the CPU demo) lose ~3 dB to the noise.
+    sample_posterior: bool = True
+    train_text: bool = False    # train the text tower with the tokenizer; exported with it for eval.py
+
+    def __post_init__(self):
+        if self.image_und not in ('distill', 'sigmoid'):
+            raise ValueError(f"LossConfig.image_und must be 'distill' or 'sigmoid', got {self.image_und!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -106,10 +126,10 @@ def sigmoid_loss(img, txt, logit_scale, logit_bias):
 class SigmoidTemperature(nn.Module):
     """Learnable temperature t and bias b of the sigmoid loss, SigLIP init: t = log 10, b = -10.
     Trained with the tokenizer (put it in the optimizer and the training checkpoint)."""
-    def __init__(self):
+    def __init__(self, bias_init=-10.0):
         super().__init__()
         self.logit_scale = nn.Parameter(torch.tensor([math.log(10.0)]))   # [1], not scalars: FSDP2 shards
-        self.logit_bias = nn.Parameter(torch.tensor([-10.0]))             # 1D tensors only
+        self.logit_bias = nn.Parameter(torch.tensor([float(bias_init)]))  # 1D tensors only
 
 
 def resize(images, size):
@@ -228,6 +248,23 @@ class FrozenNets(nn.Module):
         return self.siglip.logit_scale.exp().item()
 
 
+class TrainableText(nn.Module):
+    """A trainable copy of the SigLIP text tower (LossConfig.train_text): list of K strings -> [K, D]
+    L2-normalised embeddings, with gradients. It lives in train.Trainable (optimizer, checkpoint, EMA) and is
+    exported next to the tokenizer as 'text_tower' (the state dict of open_clip's model.text)."""
+    def __init__(self, frozen):
+        super().__init__()
+        if not hasattr(frozen.siglip, 'text'):
+            raise ValueError(f"train_text needs an open_clip model with a separate text tower (model.text), "
+                             f"{type(frozen.siglip).__name__} has none")
+        self.text = copy.deepcopy(frozen.siglip.text).requires_grad_(True)
+        self.tokenizer = frozen.tokenizer
+
+    def forward(self, texts):
+        p = next(self.text.parameters())
+        return F.normalize(self.text(self.tokenizer(texts).to(p.device)), dim=-1)
+
+
 # -----------------------------------------------------------------------------
 # the weighted total for a packed batch
 
@@ -268,13 +305,16 @@ def image_rec_terms(rec, target, frozen, cfg, target_tokens=None):
     return out
 
 
-def semantic_terms(emb, teacher, img_captions, other_emb, other_captions, frozen, cfg, temperature):
+def semantic_terms(emb, teacher, img_captions, other_emb, other_captions, frozen, cfg, temperature,
+                   text=None):
     """L_sem parts: Eq. 7 distillation for images (student emb vs the frozen teacher's embeddings of the
-    same images, both [n, D]), the sigmoid loss for videos / 3D (other_emb). Returns a dict."""
+    same images, both [n, D]), the sigmoid loss for videos / 3D (other_emb; images too with
+    image_und='sigmoid'). text: the trainable text tower (train_text), else the frozen one. Returns a dict."""
     out = {}
+    encode_text = text if text is not None else frozen.encode_text
     if img_captions:
         texts = list(dict.fromkeys(img_captions))                  # the batch's distinct captions, K
-        txt = frozen.encode_text(texts)                             # [K, D]
+        txt = encode_text(texts)                                    # [K, D]
         if txt.shape[1] != emb.shape[1]:
             raise ValueError(f"student embedding width {emb.shape[1]} != text tower width {txt.shape[1]}")
         scale = frozen.teacher_scale()                              # similarities as SigLIP2 logits
@@ -283,12 +323,13 @@ def semantic_terms(emb, teacher, img_captions, other_emb, other_captions, frozen
     if other_captions:
         if temperature is None:
             raise ValueError("video/3D understanding needs the learnable SigmoidTemperature")
-        txt = frozen.encode_text(other_captions)
+        txt = encode_text(other_captions)
         out['sigmoid'] = sigmoid_loss(other_emb, txt, temperature.logit_scale, temperature.logit_bias)
     return out
 
 
-def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=None, temperature=None):
+def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=None, temperature=None,
+                   text=None):
     """The total loss (Eq. 4) for one packed batch mixing images, videos and 3D, reconstruction and
     understanding.
 
@@ -296,6 +337,7 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
     packed: the input batch (targets = packed.feats; kinds 'image' | 'video' | '3d').
     tasks: per sample 'rec' | 'und' | 'both' (default 'rec'); understanding needs captions[i].
     views: {i: (pred [V, H, W, 3], target [V, H, W, 3])} renders for 3D sample i (its L1 is on views).
+    text: a TrainableText (cfg.train_text) that replaces the frozen text tower.
     Per-sample reconstruction losses are averaged over the reconstruction samples; L1 is a mean over
     each sample's patches (paper 3.5: normalised over patches). Returns (total, dict of detached terms).
     """
@@ -309,8 +351,9 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
     zero = out['rec'].new_zeros((), dtype=torch.float32)
     logs, rec_loss = {}, zero
     # one frozen SigLIP2 pass per target image serves both CLIP-perceptual and the distillation teacher
+    distill = cfg.image_und == 'distill'
     need = sorted({i for i in range(B) if packed.kinds[i] == 'image' and
-                   (i in und_ids or (i in rec_ids and cfg.clip))})
+                   ((i in und_ids and distill) or (i in rec_ids and cfg.clip))})
     sig = {}
     if need:
         tok, emb = siglip_targets(frozen, _frames(packed.feats, packed, need))
@@ -346,12 +389,12 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
 
     sem = zero
     if und_ids:   # ---- understanding (Eq. 7 / SigLIP)
-        img = [i for i in und_ids if packed.kinds[i] == 'image']
-        oth = [i for i in und_ids if packed.kinds[i] != 'image']
+        img = [i for i in und_ids if packed.kinds[i] == 'image' and distill]
+        oth = [i for i in und_ids if i not in img]                  # videos, 3D (and images: 'sigmoid')
         teacher = torch.stack([sig[i][1] for i in img]) if img else None
         terms = semantic_terms(out['embedding'][img], teacher,
                                [captions[i] for i in img], out['embedding'][oth],
-                               [captions[i] for i in oth], frozen, cfg, temperature)
+                               [captions[i] for i in oth], frozen, cfg, temperature, text)
         sem = sum(terms.values())
         logs.update({k: v.detach() for k, v in terms.items()})
 

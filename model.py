@@ -702,8 +702,10 @@ class AToken(nn.Module):
     # --- weights -------------------------------------------------------------
 
     @torch.no_grad()
-    def init_weights(self):
-        """Fresh initialisation (decoder from scratch; encoder too unless init_from_siglip2 follows)."""
+    def init_weights(self, zero_residual=True):
+        """Fresh initialisation (decoder from scratch; encoder too unless init_from_siglip2 follows).
+        zero_residual=False keeps xavier weights in the residual branches too (every path active at init:
+        the model tests use it, so that token mixing shows in their comparisons)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -718,8 +720,15 @@ class AToken(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.normal_(self.encoder.head.probe, std=0.02)
-        # start with a small logvar so the first decodes are not drowned in noise
         nn.init.normal_(self.proj.weight, std=0.02)
+        # Residual branches start at zero (as ReZero / DiT's adaLN-zero): a fresh tokenizer is then a per-token
+        # linear autoencoder through the norms, and attention / MLPs grow in from there. With xavier-initialised
+        # branches the tiny CPU model sat at ~22 dB for hundreds of steps (random token mixing at init);
+        # zeroed it reached 25.5 dB in the same 400 image steps. (Not the pooling head: it is no residual.)
+        for m in self.modules() if zero_residual else ():
+            if isinstance(m, Block):
+                nn.init.zeros_(m.attn.to_out.weight)
+                nn.init.zeros_(m.mlp.mlp[2].weight)
         return self
 
     @torch.no_grad()

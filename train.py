@@ -168,8 +168,8 @@ def check_stages(stages):
             if k not in s:
                 raise KeyError(f"stage {i}: missing {k!r}")
         bad = set(s['mix']) - set(TASKS)
-        if bad or not s['mix'] or min(s['mix'].values()) <= 0:
-            raise ValueError(f"stage {i} mix {s['mix']}: tasks must be in {TASKS} with positive ratios")
+        if bad or not s['mix'] or any(type(w) is not int or w < 1 for w in s['mix'].values()):
+            raise ValueError(f"stage {i} mix {s['mix']}: tasks must be in {TASKS} with positive integer ratios")
 
 # -----------------------------------------------------------------------------
 # pure schedule helpers (unit-tested)
@@ -195,7 +195,8 @@ def get_lr(step, steps, cfg):
 
 def task_schedule(mix, n):
     """n micro-steps distributed over tasks in proportion to `mix`, interleaved (smooth weighted
-    round-robin, as nginx balances servers): {'a': 2, 'b': 1}, 3 -> ['a', 'b', 'a']."""
+    round-robin, as nginx balances servers): {'a': 2, 'b': 1}, 3 -> ['a', 'b', 'a']. With integer weights
+    the sequence repeats every sum(mix) micro-steps, each task appearing mix[task] times per period."""
     total, current, out = sum(mix.values()), {t: 0.0 for t in mix}, []
     for _ in range(n):
         for t in mix:
@@ -205,14 +206,25 @@ def task_schedule(mix, n):
         out.append(best)
     return out
 
+
+def step_tasks(mix, n, step):
+    """The n micro-batch tasks of optimizer step `step` of a stage. The round-robin runs on across steps, so
+    every task gets its share of a stage even when n (grad_accum) < sum(mix): {'a': 2, 'b': 1, 'c': 1}
+    with n = 2 gives [a, b], [c, a], [a, b], ... Weights must be positive integers (the period is sum(mix))."""
+    bad = {t: w for t, w in mix.items() if type(w) is not int or w < 1}
+    if bad:
+        raise ValueError(f"stage mix weights must be positive integers, got {bad}")
+    cycle = task_schedule(mix, sum(mix.values()))
+    return [cycle[(step * n + k) % len(cycle)] for k in range(n)]
+
 def describe(cfg, world):
     """The derived per-stage figures (printed at startup): micro-batches per task per step, tokens per step."""
     lines = []
     for s in cfg.stages:
-        sched = task_schedule(s['mix'], s.get('grad_accum', 1))
-        per_step = s.get('tokens', 4096) * len(sched) * world
-        counts = ', '.join(f"{t} x{sched.count(t)}" for t in s['mix'])
-        lines.append(f"  {s['name']}: {s['steps']} steps x {len(sched)} micro-batches ({counts}) x {world} ranks "
+        n, total = s.get('grad_accum', 1), sum(s['mix'].values())
+        per_step = s.get('tokens', 4096) * n * world
+        counts = ', '.join(f"{t} {w}/{total}" for t, w in s['mix'].items())
+        lines.append(f"  {s['name']}: {s['steps']} steps x {n} micro-batches (shares {counts}) x {world} ranks "
                      f"x {s.get('tokens', 4096)} tokens = {per_step:,} tokens/step, "
                      f"{per_step * s['steps'] / 1e9:.3g}B tokens in the stage")
     return '\n'.join(lines)
@@ -397,14 +409,15 @@ class Trainable(torch.nn.Module):
     """The trained parts (tokenizer, Gaussian decoder, sigmoid-loss temperature) and the loss of one packed
     batch of one task. The frozen networks are held outside the module tree (never trained or saved)."""
 
-    def __init__(self, tok, gs, temperature, frozen, loss_cfg):
+    def __init__(self, tok, gs, temperature, frozen, loss_cfg, text=None):
         super().__init__()
         self.tok, self.gs, self.temperature = tok, gs, temperature
+        self.text = text                                      # losses.TrainableText (train_text) or None
         self.frozen, self.loss_cfg = [frozen], loss_cfg       # a list hides them from .parameters()
 
     def forward(self, batch, task):
         p = batch.packed
-        out = self.tok(p)
+        out = self.tok(p, sample=self.loss_cfg.sample_posterior and self.training)
         views = None
         if task == '3d_rec':        # decoded voxels -> Gaussians -> renders vs ground-truth views
             import render3d
@@ -417,7 +430,7 @@ class Trainable(torch.nn.Module):
                 views[i] = (torch.stack([render3d.render(g, c)['rgb'] * 2 - 1 for c in v[1]]), v[0].to(feats))
         tasks = ['rec' if task.endswith('rec') else 'und'] * len(p.seqlens)
         return losses.compute_losses(out, p, self.frozen[0], self.loss_cfg, tasks, batch.captions, views,
-                                     self.temperature)
+                                     self.temperature, self.text)
 
 
 def stage_model_config(cfg, stage):
@@ -429,7 +442,9 @@ def build_trainable(cfg, stage, state, frozen, loss_cfg):
     """Fresh (init_weights, SigLIP2 encoder) or from `state` ({'tok', 'gs', 'temperature'} state dicts,
     widened when the stage's latent is wider)."""
     mcfg = stage_model_config(cfg, stage)
-    tok, gs, temp = atoken.AToken(mcfg), atoken.GaussianDecoder(mcfg), losses.SigmoidTemperature()
+    tok, gs = atoken.AToken(mcfg), atoken.GaussianDecoder(mcfg)
+    temp = losses.SigmoidTemperature(loss_cfg.sigmoid_bias_init)
+    text = losses.TrainableText(frozen) if loss_cfg.train_text else None   # starts as the frozen tower
     if state is None:
         tok.init_weights()
         gs.init_weights()
@@ -444,7 +459,9 @@ def build_trainable(cfg, stage, state, frozen, loss_cfg):
         tok.load_checkpoint_state(sd, 'previous stage')
         gs.load_state_dict(state['gs'])
         temp.load_state_dict(state['temperature'])
-    return Trainable(tok, gs, temp, frozen, loss_cfg)
+        if text is not None and state.get('text'):
+            text.load_state_dict(state['text'])
+    return Trainable(tok, gs, temp, frozen, loss_cfg, text)
 
 
 def wrap(net, cfg, world, device):
@@ -507,6 +524,9 @@ def main(cfg):
     frozen = losses.FrozenNets(loss_cfg, embed_dim=mcfg0.encoder_width).to(device)
     log = open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') if master else None
 
+    if master and ckpt is None:     # the untrained baseline of the final summary
+        save_untrained(cfg, frozen, loss_cfg, os.path.join(cfg.out_dir, 'tokenizer_init.pt'))
+
     stage_i, bad_steps, state = None, 0, None
     while step < last and stop['signal'] is None:
         i, stage, s_step = get_stage(step, cfg.stages)
@@ -525,11 +545,11 @@ def main(cfg):
             net = wrap(net, cfg, world, device)
             if cfg.compile:
                 compile_token_parts(raw)
-            opt = torch.optim.AdamW(param_groups({'tok': raw.tok, 'gs': raw.gs, 'temp': raw.temperature}, cfg),
+            opt = torch.optim.AdamW(param_groups({'tok': raw.tok, 'gs': raw.gs, 'temp': raw.temperature,
+                                                  **({'text': raw.text} if raw.text is not None else {})}, cfg),
                                     lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=cuda)
             ema = {n: p.detach().clone() for n, p in raw.named_parameters()}
             grad_accum = stage.get('grad_accum', 1)
-            schedule = task_schedule(stage['mix'], grad_accum)
             budget = stage.get('tokens', 4096)
             dsets = build_datasets(cfg, stage, raw.tok.config)
             streams = {t: TaskStream(d, budget, raw.tok.config.patch_size, cfg.seed + 1000 * TASKS.index(t),
@@ -549,7 +569,8 @@ def main(cfg):
                 ckpt = None                    # consumed
             stage_i = i
             n_params = sum(p.numel() for p in raw.tok.parameters())
-            print0(f"stage {i + 1}/{len(cfg.stages)} '{stage['name']}': {stage['steps']} steps, tasks {schedule}, "
+            print0(f"stage {i + 1}/{len(cfg.stages)} '{stage['name']}': {stage['steps']} steps, first step's tasks "
+                   f"{step_tasks(stage['mix'], grad_accum, s_step)}, "
                    f"{budget} tokens per micro-batch, {n_params / 1e6:.2f}M tokenizer parameters, latent "
                    f"{raw.tok.config.latent_channels}{' + FSQ' if raw.tok.config.use_quantizer else ''}")
             bar = None
@@ -564,6 +585,7 @@ def main(cfg):
         for g in opt.param_groups:
             g['lr'] = lr * g['lr_mult']
         terms, tokens, samples, finite = {}, 0, 0, True
+        schedule = step_tasks(stage['mix'], grad_accum, s_step)    # this step's micro-batch tasks
         for j, task in enumerate(schedule):
             batch = streams[task].next()
             if batch.packed is None or not batch.packed.seqlens:
@@ -619,16 +641,17 @@ def main(cfg):
         # --- checkpoints ------------------------------------------------------------
         end_of_stage = s_step == stage['steps']
         if step % cfg.ckpt_interval == 0 or end_of_stage or step == last or stop['signal']:
-            state = save_checkpoint(cfg, ckpt_path, net, raw, opt, ema, streams, step, stage_i, bad_steps, master)
+            state = save_checkpoint(cfg, ckpt_path, net, raw, opt, ema, streams, step, stage_i, bad_steps, master,
+                                    end_of_stage)
         if end_of_stage and bar is not None:
             bar.close()
         if cfg.eval_interval and step % cfg.eval_interval == 0 and master and step < last:
-            evaluate_run(cfg, os.path.join(cfg.out_dir, f'eval_{step}'), cfg.eval_n // 4)
+            periodic_evaluation(cfg, stage_i, step)
 
     # --- final evaluation (EMA weights, held-out built-in data) and cleanup ----------------
     report = None
     if master and step == total_steps and stop['signal'] is None:
-        report = evaluate_run(cfg, os.path.join(cfg.out_dir, 'eval'), cfg.eval_n)
+        report = final_evaluation(cfg)
     if stop['signal'] is not None:
         print0(f"signal {stop['signal']}: checkpoint saved at step {step} in {ckpt_path}; exiting")
     elif step < total_steps:
@@ -640,14 +663,15 @@ def main(cfg):
     return step
 
 
-def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_steps, master):
+def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_steps, master, end_of_stage=False):
     """Everything a resumed run needs, written atomically by rank 0 (all ranks gather FSDP shards), plus
-    the EMA tokenizer alone as out_dir/tokenizer.pt (AToken.from_pretrained / eval.py read it).
+    the EMA tokenizer alone as out_dir/tokenizer.pt (AToken.from_pretrained / eval.py read it), kept per
+    stage as out_dir/tokenizer_<stage name>.pt at the end of each stage.
     Returns the trainable state (full tensors) for the next stage."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     full = full_state(net)
     trainable = {k: {n[len(k) + 1:]: v for n, v in full.items() if n.startswith(k + '.')}
-                 for k in ('tok', 'gs', 'temperature')}
+                 for k in ('tok', 'gs', 'temperature', 'text')}
     optim = get_optimizer_state_dict(net, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     ema_full = {n: local(t).detach().cpu() for n, t in ema.items()}
     if master:
@@ -655,33 +679,130 @@ def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_s
                          streams={t: s.state() for t, s in streams.items()}, rng=rng_states(),
                          bad_steps=bad_steps, config=asdict(cfg), model_config=asdict(raw.tok.config),
                          loss_config=asdict(raw.loss_cfg), command=' '.join(sys.argv), commit=git_commit()), path)
-        # EMA parameters over the full state (which also holds buffers, e.g. the Gaussian offsets)
-        tok_ema = {**trainable['tok'], **{n[4:]: v for n, v in ema_full.items() if n.startswith('tok.')}}
-        gs_ema = {**trainable['gs'], **{n[3:]: v for n, v in ema_full.items() if n.startswith('gs.')}}
-        save_atomic(dict(model_config=asdict(raw.tok.config), model=tok_ema, gs_decoder=gs_ema,
-                         loss_config=asdict(raw.loss_cfg), step=step, commit=git_commit()),
-                    os.path.join(cfg.out_dir, 'tokenizer.pt'))
+        export = tokenizer_export(raw, trainable, ema_full, step)
+        save_atomic(export, os.path.join(cfg.out_dir, 'tokenizer.pt'))
+        if end_of_stage:    # each stage's tokenizer stays (paper: So/C = stage 3, continuous; So/D = stage 4)
+            save_atomic(export, os.path.join(cfg.out_dir, f"tokenizer_{cfg.stages[stage_i]['name']}.pt"))
     return trainable
 
 
-def evaluate_run(cfg, out_dir, n):
+def tokenizer_export(raw, trainable, ema, step):
+    """The file eval.py and AToken.from_pretrained read: the EMA tokenizer, Gaussian decoder and (train_text)
+    text tower. trainable: full state dicts per part (they also hold buffers, e.g. the Gaussian offsets);
+    ema: EMA parameters by Trainable name (the same names as trainable's with a 'part.' prefix)."""
+    part = lambda k: {**trainable[k], **{n[len(k) + 1:]: v for n, v in ema.items() if n.startswith(k + '.')}}
+    text = {n[len('text.'):]: v for n, v in part('text').items()} if trainable.get('text') else {}  # model.text
+    return dict(model_config=asdict(raw.tok.config), model=part('tok'), gs_decoder=part('gs'),
+                loss_config=asdict(raw.loss_cfg), step=step, commit=git_commit(),
+                **({'text_tower': text} if text else {}))
+
+
+def save_untrained(cfg, frozen, loss_cfg, path):
+    """The freshly initialised model of stage 1 (same seed as the run) as an export: the "untrained" baseline
+    of the final summary. RNG states are forked, so the run itself is unaffected."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net = build_trainable(cfg, cfg.stages[0], None, frozen, loss_cfg)
+    sd = {k: {n[len(k) + 1:]: v.detach().cpu() for n, v in net.state_dict().items() if n.startswith(k + '.')}
+          for k in ('tok', 'gs', 'temperature', 'text')}
+    save_atomic(tokenizer_export(net, sd, {}, 0), path)
+
+
+def periodic_evaluation(cfg, stage_i, step):
+    """Held-out evaluation of the current tokenizer.pt during training (eval_<step>/), on the modalities
+    trained so far and with the current stage's latent. A failure is a warning: the run goes on."""
+    stage = cfg.stages[stage_i]
+    mods = {t.split('_')[0] for s in cfg.stages[:stage_i + 1] for t in s['mix']}
+    try:
+        evaluate_run(cfg, os.path.join(cfg.out_dir, f'eval_{step}'), max(2, cfg.eval_n // 4),
+                     latent='fsq' if stage.get('use_quantizer') else 'mean', modalities=mods)
+    except Exception as e:      # noqa: BLE001 (evaluation must not end a long run; the final one raises)
+        warnings.warn(f"step {step}: periodic evaluation failed ({type(e).__name__}: {e}); training goes on")
+
+
+def evaluate_run(cfg, out_dir, n, checkpoint='tokenizer.pt', latent=None, modalities=None):
     """Evaluate the exported EMA tokenizer (out_dir/tokenizer.pt, with its Gaussian decoder) on the
     held-out built-in data of the modalities the curriculum trains; writes report.json / report.md and
     grids into out_dir and prints the table. Folder data (image_dir, ...) is evaluated by eval.py itself."""
     import eval as ev
-    mods = {t.split('_')[0] for s in cfg.stages for t in s['mix']}
+    mods = modalities or {t.split('_')[0] for s in cfg.stages for t in s['mix']}
     last = cfg.stages[-1]
-    ecfg = ev.EvalConfig(checkpoint=os.path.join(cfg.out_dir, 'tokenizer.pt'), out_dir=out_dir,
+    latent = latent or ('fsq' if last.get('use_quantizer') else 'mean')
+    ecfg = ev.EvalConfig(checkpoint=os.path.join(cfg.out_dir, checkpoint), out_dir=out_dir,
                          n_images=n if 'image' in mods else 0, n_videos=n // 2 if 'video' in mods else 0,
                          n_3d=n // 2 if '3d' in mods else 0, seed=cfg.seed,
                          res=tuple(last.get('image_res', (64, 256))), frames=cfg.video_frames,
                          views_3d=cfg.views_3d, view_res_3d=cfg.view_res_3d,
-                         latent='fsq' if last.get('use_quantizer') else 'mean',
-                         random_nets=bool(cfg.loss.get('random_frozen', False)), fid=False)
+                         latent=latent, random_nets=bool(cfg.loss.get('random_frozen', False)), fid=False)
     flag = lambda v: ','.join(map(str, v)) if isinstance(v, tuple) else v      # eval.py's tuple syntax
     report = ev.main([f'--{k}={flag(v)}' for k, v in asdict(ecfg).items()])
     print0(f"evaluation report: {os.path.join(out_dir, 'report.json')}")
     return report
+
+
+# The CPU demo's targets (configs/cpu_tiny.py), judged against non-learned baselines on held-out data:
+# (metric, what it is compared with, margin). Any run prints them; they are the bar for the demo.
+TARGETS = dict(image_vs_bicubic=2.0, video_vs_bicubic=1.0, fsq_gap=3.0, psnr_3d=18.0, psnr_3d_vs_untrained=6.0,
+               zero_shot_top1=0.70)
+
+
+def final_evaluation(cfg):
+    """Held-out evaluation of the finished curriculum (out_dir/eval*/report.json), then the summary against
+    baselines, printed and written to out_dir/summary.json:
+      image / video PSNR of the last continuous stage's tokenizer (posterior mean) vs bicubic down- and
+        up-sampling that keeps as many floats per image / video frame as its latent (eval.bicubic_baseline);
+      image PSNR with FSQ codes (the final stage, when it quantizes) vs the continuous one;
+      3D multiview PSNR of the final tokenizer vs the untrained model of the same seed (tokenizer_init.pt);
+      zero-shot top-1 over the held-out classes vs chance."""
+    n, names = cfg.eval_n, [s['name'] for s in cfg.stages]
+    mods = {t.split('_')[0] for s in cfg.stages for t in s['mix']}
+    path = lambda name: os.path.join(cfg.out_dir, name)
+    final = evaluate_run(cfg, path('eval'), n)['metrics']
+    cont_stages = [i for i, s in enumerate(cfg.stages) if not s.get('use_quantizer')]
+    quantized = bool(cfg.stages[-1].get('use_quantizer'))
+    cont, cont_name = final, names[-1]
+    if quantized and cont_stages and mods & {'image', 'video'}:
+        cont_name = names[cont_stages[-1]]
+        cont = evaluate_run(cfg, path('eval_continuous'), n, f'tokenizer_{cont_name}.pt', 'mean',
+                            mods & {'image', 'video'})['metrics']
+    untrained = None
+    if '3d' in mods and os.path.exists(path('tokenizer_init.pt')):
+        untrained = evaluate_run(cfg, path('eval_untrained'), n, 'tokenizer_init.pt', 'mean', {'3d'})['metrics']
+    rows = []      # (what, value, compared with, target, met)
+    get = lambda m, kind, key: m.get(kind, {}).get(key, float('nan'))
+    for kind, margin in (('image', TARGETS['image_vs_bicubic']), ('video', TARGETS['video_vs_bicubic'])):
+        if kind in mods:
+            v, b = get(cont, kind, 'psnr'), get(cont, kind, 'bicubic_psnr')
+            rows.append((f"{kind} PSNR, continuous ({cont_name})", v, f"bicubic {b:.2f}", f">= {b + margin:.2f}",
+                         v >= b + margin))
+    if quantized and 'image' in mods:
+        v, c = get(final, 'image', 'psnr'), get(cont, 'image', 'psnr')
+        rows.append((f"image PSNR, FSQ ({names[-1]})", v, f"continuous {c:.2f}", f">= {c - TARGETS['fsq_gap']:.2f}",
+                     v >= c - TARGETS['fsq_gap']))
+    if '3d' in mods:
+        v, u = get(final, '3d', 'psnr'), get(untrained or {}, '3d', 'psnr')
+        need = max(TARGETS['psnr_3d'], u + TARGETS['psnr_3d_vs_untrained'])
+        rows.append((f"3D multiview PSNR ({names[-1]})", v, f"untrained {u:.2f}", f">= {need:.2f}", v >= need))
+    for kind in sorted(mods):
+        if 'zs_top1' in final.get(kind, {}):
+            v, c = final[kind]['zs_top1'], final[kind]['zs_chance_top1']
+            target = TARGETS['zero_shot_top1'] if kind == 'image' else None
+            rows.append((f"{kind} zero-shot top-1", v, f"chance {c:.3f}", f">= {target:.2f}" if target else '-',
+                         v >= target if target else None))
+    summary = [dict(what=w, value=v, baseline=b, target=t, met=m) for w, v, b, t, m in rows]
+    save_atomic_json(summary, path('summary.json'))
+    print0(f"\nsummary vs baselines (held-out built-in data; {path('summary.json')}):")
+    print0(f"  {'':44s} {'value':>8s}  {'baseline':20s} {'target':12s} met")
+    for w, v, b, t, m in rows:
+        print0(f"  {w:44s} {v:8.3f}  {b:20s} {t:12s} {'-' if m is None else 'yes' if m else 'NO'}")
+    return dict(final=final, continuous=cont, untrained=untrained, summary=summary)
+
+
+def save_atomic_json(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1, default=float)
+    os.replace(tmp, path)
 
 
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}

@@ -93,6 +93,24 @@ def test_ssim_matches_reference_random_pair():
     assert abs(ev.ssim(unit(a), unit(c)).item() - ssim_reference(a, c)) < 1e-10
 
 
+def test_bicubic_baseline_budget_by_hand():
+    """The non-learned codec at the latent's float budget: 48 floats per 16x16 patch = 3 floats per 4x4
+    pixels (a factor 4 per side) for images; a video frame has a quarter of that (pt = 4): factor 8."""
+    cfg = model.ModelConfig()                                   # official: patch (4, 16, 16), latent 48
+    assert ev.latent_floats_per_pixel('image', cfg) == 48 / 256
+    assert ev.latent_floats_per_pixel('video', cfg) == 48 / 1024
+    x = torch.full((40, 24, 3), 0.3)
+    torch.testing.assert_close(ev.bicubic_baseline(x, 48 / 256), x)          # constants survive
+    y = torch.rand(2, 40, 24, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    torch.testing.assert_close(ev.bicubic_baseline(y, 3.0), y)               # 3 floats per pixel: lossless
+    # a texture loses detail as the budget shrinks: factor 1 < 2 < 4 < 8 per side
+    t = torch.linspace(0, 12, 48)
+    img = torch.stack(torch.broadcast_tensors(t.sin()[:, None], (0.7 * t).cos()[None], torch.tensor(0.1)),
+                      -1)                                                      # (48, 48, 3)
+    scores = [ev.psnr(ev.bicubic_baseline(img, b), img).item() for b in (3.0, 0.75, 0.1875, 3 / 64)]
+    assert scores[0] == math.inf and scores[1] > scores[2] > scores[3]
+
+
 def test_psnr_ssim_on_photo_like_distortions():
     """A built-in image (smooth regions, edges, texture) under JPEG, blur and noise, as the real-photo checks."""
     img = data.SyntheticImages(1, 'val', res=(96, 96), patch_size=(4, 16, 16))[0].media
@@ -268,7 +286,7 @@ def test_cli_builtin_images_videos(tmp_path, exported):
     for kind, dist in (('image', 'rfid'), ('video', 'rfvd')):
         m = r['metrics'][kind]
         assert {'psnr', 'ssim', 'lpips', dist, 'code_usage', 'code_ppl', 'zs_top1', 'zs_top5', 't2m_R@1',
-                'm2t_R@10'} <= set(m)
+                'm2t_R@10', 'bicubic_psnr'} <= set(m)
         assert m['zs_chance_top1'] == 1 / len(data.CLASSES) and 0 <= m['zs_top5'] <= 1
         assert len(r['codebook'][kind]['usage']) == 4
     assert r['grids'] == ['images_000.png', 'videos_000.mp4']
@@ -457,5 +475,5 @@ def test_unavailable_metric_weights_are_skipped_with_a_note(tmp_path, exported):
         warnings.simplefilter('ignore')
         r = ev.main([f'--checkpoint={exported}', f'--lpips_weights={tmp_path / "no_alexnet.pth"}', '--n_images=1',
                      '--n_videos=0', '--n_3d=0', '--res=32,32', '--understanding=false', f'--out_dir={tmp_path}'])
-    assert set(r['metrics']['image']) == {'psnr', 'ssim', 'code_usage', 'code_ppl'}
+    assert set(r['metrics']['image']) == {'psnr', 'ssim', 'bicubic_psnr', 'code_usage', 'code_ppl'}
     assert any(w.startswith('LPIPS skipped') and 'no_alexnet.pth' in w for w in r['warnings'])

@@ -30,7 +30,7 @@ def frozen():
 @pytest.fixture(scope='module')
 def tiny_model():
     torch.manual_seed(0)
-    return model.AToken(TINY).init_weights().eval()
+    return model.AToken(TINY).init_weights(zero_residual=False).eval()
 
 
 def rand(*shape, seed=0):
@@ -376,6 +376,30 @@ def test_semantic_terms_per_modality_and_total(frozen, tiny_model):
     _, logs = losses.compute_losses(out, p, frozen, cfg, tasks=['und', 'und', 'rec', 'rec'],
                                     captions=CAPTIONS[:2] + [None, None], views={3: (pv, tv)})
     assert 'distill' in logs and 'sigmoid' not in logs
+
+
+def test_image_und_sigmoid_with_a_trainable_text_tower(frozen, tiny_model):
+    """image_und='sigmoid' + train_text (the offline demo): images join videos / 3D in one SigLIP loss
+    against a trainable copy of the text tower, which gets gradients while the frozen nets get none."""
+    p, out = tiny_batch(tiny_model, with_3d=True)
+    temp = losses.SigmoidTemperature()
+    cfg = cfg_with(image_und='sigmoid', train_text=True, rec=0.0, kl=0.0)
+    text = losses.TrainableText(frozen)
+    with torch.no_grad():       # a copy of the frozen tower to start with
+        torch.testing.assert_close(text(CAPTIONS), frozen.encode_text(CAPTIONS), rtol=0, atol=1e-6)
+    total, logs = losses.compute_losses(out, p, frozen, cfg, tasks=['und'] * 4, captions=CAPTIONS,
+                                        temperature=temp, text=text)
+    assert 'distill' not in logs
+    with torch.no_grad():
+        txt = text(CAPTIONS)
+    ref = siglip_ref(out['embedding'].detach(), txt, temp.logit_scale.item(), temp.logit_bias.item())
+    assert logs['sigmoid'].item() == pytest.approx(ref, rel=1e-5)
+    total.backward()
+    grads = [q.grad for q in text.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert all(q.grad is None for q in frozen.parameters())
+    with pytest.raises(ValueError, match='image_und'):
+        losses.LossConfig(image_und='contrastive')
 
 
 # -----------------------------------------------------------------------------

@@ -21,8 +21,9 @@ def tiny(**kw):
 
 
 def make(cfg, seed=0):
+    """A random model with every path active (no zeroed residual branches, unlike a training init)."""
     torch.manual_seed(seed)
-    return model.AToken(cfg).init_weights().eval()
+    return model.AToken(cfg).init_weights(zero_residual=False).eval()
 
 
 def media(*shape, seed=0):
@@ -218,6 +219,22 @@ def test_packed_batch_independence():
 
 # -----------------------------------------------------------------------------
 # 6. temporal tiles are encoded / decoded independently
+
+
+def test_training_init_starts_per_token():
+    """init_weights() zeroes the residual branches' output projections, so a fresh tokenizer is a per-token
+    map: changing one patch changes no other token's reconstruction (exactly)."""
+    torch.manual_seed(0)
+    m = model.AToken(TINY).init_weights().eval()
+    blocks = [b for b in m.modules() if isinstance(b, model.Block)]
+    assert blocks and all(b.attn.to_out.weight.abs().max() == 0 and b.mlp.mlp[2].weight.abs().max() == 0
+                          for b in blocks)
+    a = media(32, 40, 3, seed=1)
+    b = a.clone()
+    b[:8, :8] = media(8, 8, 3, seed=2)                  # only the first 8x8 patch differs
+    ra, rb = m.reconstruct([a, b])
+    diff = (ra - rb).abs().amax(-1) > 0                 # (32, 40) pixels that changed
+    assert diff[:8, :8].any() and not diff[8:].any() and not diff[:, 8:].any()
 
 
 def test_temporal_tiles_independent():

@@ -1,5 +1,6 @@
 """train.py: schedule and stage functions by hand, the config loader's checks, exact resume, NaN steps,
 and DDP / FSDP2 on two CPU processes (gloo)."""
+import json
 import math
 import os
 import subprocess
@@ -62,6 +63,18 @@ def test_task_schedule():
     assert s[0] == 'video_rec' and s.count('video_rec') == 6 and 'video_und' in s[:5]   # interleaved
 
 
+def test_step_tasks_run_on_across_steps():
+    """grad_accum < sum(mix): the round-robin continues from step to step, so no task is starved. By hand,
+    smooth WRR on (a 2, b 1, c 1): current (2,1,1) -> a; (0,2,2) -> b; (2,-1,3) -> c; (4,0,0) -> a; period 4."""
+    mix = {'a': 2, 'b': 1, 'c': 1}
+    assert [train.step_tasks(mix, 2, k) for k in range(3)] == [['a', 'b'], ['c', 'a'], ['a', 'b']]
+    assert train.step_tasks(mix, 4, 7) == ['a', 'b', 'c', 'a']
+    tasks = [t for k in range(50) for t in train.step_tasks({'x': 6, 'y': 1, 'z': 3}, 3, k)]   # 150 = 15 periods
+    assert (tasks.count('x'), tasks.count('y'), tasks.count('z')) == (90, 15, 45)
+    with pytest.raises(ValueError, match='positive integers'):
+        train.step_tasks({'a': 1.5}, 2, 0)
+
+
 # --- config loading ---------------------------------------------------------------------------------
 
 
@@ -83,6 +96,8 @@ def test_config_loader(tmp_path):
         make_cfg(tmp_path, [dict(name='s', steps=1, mix={'image_rec': 1}, resolution=64)])
     with pytest.raises(ValueError, match='mix'):
         make_cfg(tmp_path, [dict(name='s', steps=1, mix={'audio_rec': 1})])
+    with pytest.raises(ValueError, match='integer'):
+        make_cfg(tmp_path, [dict(name='s', steps=1, mix={'image_rec': 0.5})])
     bad = tmp_path / 'bad.py'
     bad.write_text("batch_size = 8\n")
     with pytest.raises(KeyError, match='bad.py.*batch_size'):
@@ -195,6 +210,93 @@ def test_fsdp_trains_and_exports(tmp_path):
     assert tok.reconstruct([x])[0].shape == (32, 32, 3)
 
 
+def test_train_text_is_trained_exported_and_loaded_by_eval(tmp_path):
+    """train_text + image_und='sigmoid' (the offline demo): the text tower is optimised with the tokenizer,
+    exported as 'text_tower', and eval.py's text tower is exactly that model (ema_decay 0: EMA = weights)."""
+    import eval as ev
+    import losses
+    stages = [dict(name='s', steps=1, mix={'image_und': 1, 'video_und': 1}, grad_accum=2, tokens=256,
+                   image_res=(32, 32), video_res=(32, 32)),
+              dict(name='fsq', steps=1, mix={'image_und': 1, 'image_rec': 1}, grad_accum=2, tokens=256,
+                   image_res=(32, 32), use_quantizer=True)]
+    cfg = make_cfg(tmp_path, stages, '--loss.train_text=True', "--loss.image_und='sigmoid'", '--ema_decay=0.0',
+                   '--eval_interval=1', '--eval_n=2')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', UserWarning)     # a failing periodic evaluation would only warn
+        warnings.filterwarnings('ignore', message='.*(pretrained|weights).*')   # torchvision chatter
+        train.main(cfg)
+    # the periodic evaluation after step 1 used the continuous stage's latent, on what stage 1 trains
+    r = json.load(open(os.path.join(cfg.out_dir, 'eval_1', 'report.json')))
+    assert r['config']['latent'] == 'mean' and set(r['metrics']) == {'image', 'video'}
+    ck = torch.load(os.path.join(cfg.out_dir, 'ckpt.pt'), weights_only=False)
+    export = torch.load(os.path.join(cfg.out_dir, 'tokenizer.pt'), weights_only=True)
+    torch.manual_seed(0)
+    fresh = losses.load_siglip(losses.LossConfig(siglip_model='tiny', random_frozen=True), 64)[0].text
+    trained = {n[len('text.'):]: v for n, v in ck['trainable']['text'].items()}
+    assert trained.keys() == fresh.state_dict().keys() == export['text_tower'].keys()
+    assert any(not torch.equal(trained[n], v) for n, v in fresh.state_dict().items())    # it trained
+    notes = []
+    tower = ev.load_text_tower(ev.EvalConfig(random_nets=True), export['loss_config'], 64, 'cpu', notes,
+                               export['text_tower'])
+    fresh.load_state_dict(trained)
+    texts = ['a red circle', 'a video of a blue star spinning']
+    want = torch.nn.functional.normalize(fresh(tower.tokenizer(texts)), dim=-1)
+    torch.testing.assert_close(tower.encode_text(texts), want, rtol=0, atol=1e-6)
+    assert tower.trained and any('trained with the tokenizer' in n for n in notes)
+
+
+def test_sample_posterior_switch():
+    """LossConfig.sample_posterior: True draws z ~ N(mean, exp(logvar)) in training (two passes differ),
+    False decodes the mean (deterministic, and equal to the eval-mode reconstruction)."""
+    import types
+    import losses
+    torch.manual_seed(0)
+    tok = model.AToken(model.PRESETS['tiny']).init_weights()
+    gs, temp = model.GaussianDecoder(model.PRESETS['tiny']), losses.SigmoidTemperature()
+    x = tok.pack([torch.rand(32, 40, 3) * 2 - 1])
+    batch = types.SimpleNamespace(packed=x, captions=None, views=None)
+    for flag in (True, False):
+        cfg = losses.LossConfig(siglip_model='tiny', random_frozen=True, lpips=0.0, gram=0.0, clip=0.0,
+                                sample_posterior=flag)
+        net = train.Trainable(tok, gs, temp, None, cfg)
+        l1 = [net(batch, 'image_rec')[1]['l1'].item() for _ in range(2)]
+        assert (l1[0] != l1[1]) == flag
+    with torch.no_grad():
+        want = (tok(x, sample=False)['rec'][:, :192] - x.feats[:, :192]).abs().mean().item()
+    assert l1[0] == pytest.approx(want, rel=1e-6)
+
+
+def test_final_summary_against_baselines(tmp_path, monkeypatch):
+    """final_evaluation: which tokenizer each comparison uses and the pass/fail arithmetic, on fixed metrics."""
+    stages = [dict(name='s1', steps=1, mix={'image_rec': 1}), dict(name='s3', steps=1, mix={'video_rec': 1,
+              '3d_rec': 1, 'image_und': 1}), dict(name='s4', steps=1, mix={'image_rec': 1}, use_quantizer=True)]
+    cfg = make_cfg(tmp_path, stages)
+    os.makedirs(cfg.out_dir)
+    open(os.path.join(cfg.out_dir, 'tokenizer_init.pt'), 'w').close()
+    metrics = {     # checkpoint -> metrics eval.py would report
+        'tokenizer.pt': {'image': dict(psnr=27.0, bicubic_psnr=26.0, zs_top1=0.75, zs_chance_top1=1 / 48),
+                         'video': dict(psnr=20.0), '3d': dict(psnr=19.0)},
+        'tokenizer_s3.pt': {'image': dict(psnr=29.5, bicubic_psnr=27.0), 'video': dict(psnr=26.0, bicubic_psnr=25.5)},
+        'tokenizer_init.pt': {'3d': dict(psnr=12.5)}}
+    calls = []
+
+    def fake(cfg_, out_dir, n, checkpoint='tokenizer.pt', latent=None, modalities=None):
+        calls.append((checkpoint, latent, sorted(modalities or [])))
+        return dict(metrics=metrics[checkpoint])
+    monkeypatch.setattr(train, 'evaluate_run', fake)
+    res = train.final_evaluation(cfg)
+    assert calls == [('tokenizer.pt', None, []), ('tokenizer_s3.pt', 'mean', ['image', 'video']),
+                     ('tokenizer_init.pt', 'mean', ['3d'])]
+    # image 29.5 >= 27 + 2; video 26.0 < 25.5 + 1; FSQ 27.0 >= 29.5 - 3; 3D 19 >= max(18, 12.5 + 6); zs 0.75
+    assert [r['what'].split(' (')[0] for r in res['summary']] == [
+        'image PSNR, continuous', 'video PSNR, continuous', 'image PSNR, FSQ', '3D multiview PSNR',
+        'image zero-shot top-1']
+    assert [r['met'] for r in res['summary']] == [True, False, True, True, True]
+    assert res['summary'][3]['target'] == '>= 18.50' and res['summary'][1]['target'] == '>= 26.50'
+    with open(os.path.join(cfg.out_dir, 'summary.json')) as f:
+        assert json.load(f) == res['summary']
+
+
 def test_paper_configs_on_meta():
     """The paper configs build So400m / Base with the official parameter counts, and their derived
     per-step figures read sensibly on 8 and 256 GPUs."""
@@ -208,7 +310,7 @@ def test_paper_configs_on_meta():
     assert train.stage_model_config(so, so.stages[3]).use_quantizer
     for world in (8, 256):
         text = train.describe(so, world)
-        assert f'x {world} ranks' in text and 'video_rec x6' in text and text.count('\n') == 3
+        assert f'x {world} ranks' in text and 'video_rec 6/10' in text and text.count('\n') == 3
     # stage 2 on 256 GPUs: 10 micro-batches x 256 ranks x 16384 tokens
     assert '41,943,040 tokens/step' in train.describe(so, 256).splitlines()[1]
     base = train.load_config([os.path.join(ROOT, 'configs', 'base.py')])
