@@ -26,11 +26,11 @@ log_interval, ckpt_interval, eval_interval, eval_n = 10, 50, 50, 16   # eval eve
 # grad_accum micro-batches per step cycle through the mix across steps (train.step_tasks): a task with
 # weight w of a total W gets w/W of the stage's micro-batches even when grad_accum < W.
 stages = [
-    dict(name='stage1_image', steps=250, mix={'image_rec': 2, 'image_und': 1}, grad_accum=3, tokens=1024,
+    dict(name='stage1_image', steps=220, mix={'image_rec': 2, 'image_und': 1}, grad_accum=3, tokens=1024,
          image_res=(32, 64), latent_channels=32),
     dict(name='stage2_video', steps=120, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 6},
          grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=48),
-    dict(name='stage3_3d', steps=340, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 3,
+    dict(name='stage3_3d', steps=420, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 3,
                                            '3d_und': 1, '3d_rec': 4},
          grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=48),
     dict(name='stage4_fsq', steps=100, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 3,
