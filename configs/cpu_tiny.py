@@ -1,12 +1,13 @@
 # CPU demo: the whole curriculum (images -> +video -> +3D -> FSQ) on built-in procedural data, tiny model.
 # Hardware/command: any laptop or the 2-core CI machine; `python train.py configs/cpu_tiny.py`.
-# Expected: ~15 minutes on 2 cores, then eval prints PSNR vs a bicubic baseline and zero-shot accuracy.
+# Expected: ~15 minutes on 2 cores, then a summary vs baselines (out_dir/summary.json): image 25.0 dB vs bicubic
+# 30.4, video 24.1 vs 25.6, FSQ image 23.0, 3D 17.7 dB vs untrained 8.2, image zero-shot 0.38 (chance 0.02).
 out_dir = 'out/cpu_tiny'
 preset = 'tiny'
 model = dict(gs_width=64, gs_depth=2, gs_heads=2, gs_mlp=128, gs_per_voxel=8, gs_resolution=16)
 # Nothing can be downloaded here, so the frozen nets are random (random_frozen). Random VGG / SigLIP features
-# carry no perceptual meaning and cost most of the CPU time, so LPIPS, Gram and CLIP are off in this demo;
-# the semantic losses still run against the random text tower. A real run keeps the paper's weights.
+# carry no perceptual meaning and cost most of the CPU time, so LPIPS, Gram and CLIP are off in this demo.
+# A real run keeps the paper's weights.
 # Understanding: a random SigLIP text tower and teacher mean nothing, so the demo trains the tiny text tower
 # with the sigmoid loss on the built-in captions (SigLIP from scratch) and uses that loss for images too;
 # zero-shot accuracy then measures real image-text alignment. A real run keeps the paper's frozen SigLIP2.
