@@ -266,6 +266,18 @@ def test_sample_posterior_switch():
     assert l1[0] == pytest.approx(want, rel=1e-6)
 
 
+def test_sigmoid_bias_init_reaches_the_temperature(tmp_path):
+    """loss.sigmoid_bias_init sets the sigmoid loss's starting bias b (SigLIP default -10); t stays log 10."""
+    import losses
+    stages = [dict(name='s', steps=1, mix={'image_rec': 1})]
+    for flags, b in (((), -10.0), (('--loss.sigmoid_bias_init=-5.0',), -5.0)):
+        cfg = make_cfg(tmp_path, stages, *flags)
+        lc = losses.LossConfig(**cfg.loss)
+        net = train.build_trainable(cfg, cfg.stages[0], None, None, lc)
+        assert net.temperature.logit_bias.tolist() == [b]
+        assert net.temperature.logit_scale.item() == pytest.approx(math.log(10.0))
+
+
 def test_final_summary_against_baselines(tmp_path, monkeypatch):
     """final_evaluation: which tokenizer each comparison uses and the pass/fail arithmetic, on fixed metrics."""
     stages = [dict(name='s1', steps=1, mix={'image_rec': 1}), dict(name='s3', steps=1, mix={'video_rec': 1,
