@@ -60,7 +60,8 @@ class TrainConfig:
     video_frames: int = 16          # built-in video length (max), a multiple of pt
     views_3d: int = 8               # built-in 3D: rendered views per object and their size
     view_res_3d: int = 64
-    num_workers: int = 0
+    num_workers: int = 0            # DataLoader worker processes per task stream (they render/decode the data)
+    threads: int = 0                # torch intra-op threads in this process (0 = torch's default, one per core)
     # optimisation (paper 3.5)
     lr: float = 3e-4
     min_lr: float = 3e-5
@@ -242,6 +243,8 @@ def init_compute(cfg):
         device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
     else:
         device = cfg.device
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if device == 'cuda':
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)

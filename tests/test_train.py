@@ -127,10 +127,11 @@ STAGES = [dict(name='s1', steps=3, mix={'image_rec': 1, 'image_und': 1}, grad_ac
 
 def test_resume_is_exact(tmp_path):
     """6 steps in one go == 2 steps, resume, 4 steps (crossing the 32 -> 48 widening): identical weights,
-    EMA and optimizer state."""
+    EMA and optimizer state. The second run loads its data in a DataLoader worker (as the CPU demo does):
+    items depend on their keys alone, so that changes nothing."""
     a = make_cfg(tmp_path / 'a', STAGES)
     train.main(a)
-    b = make_cfg(tmp_path / 'b', STAGES, '--max_steps=2')
+    b = make_cfg(tmp_path / 'b', STAGES, '--max_steps=2', '--num_workers=1')
     assert train.main(b) == 2
     b.max_steps = 0
     assert train.main(b) == 6
@@ -144,6 +145,19 @@ def test_resume_is_exact(tmp_path):
     # the exported tokenizer loads for evaluation
     tok = model.AToken.from_pretrained(os.path.join(b.out_dir, 'tokenizer.pt'))
     assert tok.config.latent_channels == 48
+
+
+def test_threads_flag(tmp_path):
+    """threads=N sets torch's intra-op threads for the run; 0 leaves torch's default alone."""
+    before = torch.get_num_threads()
+    try:
+        train.init_compute(make_cfg(tmp_path, STAGES, '--threads=1', '--device=cpu'))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(3)
+        train.init_compute(make_cfg(tmp_path, STAGES, '--device=cpu'))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_nan_batch_is_skipped(tmp_path, monkeypatch):
