@@ -152,6 +152,9 @@ def load_config(argv):
     check_stages(cfg.stages)
     if cfg.preset not in atoken.PRESETS:
         raise KeyError(f"preset {cfg.preset!r} not in {sorted(atoken.PRESETS)}")
+    for key in ('threads', 'num_workers'):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key}={getattr(cfg, key)}: expected 0 (default) or a positive count")
     if cfg.parallel not in ('none', 'ddp', 'fsdp'):
         raise ValueError(f"parallel={cfg.parallel!r}: expected none | ddp | fsdp")
     return cfg

@@ -98,6 +98,8 @@ def test_config_loader(tmp_path):
         make_cfg(tmp_path, [dict(name='s', steps=1, mix={'audio_rec': 1})])
     with pytest.raises(ValueError, match='integer'):
         make_cfg(tmp_path, [dict(name='s', steps=1, mix={'image_rec': 0.5})])
+    with pytest.raises(ValueError, match='threads=-1'):
+        make_cfg(tmp_path, stages, '--threads=-1')
     bad = tmp_path / 'bad.py'
     bad.write_text("batch_size = 8\n")
     with pytest.raises(KeyError, match='bad.py.*batch_size'):
