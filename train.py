@@ -249,6 +249,9 @@ def init_compute(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device == 'cuda':
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} CUDA "
+                               f"device(s): start at most that many processes per node, or pass --device=cpu")
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
     if world > 1:

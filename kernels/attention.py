@@ -43,6 +43,7 @@ otherwise.
 """
 import math
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -379,8 +380,8 @@ def _check(q, k, v, cu_q, cu_k, pos_q, pos_k):
     for cu in (cu_q, cu_k):
         if cu.dtype != torch.int32 or cu.dim() != 1 or len(cu) != len(cu_q) or cu.device != q.device:
             raise ValueError("cu_q, cu_k must be int32 [S+1] on q's device, both of the same length S+1")
-    cq, ck = cu_q.cpu(), cu_k.cpu()
-    for name, cu, n in (('cu_q', cq, len(q)), ('cu_k', ck, len(k))):
+    hq, hk = _host(cu_q), _host(cu_k)
+    for name, (cu, _), n in (('cu_q', hq, len(q)), ('cu_k', hk, len(k))):
         if cu[0] != 0 or cu[-1] != n or bool((cu[1:] < cu[:-1]).any()):
             raise ValueError(f"{name} must rise from 0 to {n}, got {cu.tolist()}")
     if (pos_q is None) != (pos_k is None):
@@ -392,7 +393,30 @@ def _check(q, k, v, cu_q, cu_k, pos_q, pos_k):
                 or pos_k.is_floating_point():
             raise ValueError(f"coords must be integer [N, 4] / [M, 4], got {tuple(pos_q.shape)}, "
                              f"{tuple(pos_k.shape)}")
-    return cq, ck
+    return hq, hk
+
+
+# Every layer of a trunk attends over the same segments: the model passes one cu tensor to all of them. Its host
+# copy and block lists are made once, not per layer and per kernel: a device->host copy waits for the GPU to
+# drain, so doing it 3 x depth times per step serialised host and GPU (seen in a Base step's profile on H100).
+_LAST_CU = [None]   # (weakref to the cu tensor, its _version, host copy, {(block, device): block list})
+
+
+def _host(cu):
+    """cu -> (its CPU copy, a dict caching its block lists); reused while the same, unmodified tensor comes back."""
+    last = _LAST_CU[0]
+    if last is None or last[0]() is not cu or last[1] != cu._version:
+        last = (weakref.ref(cu), cu._version, cu.cpu(), {})
+        _LAST_CU[0] = last
+    return last[2], last[3]
+
+
+def _blocks(host, block, device):
+    """block_list(cu, block) on `device`, cached with cu's host copy."""
+    cu, cache = host
+    if (block, device) not in cache:
+        cache[(block, device)] = [x.to(device, non_blocking=True) for x in block_list(cu, block)]
+    return cache[(block, device)]
 
 
 class _Attention(torch.autograd.Function):
@@ -400,7 +424,7 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, pos_q, pos_k, rope_theta, softcap):
-        cq, ck = _check(q, k, v, cu_q, cu_k, pos_q, pos_k)
+        hq, hk = _check(q, k, v, cu_q, cu_k, pos_q, pos_k)
         N, h, d = q.shape
         dev, cfg = q.device, launch_config(q.device, q.dtype)
         rope = pos_q is not None
@@ -413,9 +437,8 @@ class _Attention(torch.autograd.Function):
         meta = dict(D=d, D0=d0, D1=d1, ROPE=rope, SOFTCAP=softcap is not None,
                     PREC='ieee' if q.dtype == torch.float32 else 'tf32',
                     num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
-        blocks = dict(fwd=block_list(cq, cfg['fwd'][0]), dkdv=block_list(ck, cfg['dkdv'][1]),
-                      dq=block_list(cq, cfg['dq'][0]))                          # query / key / query tiles
-        blocks = {name: [x.to(dev, non_blocking=True) for x in b] for name, b in blocks.items()}
+        blocks = dict(fwd=_blocks(hq, cfg['fwd'][0], dev), dkdv=_blocks(hk, cfg['dkdv'][1], dev),
+                      dq=_blocks(hq, cfg['dq'][0], dev))                        # query / key / query tiles
         o = torch.empty(N, h, d, device=dev, dtype=q.dtype)                     # [N, h, d]
         lse = torch.empty(N, h, device=dev, dtype=torch.float32)                # base-2 log-sum-exp
         scale, cap = 1.0 / math.sqrt(d), float(softcap or 1.0)

@@ -147,6 +147,25 @@ def test_wrapper_rejects_bad_inputs(name):
         attention(*args, backend='triton')
 
 
+def test_segment_cache_follows_cu():
+    """The host copy of cu (and its block lists) is reused while the same unmodified tensor comes back, as across
+    a trunk's layers; an in-place edit or a new tensor with other segments must not reuse it."""
+    q, k, v, cu, _, _, _ = make_inputs(64, [17, 40], [17, 40], False)
+    q, k, v = (x.detach() for x in (q, k, v))
+    for step in range(3):
+        if step == 1:
+            cu = model.cu_seqlens([7, 50], q.device)                            # a new tensor, same _version
+        if step == 2:
+            cu[1] = 50                                                          # in place: segments 50 + 7
+        ref = attention(q, k, v, cu, cu, backend='reference')
+        for _ in range(2):                                                      # second call: from the cache
+            torch.testing.assert_close(attention(q, k, v, cu, cu, backend='triton'), ref, atol=1e-5, rtol=1e-5)
+    bad = cu.clone()
+    bad[1] = 80                                                                 # falls: still rejected
+    with pytest.raises(ValueError, match='must rise'):
+        attention(q, k, v, bad, bad, backend='triton')
+
+
 # -----------------------------------------------------------------------------
 # fp16 / bf16: the interpreter checks fp16 on tiny shapes (its tl.dot is wrong for bf16); the GPU both
 

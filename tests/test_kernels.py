@@ -4,4 +4,5 @@ from kernels.test_attention import (test_auto_backend_is_reference_on_cpu, test_
                                     test_kernel_low_precision_gpu,
                                     test_kernel_matches_reference_fp32, test_reference_matches_dense_masked_sdpa,
                                     test_reference_matches_model, test_rope_is_relative,
+                                    test_segment_cache_follows_cu,
                                     test_wrapper_rejects_bad_inputs)

@@ -162,6 +162,15 @@ def test_threads_flag(tmp_path):
         torch.set_num_threads(before)
 
 
+def test_rank_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
+    """torchrun with more processes than GPUs: the rank names the problem instead of CUDA's 'invalid device
+    ordinal' (seen with --nproc_per_node=2 on a 1-GPU machine)."""
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    with pytest.raises(RuntimeError, match='LOCAL_RANK=1 but this machine has 1 CUDA device'):
+        train.init_compute(make_cfg(tmp_path, STAGES, '--device=cuda'))
+
+
 def test_nan_batch_is_skipped(tmp_path, monkeypatch):
     real = data.SyntheticImages.__getitem__
 
@@ -188,8 +197,9 @@ def test_nan_batch_is_skipped(tmp_path, monkeypatch):
 
 
 def torchrun(cfg_path, out, *flags):
+    """Two ranks on the CPU (gloo), also on a machine with fewer than two GPUs."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           os.path.join(ROOT, 'train.py'), str(cfg_path), f'--out_dir={out}', *flags]
+           os.path.join(ROOT, 'train.py'), str(cfg_path), f'--out_dir={out}', '--device=cpu', *flags]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                        env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -208,7 +218,7 @@ def test_ddp_matches_single_process(tmp_path):
     assert len(plan) % 2 == 0          # otherwise the 2-rank plan would split a batch and differ
     torchrun(tmp_path / 'run.py', tmp_path / 'ddp', '--parallel=ddp')
     single = [dict(DIST[0], grad_accum=2)]
-    cfg = make_cfg(tmp_path / 'one', single)
+    cfg = make_cfg(tmp_path / 'one', single, '--device=cpu')
     train.main(cfg)
     pd, _ = params(tmp_path / 'ddp')
     ps, _ = params(cfg.out_dir)
