@@ -5,6 +5,9 @@ resolution sampling, and packing samples of mixed sizes and modalities into a to
   built-in     SyntheticImages, SyntheticVideos: textured shapes on textured backgrounds, each sample with
                a caption and a class label ("red circle"), deterministic from (seed, split, index). The
                'train' and 'val' splits draw from different random streams, so they share no sample.
+               Each sample is rendered once, at its native size, and cached in memory as uint8 (per
+               process, see cache_bytes()); each epoch resizes that render to its drawn size, so pixels
+               always lie on the uint8 grid k / 127.5 - 1 and later epochs cost only a resize.
   real files   ImageFolder (any format PIL reads) and VideoFolder (mp4/webm/mkv/mov via PyAV), from a folder
                or from a JSONL/CSV manifest with captions and labels. Clips are sampled as in the paper
                (Sec. 3.5, stage 2): stride 1-3 for reconstruction, ~1 fps up to 64 frames for understanding.
@@ -317,23 +320,61 @@ def render(scene, H, W, t):
 
 
 def _synthetic_plan(ds, key):
-    """key -> (index, (H, W), content rng positioned after the aspect draw); renders nothing. Each sample
-    has a native aspect ratio H/W in [1/2, 2]; its size is drawn anew each epoch by sample_resolution."""
+    """key -> (index, (H, W), native (H, W), content rng positioned after the aspect draw); renders nothing.
+    Each sample has a native aspect ratio H/W in [1/2, 2] and a native size whose longer side is res[1]
+    (rounded to whole pixels); its training size is drawn anew each epoch by sample_resolution."""
     i, epoch = _key(key, ds.n)
     content = _rng(ds.seed, CONTENT, SPLITS[ds.split], i, 0)
     aspect = math.exp(content.uniform(-math.log(2), math.log(2)))                    # H / W
     native = (ds.res[1], ds.res[1] / aspect) if aspect > 1 else (ds.res[1] * aspect, ds.res[1])
     size_rng = _rng(ds.seed, SIZE, SPLITS[ds.split], i, epoch)
-    return i, sample_resolution(size_rng, native, ds.res, ds.patch_size[1:]), content
+    hw = sample_resolution(size_rng, native, ds.res, ds.patch_size[1:])
+    return i, hw, tuple(max(1, round(x)) for x in native), content
+
+
+def _synthetic_item(ds, key, kind):
+    """Sample of a built-in dataset. The scene is rendered once per index at its native size and kept in
+    ds._cache as uint8 (T, H, W, 3) with its caption and class name; each epoch's size is an antialiased
+    bilinear resize of that render, re-quantised to the uint8 grid, so every pixel is k / 127.5 - 1."""
+    i, hw, native, rng = _synthetic_plan(ds, key)
+    entry = ds._cache.get(i)
+    if entry is None or tuple(entry[0].shape[1:3]) != native:      # new, or `res` changed since it was cached
+        scene = random_scene(rng, video=kind == 'video')
+        t = torch.arange(ds._length(i), dtype=torch.float32) if kind == 'video' else torch.zeros(1)
+        entry = ds._cache[i] = (model.to_uint8(render(scene, *native, t)), _caption(rng, scene),
+                                f"{scene['colour']} {scene['shape']}")
+    u8, caption, name = entry
+    media = model.from_uint8(u8)                                                           # (T, H, W, 3), a copy
+    if hw != native:        # permute: channels_last memory, so the result permutes back to contiguous
+        media = F.interpolate(media.permute(0, 3, 1, 2), size=hw, mode='bilinear', align_corners=False,
+                              antialias=True).permute(0, 2, 3, 1)
+        media = model.from_uint8(model.to_uint8(media)).contiguous()
+    return Sample(media[0] if kind == 'image' else media, kind, caption, CLASSES.index(name), name, ds.source(i))
+
+
+def _cache_bytes(ds):
+    return sum(u8.numel() * u8.element_size() for u8, _, _ in ds._cache.values())
 
 
 class SyntheticImages(Dataset):
-    """n procedural images of one split, rendered directly at the sampled size (longer side in `res`)."""
+    """n procedural images of one split (longer side drawn in `res` each epoch).
+
+    Each image is rendered once, on first access, at its native size (longer side res[1]) and cached in
+    memory as uint8; every epoch then resizes the cached render (antialiased bilinear) to its drawn size,
+    so pixels always lie on the uint8 grid k / 127.5 - 1. The cache lives on the dataset object, filled
+    lazily by __getitem__, so each DataLoader worker keeps its own (persistent workers keep it across
+    epochs); cache_bytes() reports its size. At most n * res[1]^2 * 3 bytes: for the CPU demo
+    (configs/cpu_tiny.py: 2048 images, res (32, 64)) at most 2048 x 64 x 64 x 3 = 25.2 MB (24 MiB);
+    aspect ratios in [1/2, 2] make it 18.2 MB (17.4 MiB) in fact with seed 0. That is per process that
+    reads every image: each DataLoader worker of each task stream (image_rec, image_und) holds its own.
+    The held-out ('val') datasets that eval builds cache the same way (their n samples, each read once:
+    0.44 MB for the demo's 48 images)."""
 
     def __init__(self, n, split='train', seed=0, res=(64, 512), patch_size=(4, 16, 16)):
         _check_res(res, patch_size)
         self.n, self.split, self.seed, self.res, self.patch_size = n, split, seed, res, patch_size
         self.classes, self.skipped = CLASSES, []
+        self._cache = {}                # index -> (uint8 (1, H, W, 3) native render, caption, class name)
 
     def __len__(self):
         return self.n
@@ -344,17 +385,24 @@ class SyntheticImages(Dataset):
     def num_tokens(self, key):
         return num_tokens('image', (1, *_synthetic_plan(self, key)[1]), self.patch_size)
 
+    def cache_bytes(self):
+        """Bytes held by this process's cache of native renders."""
+        return _cache_bytes(self)
+
     def __getitem__(self, key):
-        i, (H, W), rng = _synthetic_plan(self, key)
-        scene = random_scene(rng, video=False)
-        media = render(scene, H, W, torch.zeros(1))[0]                               # (H, W, 3)
-        name = f"{scene['colour']} {scene['shape']}"
-        return Sample(media, 'image', _caption(rng, scene), CLASSES.index(name), name, self.source(i))
+        return _synthetic_item(self, key, 'image')
 
 
 class SyntheticVideos(Dataset):
     """n procedural videos: the same kind of scenes, the big object sliding, spinning or pulsing while the
-    small ones drift (and change colour when it pulses). Length: a multiple of pt in [pt, frames]."""
+    small ones drift (and change colour when it pulses). Length: a multiple of pt in [pt, frames].
+
+    Cached like SyntheticImages: all frames rendered once at the native size (longer side res[1]) as
+    uint8, resized per epoch. At most n * frames * res[1]^2 * 3 bytes: for the CPU demo
+    (configs/cpu_tiny.py: 512 videos, res (32, 48), 8 frames, pt 4) at most 512 x 8 x 48 x 48 x 3 =
+    28.3 MB (27 MiB); 4 or 8 frames and aspect ratios in [1/2, 2] make it 14.9 MB (14.2 MiB) in fact
+    with seed 0, per process that reads every video (each worker of video_rec and video_und holds its own).
+    Eval's held-out ('val') videos cache the same way (1.1 MB for the demo's 24 videos)."""
 
     def __init__(self, n, split='train', seed=0, res=(64, 256), patch_size=(4, 16, 16), frames=16):
         _check_res(res, patch_size)
@@ -362,6 +410,7 @@ class SyntheticVideos(Dataset):
             raise ValueError(f"frames={frames} must be a multiple of pt={patch_size[0]}")
         self.n, self.split, self.seed, self.res, self.patch_size = n, split, seed, res, patch_size
         self.frames, self.classes, self.skipped = frames, CLASSES, []
+        self._cache = {}                # index -> (uint8 (T, H, W, 3) native render, caption, class name)
 
     def __len__(self):
         return self.n
@@ -374,15 +423,15 @@ class SyntheticVideos(Dataset):
         return pt * int(_rng(self.seed, CLIP, SPLITS[self.split], i, 0).integers(1, self.frames // pt + 1))
 
     def num_tokens(self, key):
-        i, hw, _ = _synthetic_plan(self, key)
+        i, hw, _, _ = _synthetic_plan(self, key)
         return num_tokens('video', (self._length(i), *hw), self.patch_size)
 
+    def cache_bytes(self):
+        """Bytes held by this process's cache of native renders."""
+        return _cache_bytes(self)
+
     def __getitem__(self, key):
-        i, (H, W), rng = _synthetic_plan(self, key)
-        scene = random_scene(rng, video=True)
-        media = render(scene, H, W, torch.arange(self._length(i), dtype=torch.float32))  # (T, H, W, 3)
-        name = f"{scene['colour']} {scene['shape']}"
-        return Sample(media, 'video', _caption(rng, scene), CLASSES.index(name), name, self.source(i))
+        return _synthetic_item(self, key, 'video')
 
 
 class Synthetic3D(Dataset):
@@ -795,17 +844,33 @@ class Batch:
     class_names: list
     sources: list
     skipped: list           # [(source, reason)] of this batch's items that failed to decode
-    views: list = None      # per sample: (views [V, H, W, 3] in [-1, 1], cameras) for 3D, else None
+    views: list = None      # per sample: (views [V, H, W, 3] uint8, cameras) for 3D, else None
+
+    def pin_memory(self):   # DataLoader(pin_memory=True): pixels and the structure to page-locked memory
+        return Batch(self.packed.pin_memory() if self.packed is not None else None, self.captions, self.labels,
+                     self.class_names, self.sources, self.skipped,
+                     [(v[0].pin_memory(), v[1]) if v is not None else None for v in self.views])
 
 
-def collate(items, patch_size):
-    """Samples (and Skipped) -> one Batch; as a collate_fn: functools.partial(collate, patch_size=...)."""
+def collate(items, config, grouped=True):
+    """Samples (and Skipped) -> one Batch; as a collate_fn: functools.partial(collate, config=...). It runs in
+    the DataLoader workers, so the batch's structure (model.build_structure: segments, attention layouts,
+    position-table weights, Gaussian windows) is made here, on the host, once. Pixels leave as uint8.
+    config: the ModelConfig, or a bare patch size (pt, ph, pw): then the model builds the structure on first use.
+    grouped: also build the portable (CPU) attention path's indices; the CUDA kernel needs none."""
+    cfg = config if isinstance(config, model.ModelConfig) else None
     good = [s for s in items if isinstance(s, Sample)]
-    return Batch(model.pack([s.media for s in good], patch_size) if good else None,
-                 [s.caption for s in good], torch.tensor([s.label for s in good], dtype=torch.int64),
+    packed = None
+    if good:
+        packed = model.pack([s.media for s in good], cfg.patch_size if cfg else tuple(config))
+        if cfg is not None:
+            packed.structure = model.build_structure(packed.coords, packed.seqlens, packed.kinds, cfg, grouped)
+        packed.feats = model.to_uint8(packed.feats)
+    return Batch(packed, [s.caption for s in good], torch.tensor([s.label for s in good], dtype=torch.int64),
                  [s.class_name for s in good], [s.source for s in good],
                  [(s.source, s.reason) for s in items if isinstance(s, Skipped)],
-                 [(s.media['views'], s.media['cameras']) if s.kind == '3d' else None for s in good])
+                 [(model.to_uint8(torch.as_tensor(s.media['views'])), s.media['cameras']) if s.kind == '3d' else None
+                  for s in good])
 
 
 def make_loader(dataset, budget, patch_size, seed=0, rank=0, world_size=1, num_workers=0):
@@ -813,7 +878,7 @@ def make_loader(dataset, budget, patch_size, seed=0, rank=0, world_size=1, num_w
     and items depend only on their keys, so any num_workers gives the same batches. Call
     loader.batch_sampler.set_epoch(e) before each epoch."""
     return DataLoader(dataset, batch_sampler=TokenBudgetSampler(dataset, budget, seed, rank, world_size),
-                      collate_fn=functools.partial(collate, patch_size=patch_size), num_workers=num_workers)
+                      collate_fn=functools.partial(collate, config=patch_size), num_workers=num_workers)
 
 
 def skip_report(dataset, skipped):

@@ -587,8 +587,8 @@ def run_batch(model, media, latent):
     x = model.pack(media)
     h = model.encode(x)
     z, mean, _, idx = model.bottleneck(h)                   # z = FSQ codes with a quantizer, else the mean
-    rec = unpack(model.decode(z if latent == 'fsq' else mean, x.coords, x.seqlens), x, model.config.patch_size)
-    emb = model.embed_features(h, x.seqlens).float().cpu()
+    rec = unpack(model.decode(z if latent == 'fsq' else mean, x), x, model.config.patch_size)
+    emb = model.embed_features(h, x).float().cpu()
     idx = list(idx.cpu().split(x.seqlens)) if idx is not None else [None] * len(media)
     return [r.float().cpu() for r in rec], emb, idx
 
@@ -603,7 +603,7 @@ def render_views(gs, feats, coords, cameras):
                          f"{gs.cfg.gs_resolution}^3 (set --grid_3d / prepare assets to match)")
     p = next(gs.parameters())
     g = gs(feats.to(p.device, p.dtype), coords.to(p.device))
-    return torch.stack([render3d.render(g, cam)['rgb'].float().cpu() for cam in cameras]) * 2 - 1
+    return render3d.render_samples(g, [len(g['xyz'])], [cameras])[0].float().cpu() * 2 - 1
 
 
 def pixel_scores(target, rec, lpips_fn):

@@ -15,10 +15,11 @@ Borrowed: LPIPS (Zhang et al. 2018, the `lpips` package), Gram loss (Gatys et al
 (Zhai et al. 2023) for the sigmoid loss and its initialisation, open_clip for the SigLIP2 towers.
 Benchmark: `python bench/bench_losses.py`.
 """
-import math
 import copy
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -133,9 +134,10 @@ class SigmoidTemperature(nn.Module):
 
 
 def resize(images, size):
-    """images [B, H, W, 3] or list of (H, W, 3) in [-1, 1] -> [B, 3, size, size] (bilinear, antialiased)."""
-    out = [F.interpolate(x.permute(2, 0, 1)[None].float(), size=(size, size), mode='bilinear',
-                         align_corners=False, antialias=True) for x in images]
+    """Images in [-1, 1] -> [B, 3, size, size] (bilinear, antialiased). images: a list whose entries are single
+    images (H, W, 3) or same-size groups [n, H, W, 3] (image_frames), resized one interpolate per entry."""
+    out = [F.interpolate((x[None] if x.dim() == 3 else x).permute(0, 3, 1, 2).float(), size=(size, size),
+                         mode='bilinear', align_corners=False, antialias=True) for x in images]
     return torch.cat(out)
 
 
@@ -269,25 +271,37 @@ class TrainableText(nn.Module):
 # the weighted total for a packed batch
 
 
-def _frames(feats, packed, ids):
-    """Frame 0 (H, W, 3) of samples `ids`, from token features [N, C] in packed order."""
-    parts = feats.split(packed.seqlens)
-    patch = packed.patch_size
-    if patch is None:
+def image_frames(feats, packed, ids):
+    """Frame 0 of the image samples `ids` from token features [N, C] in packed order (the pt = 0 slot), grouped by
+    size -> (the ids in output order, [[n_g, H_g, W_g, 3] per size]): one gather and one reshape per distinct
+    size, whatever the number of images."""
+    if packed.patch_size is None:
         raise ValueError("packed.patch_size is None: build batches with model.pack")
-    return [atoken.unpatchify(parts[i], packed.grids[i], patch)[0] for i in ids]
+    ph, pw = packed.patch_size[1:]
+    starts = np.concatenate([[0], np.cumsum(packed.seqlens)])
+    groups = {}
+    for i in ids:
+        groups.setdefault(tuple(packed.grids[i][1:]), []).append(i)
+    order, out = [], []
+    for (h, w), g in groups.items():
+        rows = torch.from_numpy(np.concatenate([np.arange(starts[i], starts[i + 1]) for i in g])).to(feats.device)
+        f = feats.index_select(0, rows)[:, :ph * pw * 3].reshape(len(g), h, w, ph, pw, 3)
+        out.append(f.permute(0, 1, 3, 2, 4, 5).reshape(len(g), h * ph, w * pw, 3))
+        order += g
+    return order, out
 
 
 @torch.no_grad()
 def siglip_targets(frozen, images):
-    """One frozen SigLIP2 pass over target images (list of (H, W, 3)) at the tower's own input size (no
+    """One frozen SigLIP2 pass over target images (list of (H, W, 3) or [n, H, W, 3]) at the tower's own input size (no
     position-table resampling) -> (tokens [n, C, h, w] for CLIP-perceptual, embeddings [n, D] for Eq. 7).
     Images are squashed to the square input, as for LPIPS and Gram."""
     return frozen.vision(resize(images, frozen.image_size()).to(next(frozen.parameters()).dtype))
 
 
 def image_rec_terms(rec, target, frozen, cfg, target_tokens=None):
-    """Perceptual terms of Eq. 6 for images (lists of (H, W, 3) in [-1, 1]) -> dict of per-image [n].
+    """Perceptual terms of Eq. 6 for images (lists of (H, W, 3) or same-size groups [n, H, W, 3], in [-1, 1])
+    -> dict of per-image [n].
     LPIPS and Gram on perceptual_size^2 copies (one VGG pass serves both); CLIP-perceptual against
     target_tokens (siglip_targets; computed here when not given)."""
     dtype = next(frozen.parameters()).dtype
@@ -334,67 +348,95 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
     understanding.
 
     out: AToken.forward(packed) dict (rec [N, C] patches, mean/logvar [N, L], embedding [B, D]).
-    packed: the input batch (targets = packed.feats; kinds 'image' | 'video' | '3d').
+    packed: the input batch (targets = packed.feats; kinds 'image' | 'video' | '3d'), its structure built (the
+    forward pass builds it if the batch came without one).
     tasks: per sample 'rec' | 'und' | 'both' (default 'rec'); understanding needs captions[i].
     views: {i: (pred [V, H, W, 3], target [V, H, W, 3])} renders for 3D sample i (its L1 is on views).
     text: a TrainableText (cfg.train_text) that replaces the frozen text tower.
     Per-sample reconstruction losses are averaged over the reconstruction samples; L1 is a mean over
-    each sample's patches (paper 3.5: normalised over patches). Returns (total, dict of detached terms).
+    each sample's patches (paper 3.5: normalised over patches); an image's L1 covers its real frame (the
+    pt = 0 slot) only. Every per-sample term is one masked computation over the whole batch (weights made on
+    the host from the task list), so the ops do not grow with the number of samples and nothing is read back
+    from the device. Returns (total, dict of detached terms, still on the device).
     """
-    B = len(packed.seqlens)
+    B, kinds = len(packed.seqlens), packed.kinds
     tasks = tasks or ['rec'] * B
     rec_ids = [i for i in range(B) if tasks[i] in ('rec', 'both')]
     und_ids = [i for i in range(B) if tasks[i] in ('und', 'both')]
     for i in und_ids:
         if not captions or not captions[i]:
-            raise ValueError(f"sample {i} ({packed.kinds[i]}) has an understanding task but no caption")
-    zero = out['rec'].new_zeros((), dtype=torch.float32)
+            raise ValueError(f"sample {i} ({kinds[i]}) has an understanding task but no caption")
+    dev = out['embedding'].device
+    host = lambda a, dtype=torch.float32: torch.as_tensor(np.asarray(a), dtype=dtype).to(dev, non_blocking=True)
+    zero = out['embedding'].new_zeros((), dtype=torch.float32)
     logs, rec_loss = {}, zero
-    # one frozen SigLIP2 pass per target image serves both CLIP-perceptual and the distillation teacher
+    # one frozen SigLIP2 pass over the target images serves both CLIP-perceptual and the distillation teacher
     distill = cfg.image_und == 'distill'
-    need = sorted({i for i in range(B) if packed.kinds[i] == 'image' and
-                   ((i in und_ids and distill) or (i in rec_ids and cfg.clip))})
-    sig = {}
+    need = [i for i in range(B) if kinds[i] == 'image' and ((i in und_ids and distill) or (i in rec_ids and cfg.clip))]
+    sig_pos = {}
     if need:
-        tok, emb = siglip_targets(frozen, _frames(packed.feats, packed, need))
-        sig = {i: (tok[j], emb[j]) for j, i in enumerate(need)}
+        order, frames = image_frames(packed.feats, packed, need)
+        sig_tok, sig_emb = siglip_targets(frozen, frames)
+        sig_pos = {i: j for j, i in enumerate(order)}
 
     if rec_ids:   # ---- reconstruction (Eq. 6)
-        pred, tgt = out['rec'].split(packed.seqlens), packed.feats.split(packed.seqlens)
-        l1 = {}
-        for i in rec_ids:
-            if packed.kinds[i] == '3d':
-                if not views or i not in views:
-                    raise ValueError(f"3D sample {i} has a reconstruction task but no rendered views")
-                l1[i] = l1_loss(views[i][0].float(), views[i][1].float())
-            else:   # an image's loss covers its real frame only: the pt = 0 slot, not the zero padding
-                n = pred[i].shape[1] // packed.patch_size[0] if packed.kinds[i] == 'image' else None
-                l1[i] = l1_loss(pred[i][:, :n].float(), tgt[i][:, :n].float())
-        logs['l1'] = sum(l1.values()).detach() / len(l1)
-        per = {i: cfg.l1 * v for i, v in l1.items()}          # per-sample L_rec, images add terms below
-        img = [i for i in rec_ids if packed.kinds[i] == 'image']
+        st = packed.structure
+        l1 = zero.new_zeros(B)                                                  # per-sample L1, [B]
+        pix = [i for i in rec_ids if kinds[i] != '3d']
+        if pix:
+            if 'rec' not in out:
+                raise ValueError("reconstruction tasks need the decoder output: call the model with decode=True")
+            d = (out['rec'].float() - packed.feats.float()).abs()               # [N, C]
+            c1 = packed.patch_size[1] * packed.patch_size[2] * 3                # one frame's columns
+            cols = np.array([c1 if k != 'video' else d.shape[1] for k in kinds])   # real columns per sample
+            if (cols < d.shape[1]).any():      # one-frame samples in a batch with videos: their slot 0 only
+                keep = np.repeat(cols, packed.seqlens)[:, None] > np.arange(d.shape[1])[None]
+                d = d * host(keep)
+            sample_id = st.sample_id if st is not None else host(np.repeat(np.arange(B), packed.seqlens), torch.long)
+            sums = zero.new_zeros(B).index_add(0, sample_id, d.sum(1))         # [B]
+            w = np.zeros(B)
+            w[pix] = 1.0 / (np.asarray(packed.seqlens)[pix] * cols[pix])
+            l1 = sums * host(w)
+        for i in (i for i in rec_ids if kinds[i] == '3d'):
+            if not views or i not in views:
+                raise ValueError(f"3D sample {i} has a reconstruction task but no rendered views")
+            pred, target = views[i]
+            l1 = l1.index_put((torch.tensor([i], device=dev),), l1_loss(pred.float(), target.float()).reshape(1))
+        rec_w = np.zeros(B)
+        rec_w[rec_ids] = 1.0 / len(rec_ids)
+        rec_w = host(rec_w)
+        logs['l1'] = (l1 * rec_w).sum().detach()
+        per = cfg.l1 * l1                                                       # per-sample L_rec, [B]
+        img = [i for i in rec_ids if kinds[i] == 'image']
         if img and (cfg.lpips or cfg.gram or cfg.clip):
-            tt = torch.stack([sig[i][0] for i in img]) if cfg.clip else None
-            terms = image_rec_terms(_frames(out['rec'], packed, img), _frames(packed.feats, packed, img),
-                                    frozen, cfg, tt)
-            for name, vals in terms.items():
+            order, rec_frames = image_frames(out['rec'], packed, img)
+            _, tgt_frames = image_frames(packed.feats, packed, img)
+            tt = sig_tok.index_select(0, host([sig_pos[i] for i in order], torch.long)) if cfg.clip else None
+            at = host(order, torch.long)
+            for name, vals in image_rec_terms(rec_frames, tgt_frames, frozen, cfg, tt).items():
                 logs[name] = vals.detach().mean()
-                for j, i in enumerate(img):
-                    per[i] = per[i] + getattr(cfg, name) * vals[j]
-        rec_loss = sum(per.values()) / len(per)
-        cu = atoken.cu_seqlens(packed.seqlens).tolist()
-        idx = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in rec_ids]).to(out['mean'].device)
-        logs['kl'] = kl_loss(out['mean'][idx], out['logvar'][idx])
+                per = per + getattr(cfg, name) * zero.new_zeros(B).index_copy(0, at, vals.float())
+        rec_loss = (per * rec_w).sum()
+        # KL over the reconstruction samples' tokens
+        kl_tok = 0.5 * (out['mean'].float().pow(2) + out['logvar'].float().exp() - 1.0 - out['logvar'].float()).sum(-1)
+        if len(rec_ids) == B:
+            logs['kl'] = kl_tok.mean()
+        else:
+            tw = np.zeros(B)
+            tw[rec_ids] = 1.0 / sum(packed.seqlens[i] for i in rec_ids)
+            logs['kl'] = (kl_tok * host(np.repeat(tw, packed.seqlens))).sum()
     kl = logs.get('kl', zero)
 
     sem = zero
     if und_ids:   # ---- understanding (Eq. 7 / SigLIP)
-        img = [i for i in und_ids if packed.kinds[i] == 'image' and distill]
+        img = [i for i in und_ids if kinds[i] == 'image' and distill]
         oth = [i for i in und_ids if i not in img]                  # videos, 3D (and images: 'sigmoid')
-        teacher = torch.stack([sig[i][1] for i in img]) if img else None
-        terms = semantic_terms(out['embedding'][img], teacher,
-                               [captions[i] for i in img], out['embedding'][oth],
-                               [captions[i] for i in oth], frozen, cfg, temperature, text)
+        teacher = sig_emb.index_select(0, host([sig_pos[i] for i in img], torch.long)) if img else None
+        emb = out['embedding']
+        pick = lambda ids: emb if len(ids) == B else emb.index_select(0, host(ids, torch.long))
+        terms = semantic_terms(pick(img) if img else emb[:0], teacher, [captions[i] for i in img],
+                               pick(oth) if oth else emb[:0], [captions[i] for i in oth], frozen, cfg,
+                               temperature, text)
         sem = sum(terms.values())
         logs.update({k: v.detach() for k, v in terms.items()})
 

@@ -18,9 +18,11 @@ Letter legend for shape comments:
   T frames   H W height width   P patch   S segments (sample x temporal tile)   h heads   d head dim
   G FSQ groups
 """
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -84,17 +86,46 @@ NORM_EPS = 1e-6  # every LayerNorm / RMSNorm in the official tokenizer
 
 @dataclass
 class Packed:
-    """A batch as one packed token set: samples concatenated along N, no padding between them."""
+    """A batch as one packed token set: samples concatenated along N, no padding between them.
+
+    feats are float in [-1, 1], or uint8 (0..255, value = u / 127.5 - 1) as they cross process boundaries:
+    `.to(device)` turns them into floats on the device. A batch of one-frame samples only (images, 3D voxels)
+    carries only the pt = 0 slot of each patch (ph*pw*3 columns, DESIGN §2: the zero frames are a property of
+    the input layer, not of the data); a batch with a video carries full pt*ph*pw*3 patches, its one-frame
+    samples zero-padded. `structure` is what attention, position tables and pooling need, built on the host
+    (build_structure); model.pack and data.collate fill it in."""
     feats: torch.Tensor     # [N, C] flattened patches (pt, ph, pw, c), c fastest; or latents
     coords: torch.Tensor    # [N, 4] int64 (t, x, y, z): x = patch row, y = patch column, z = 0 for pixels
     seqlens: list           # tokens per sample, sum = N
     kinds: list             # 'image' | 'video' | '3d' per sample
     grids: list             # latent grid (t, h, w) per sample, for unpatchify (None for 3D)
     patch_size: tuple = None  # (pt, ph, pw) the feats were made with
+    structure: object = None  # Structure (host-built), or None: built from coords on first use
 
     def to(self, device=None, dtype=None):
-        return Packed(self.feats.to(device=device, dtype=dtype), self.coords.to(device), self.seqlens,
-                      self.kinds, self.grids, self.patch_size)
+        """Move to `device` once per batch: pixels (uint8 -> float there), coords and the structure's tensors;
+        asynchronous from pinned memory on CUDA."""
+        nb = torch.device(device).type == 'cuda' if device is not None else False
+        feats = self.feats.to(device, non_blocking=nb)
+        if feats.dtype == torch.uint8:
+            feats = from_uint8(feats)
+        st = self.structure.to(device) if self.structure is not None else None
+        return Packed(feats.to(dtype) if dtype is not None else feats, self.coords.to(device, non_blocking=nb),
+                      self.seqlens, self.kinds, self.grids, self.patch_size, st)
+
+    def pin_memory(self):               # DataLoader(pin_memory=True) calls this in its pinning thread
+        return Packed(self.feats.pin_memory(), self.coords.pin_memory(), self.seqlens, self.kinds, self.grids,
+                      self.patch_size, self.structure.pin_memory() if self.structure is not None else None)
+
+
+def to_uint8(x):
+    """Pixels in [-1, 1] -> uint8 levels u = round((x + 1) * 127.5), clamped to [0, 255]."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def from_uint8(u):
+    """uint8 levels -> float32 pixels u / 127.5 - 1: the exact inverse of to_uint8 on its grid."""
+    return u.float() / 127.5 - 1
 
 
 def prepare(x, patch_size):
@@ -140,8 +171,8 @@ def unpatchify(feats, grid, patch_size):
 
 
 def voxel_tokens(asset, patch_size):
-    """A 3D asset {'feats': [N, ph*pw*3] in [-1, 1], 'coords': [N, 3] voxel (i, j, k)} -> feats [N, C]
-    zero-padded into the pt = 0 slot of the space-time patch, coords [N, 4] = (0, i, j, k).
+    """A 3D asset {'feats': [N, ph*pw*3] in [-1, 1], 'coords': [N, 3] voxel (i, j, k)} -> its one-frame
+    feats [N, ph*pw*3] (the pt = 0 slot of the space-time patch) and coords [N, 4] = (0, i, j, k).
 
     The features are each occupied voxel's RGB patch from its nearest view (render3d.py), as official.
     (Official coords carry t = 1; tiles re-base t and RoPE is relative, so t = 0 is identical.)"""
@@ -150,42 +181,49 @@ def voxel_tokens(asset, patch_size):
     if f.dim() != 2 or f.shape[1] != ph * pw * 3 or c.shape != (len(f), 3):
         raise ValueError(f"3D asset: expected feats [N, {ph * pw * 3}] and coords [N, 3], got "
                          f"{tuple(f.shape)} and {tuple(c.shape)}")
-    feats = F.pad(f, (0, (pt - 1) * ph * pw * 3))                               # [N, pt*ph*pw*3]
-    return feats, torch.cat([torch.zeros_like(c[:, :1]), c], 1)                 # [N, 4]
+    return f, torch.cat([torch.zeros_like(c[:, :1]), c], 1)                    # [N, C1], [N, 4]
 
 
-def pack(media, patch_size):
+def pack(media, patch_size, config=None):
     """List of images (H, W, 3) / videos (T, H, W, 3) in [-1, 1] and 3D assets (dicts, see voxel_tokens)
-    -> one Packed batch."""
-    feats, coords, seqlens, kinds, grids = [], [], [], [], []
+    -> one Packed batch. One-frame samples (images, 3D) carry only the pt = 0 slot unless a video shares the
+    batch (then they are zero-padded to full patches, the official layout). With a ModelConfig `config`, the
+    batch's structure is built here too (on the host, where the coords are)."""
     pt, ph, pw = patch_size
-    if not media:   # an empty batch (e.g. every file of a step failed to decode)
-        return Packed(torch.zeros(0, pt * ph * pw * 3), torch.zeros(0, 4, dtype=torch.long), [], [], [],
-                      tuple(patch_size))
+    video = any(not isinstance(x, dict) and torch.as_tensor(x).dim() == 4 for x in media)
+    c1, c_full = ph * pw * 3, pt * ph * pw * 3
+    feats, coords, seqlens, kinds, grids = [], [], [], [], []
     for x in media:
         if isinstance(x, dict):
             f, c = voxel_tokens(x, patch_size)
-            feats.append(f), coords.append(c), seqlens.append(len(f)), kinds.append('3d'), grids.append(None)
-            continue
-        v, kind = prepare(torch.as_tensor(x), patch_size)
-        f, c = patchify(v, patch_size)
-        feats.append(f)
-        coords.append(c)
-        seqlens.append(f.shape[0])
-        kinds.append(kind)
-        grids.append((v.shape[0] // pt, v.shape[1] // ph, v.shape[2] // pw))
-    return Packed(torch.cat(feats), torch.cat(coords), seqlens, kinds, grids, tuple(patch_size))
+            kind, grid = '3d', None
+        else:
+            x = torch.as_tensor(x)
+            kind = 'image' if x.dim() == 3 else 'video'
+            v = prepare(x, (1 if kind == 'image' else pt, ph, pw))[0]          # images: one frame, no padding
+            f, c = patchify(v, (v.shape[0] if kind == 'image' else pt, ph, pw))
+            grid = (1 if kind == 'image' else v.shape[0] // pt, v.shape[1] // ph, v.shape[2] // pw)
+        if video and f.shape[1] == c1:
+            f = F.pad(f, (0, c_full - c1))                                      # zero frames 1..pt-1
+        feats.append(f), coords.append(c), seqlens.append(len(f)), kinds.append(kind), grids.append(grid)
+    C = c_full if video else c1
+    x = Packed(torch.cat(feats) if feats else torch.zeros(0, C), torch.cat(coords) if coords else
+               torch.zeros(0, 4, dtype=torch.long), seqlens, kinds, grids, tuple(patch_size))
+    if config is not None:
+        x.structure = build_structure(x.coords, seqlens, kinds, config)
+    return x
 
 
 def unpack(feats, packed, patch_size):
     """Decoder output [N, C] (tokens in packed order) -> list of media; images keep frame 0 only;
     3D assets give their voxels' first-slot features [N_i, ph*pw*3] (the Gaussian decoder's input)."""
-    out = []
+    out, (pt, ph, pw) = [], patch_size
+    frames = feats.shape[1] // (ph * pw * 3)                                    # 1 (one-frame batch) or pt
     for f, kind, grid in zip(feats.split(packed.seqlens), packed.kinds, packed.grids):
         if kind == '3d':
-            out.append(f[:, :patch_size[1] * patch_size[2] * 3])
+            out.append(f[:, :ph * pw * 3])
             continue
-        v = unpatchify(f, grid, patch_size)
+        v = unpatchify(f, grid, (frames, ph, pw))
         out.append(v[0] if kind == 'image' else v)
     return out
 
@@ -196,71 +234,246 @@ def cu_seqlens(lengths, device=None):
 
 
 # -----------------------------------------------------------------------------
-# temporal tiles: attention, position tables and RoPE all work per (sample, tile) segment
+# the packed batch's structure: computed once on the host (numpy), reused by every layer of both trunks,
+# the pooling head, the Gaussian decoder and the KV-cache decode. Nothing here reads a device tensor.
+
+
+def _move(obj, device, pin=False):
+    """A copy of a structure dataclass with its tensors moved (fields ending in _host stay on the CPU)."""
+    vals = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, torch.Tensor) and not f.name.endswith('_host'):
+            v = v.pin_memory() if pin else v.to(device, non_blocking=torch.device(device).type == 'cuda')
+        elif isinstance(v, Layout):
+            v = _move(v, device, pin).mark_dynamic()
+        elif isinstance(v, Windows):
+            v = _move(v, device, pin)
+        elif isinstance(v, dict):
+            v = {k: _move(x, device, pin) for k, x in v.items()}
+        vals[f.name] = v
+    return type(obj)(**vals)
 
 
 @dataclass
-class Segments:
-    order: torch.Tensor      # [N] permutation putting tokens in segment order (None if already sorted)
-    coords: torch.Tensor     # [N, 4] coords in segment order, t re-based to 0 in each tile
-    lengths: list            # tokens per segment
-    cu: torch.Tensor         # [S+1] int32
-    sample_of: list          # sample index of each segment
+class Layout:
+    """Which queries attend to which keys: segment i is queries cu_q[i]:cu_q[i+1] against keys
+    cu_k[i]:cu_k[i+1] (block-diagonal, non-causal). One layout serves every layer of a trunk.
+
+    The Triton kernel (CUDA) reads cu_* and block lists made from the host copies. The portable path (CPU)
+    packs the segments into G groups of Lq query and Lk key slots (Lq, Lk = the longest segment) and runs one
+    masked SDPA over [G, h, Lq, Lk]: no per-segment loop, ~N x longest segment scores instead of N^2 for one
+    dense block-diagonal mask. Slots a group leaves empty gather row 0 and are masked out as keys; as queries
+    they see every key of their group (finite, never read back, so they get zero gradient)."""
+    cu_q: torch.Tensor          # [S+1] int32
+    cu_k: torch.Tensor
+    cu_q_host: torch.Tensor     # the same, kept on the CPU
+    cu_k_host: torch.Tensor
+    max_q: int
+    max_k: int
+    q_gather: torch.Tensor = None   # [G*Lq] token of each query slot
+    k_gather: torch.Tensor = None   # [G*Lk]
+    q_scatter: torch.Tensor = None  # [Nq] slot of each query token
+    mask: torch.Tensor = None       # [G, 1, Lq, Lk] bool, True = attend
+
+    @staticmethod
+    def build(lens_q, lens_k, grouped=True):
+        lq, lk = np.asarray(lens_q, dtype=np.int64), np.asarray(lens_k, dtype=np.int64)
+        cq, ck = (np.concatenate([[0], np.cumsum(x)]) for x in (lq, lk))
+        t = lambda a, dt=torch.long: torch.from_numpy(np.ascontiguousarray(a)).to(dt)
+        same = np.array_equal(cq, ck)             # self-attention: one cu for q and k (the kernel caches per cu)
+        cu_q, cu_q_host = t(cq, torch.int32), t(cq, torch.int32)
+        cu_k, cu_k_host = (cu_q, cu_q_host) if same else (t(ck, torch.int32), t(ck, torch.int32))
+        lay = Layout(cu_q, cu_k, cu_q_host, cu_k_host, int(lq.max(initial=0)), int(lk.max(initial=0)))
+        if grouped:
+            lay.grouped()
+        return lay
+
+    def grouped(self):
+        """Build the portable path's gather/scatter indices and mask (numpy, on the host) if not yet built."""
+        if self.mask is not None:
+            return self
+        cq, ck = self.cu_q_host.numpy().astype(np.int64), self.cu_k_host.numpy().astype(np.int64)
+        lq, lk = np.diff(cq), np.diff(ck)
+        Lq, Lk, S = max(self.max_q, 1), max(self.max_k, 1), len(lq)
+        group, oq, ok = np.zeros(S, np.int64), np.zeros(S, np.int64), np.zeros(S, np.int64)
+        g = uq = uk = 0
+        for i in range(S):                      # next fit: consecutive segments share a group while they fit
+            if uq + lq[i] > Lq or uk + lk[i] > Lk:
+                g, uq, uk = g + 1, 0, 0
+            group[i], oq[i], ok[i] = g, uq, uk
+            uq, uk = uq + lq[i], uk + lk[i]
+        G = g + 1 if S else 0
+
+        def slots(lens, cu, off, L):
+            seg = np.repeat(np.arange(S), lens)                                # [n] segment of each token
+            slot = group[seg] * L + off[seg] + np.arange(len(seg)) - cu[seg]
+            gather, seg_of_slot = np.zeros(G * L, np.int64), np.full(G * L, -1, np.int64)
+            gather[slot], seg_of_slot[slot] = np.arange(len(seg)), seg
+            return slot, gather, seg_of_slot.reshape(G, L)
+        q_slot, q_gather, sq = slots(lq, cq, oq, Lq)
+        _, k_gather, sk = slots(lk, ck, ok, Lk)
+        mask = (sq[:, :, None] == sk[:, None, :]) | (sq[:, :, None] < 0)      # empty query slots: see all
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+        self.q_gather, self.k_gather, self.q_scatter = t(q_gather), t(k_gather), t(q_slot)
+        self.mask = t(mask[:, None])
+        return self.mark_dynamic()
+
+    def mark_dynamic(self):
+        """Tell torch.compile that these sizes change from batch to batch: a compiled block then serves every
+        micro-batch with one graph (without this the mask's sizes are specialised and each new size recompiles)."""
+        for x in (self.q_gather, self.k_gather, self.q_scatter):
+            if x is not None:
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+        if self.mask is not None:
+            for dim in (0, 2, 3):
+                torch._dynamo.maybe_mark_dynamic(self.mask, dim)
+        return self
+
+    def to(self, device):
+        return _move(self, device).mark_dynamic()
 
 
-def split_tiles(coords, seqlens, tile_latent):
-    """Assign every token to a (sample, temporal tile) segment, tiles of `tile_latent` latent frames.
+@dataclass
+class Windows:
+    """The Gaussian decoder's windowed attention for one shift: tokens in window order, and back."""
+    order: torch.Tensor         # [M] token of each window-ordered row
+    inverse: torch.Tensor       # [M] row of each token
+    layout: Layout
 
-    Tiles start at each sample's first t (official: the batch-wide first t, identical for pixel data
-    which always starts at t = 0, and harmless because RoPE is relative).
-    """
-    sample = torch.repeat_interleave(torch.arange(len(seqlens), device=coords.device),
-                                     torch.as_tensor(seqlens, device=coords.device))   # [N]
+    def to(self, device):
+        return _move(self, device)
+
+
+@dataclass
+class Structure:
+    """Everything about a packed batch that does not depend on its values, built once on the host
+    (build_structure) and moved to the device with the batch."""
+    seqlens: list               # tokens per sample
+    single_frame: bool          # only images / 3D: feats and pixel outputs hold the pt = 0 slot only
+    order: torch.Tensor         # [N] tokens in (sample, tile) segment order, or None when already so (pixels)
+    inverse: torch.Tensor       # [N] back to input order, or None
+    local: torch.Tensor         # [N, 4] int64 tile-local coords (t re-based per tile), segment order
+    seg: Layout                 # (sample, temporal tile) segments: every encoder and decoder layer
+    pos_index: torch.Tensor     # [N] row of pos_rows for each token (segment order)
+    pos_rows: torch.Tensor      # [R, g*g] float32: per distinct (grid, row, col) the resize weights of the table
+    pool: Layout                # one probe query per sample against all its tokens (input order)
+    sample_id: torch.Tensor     # [N] sample of each token (input order)
+    gs: dict = None             # {shift: Windows} over the 3D samples' voxels (all 3D samples, input order)
+    gs_index: torch.Tensor = None  # [M] tokens of the 3D samples when the batch also holds pixels, else None
+    coords_host: np.ndarray = None  # [N, 4] int64 input coords (the KV-cache decode plans its steps from them)
+
+    def to(self, device):
+        return _move(self, device)
+
+    def pin_memory(self):
+        return _move(self, None, pin=True)
+
+
+@functools.lru_cache(maxsize=512)
+def _resize_weights(g, h, w):
+    """[h*w, g*g]: row r*w + c holds the weights by which F.interpolate(bilinear, antialias, align_corners=False)
+    mixes the g x g table entries into cell (r, c) of an h x w resize. Interpolation is linear, so resizing the
+    g*g one-hot tables gives exactly these weights: table_resized[r, c] = weights[r*w + c] @ table."""
+    eye = torch.eye(g * g, dtype=torch.float32).reshape(1, g * g, g, g)
+    r = F.interpolate(eye, size=(h, w), mode='bilinear', align_corners=False, antialias=True)[0]
+    return r.reshape(g * g, h * w).t().contiguous()
+
+
+def position_lookup(local, seg_lens, g):
+    """Per token (segment order) the row of the position table resize it reads (SigLIP2-NaFlex: each
+    segment's grid is (max row + 1, max column + 1), the g x g table resized to it). -> (index [N], rows)."""
+    index, rows, offset, seen = np.zeros(len(local), np.int64), [], 0, {}
+    start = 0
+    for n in seg_lens:
+        c = local[start:start + n]
+        if n:
+            hw = (int(c[:, 1].max()) + 1, int(c[:, 2].max()) + 1)
+            if hw not in seen:
+                seen[hw] = offset
+                rows.append(_resize_weights(g, *hw))
+                offset += hw[0] * hw[1]
+            index[start:start + n] = seen[hw] + c[:, 1] * hw[1] + c[:, 2]
+        start += n
+    return (torch.from_numpy(index), torch.cat(rows) if rows else torch.zeros(0, g * g))
+
+
+def segments(coords, seqlens, tile_latent):
+    """Assign every token to a (sample, temporal tile) segment, tiles of `tile_latent` latent frames, on
+    the host. -> (order [N] or None when already in segment order, tile-local coords [N, 4] in that order,
+    segment lengths). Tiles start at each sample's first t (official: the batch-wide first t, identical for
+    pixel data which always starts at t = 0, and harmless because RoPE is relative)."""
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 4)
+    B = len(seqlens)
+    sample = np.repeat(np.arange(B), seqlens)
     t = coords[:, 0]
-    t0 = torch.zeros(len(seqlens), dtype=t.dtype, device=t.device).scatter_reduce(
-        0, sample, t, 'amin', include_self=False)[sample]                          # [N]
-    tile = (t - t0) // tile_latent
-    key = sample * (int(tile.max()) + 1 if len(tile) else 1) + tile               # segment id, monotone
-    order = None
-    if len(key) > 1 and bool((key[1:] < key[:-1]).any()):
-        order = torch.argsort(key, stable=True)
-        coords, key, tile, t0 = coords[order], key[order], tile[order], t0[order]
-    local = coords.clone()
-    local[:, 0] = coords[:, 0] - t0 - tile * tile_latent
-    seg_keys, lengths = torch.unique_consecutive(key, return_counts=True)
+    t0 = np.full(B, np.iinfo(np.int64).max)
+    np.minimum.at(t0, sample, t)
+    tile = (t - t0[sample]) // tile_latent if len(t) else t
     n_tiles = int(tile.max()) + 1 if len(tile) else 1
-    lengths = lengths.tolist()
-    return Segments(order, local, lengths, cu_seqlens(lengths, coords.device),
-                    (seg_keys // n_tiles).tolist())
+    key = sample * n_tiles + tile                                               # segment id, monotone
+    order = None
+    if len(key) > 1 and (key[1:] < key[:-1]).any():
+        order = np.argsort(key, kind='stable')
+        coords, key, tile, sample = coords[order], key[order], tile[order], sample[order]
+    local = coords.copy()
+    local[:, 0] = coords[:, 0] - t0[sample] - tile * tile_latent
+    lens = np.diff(np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1], [True]]))) if len(key) else []
+    return order, local, [int(n) for n in lens]
+
+
+def gs_windows(coords3, seqlens, window, grouped=True):
+    """Shifted-window groups of the Gaussian decoder (8^3 windows, shift window/2 on odd blocks), per shift,
+    over voxel coords [M, 3] of samples with `seqlens` voxels. -> {shift: Windows}."""
+    coords3 = np.asarray(coords3, dtype=np.int64).reshape(-1, 3)
+    sample = np.repeat(np.arange(len(seqlens)), seqlens)
+    out = {}
+    for shift in (0, window // 2):
+        w = (coords3 + shift) // window                                         # [M, 3] window index
+        n = int(w.max()) + 1 if len(w) else 1
+        key = ((sample * n + w[:, 0]) * n + w[:, 1]) * n + w[:, 2]
+        order = np.argsort(key, kind='stable')
+        k = key[order]
+        lens = np.diff(np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1], [True]]))) if len(k) else []
+        out[shift] = Windows(torch.from_numpy(order), torch.from_numpy(np.argsort(order, kind='stable')),
+                             Layout.build(lens, lens, grouped))
+    return out
+
+
+def build_structure(coords, seqlens, kinds, config, grouped=True):
+    """The structure of a packed batch from its integer coords [N, 4] (host tensor or array) and lengths.
+
+    config: the ModelConfig (patch size, temporal tile, position grid, Gaussian window). grouped: also build
+    the portable attention path's indices (CPU training; the Triton kernel on CUDA does not need them)."""
+    coords = np.asarray(coords.cpu() if isinstance(coords, torch.Tensor) else coords, dtype=np.int64)
+    coords = coords.reshape(-1, 4)
+    seqlens = [int(n) for n in seqlens]
+    order, local, lens = segments(coords, seqlens, max(config.tile_frames // config.patch_size[0], 1))
+    pos_index, pos_rows = position_lookup(local, lens, config.pos_grid)
+    t = torch.from_numpy
+    gs, gs_index = None, None
+    if '3d' in kinds:
+        ids = [i for i, k in enumerate(kinds) if k == '3d']
+        starts = np.concatenate([[0], np.cumsum(seqlens)])
+        idx = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in ids])
+        gs = gs_windows(coords[idx, 1:], [seqlens[i] for i in ids], config.gs_window, grouped)
+        gs_index = None if len(ids) == len(kinds) else t(idx)
+    return Structure(seqlens, all(k != 'video' for k in kinds),
+                     None if order is None else t(order), None if order is None else t(np.argsort(order)),
+                     t(local), Layout.build(lens, lens, grouped), pos_index, pos_rows,
+                     Layout.build([1] * len(seqlens), seqlens, grouped),
+                     t(np.repeat(np.arange(len(seqlens)), seqlens)), gs, gs_index, coords)
+
+
+def structure_of(x, config):
+    """x.structure, built now from x.coords if the batch came without one (a host copy of the coords)."""
+    if x.structure is None:
+        x.structure = build_structure(x.coords, x.seqlens, x.kinds, config).to(x.coords.device)
+    return x.structure
 
 
 # -----------------------------------------------------------------------------
 # building blocks, small to large
-
-
-def attention(q, k, v, cu_q, cu_k, softcap=None):
-    """Block-diagonal attention over packed segments; the reference path (flash-attn varlen semantics).
-
-    q [N, h, d], k/v [M, h, d]; segment i is q[cu_q[i]:cu_q[i+1]] against k[cu_k[i]:cu_k[i+1]].
-    Non-causal, scale 1/sqrt(d). softcap c: scores become c * tanh(s / c) (the Gaussian decoder's).
-    On CUDA the fused Triton kernel (kernels/attention.py, same semantics) replaces this loop; it is
-    imported only there, so CPU users never need Triton.
-    """
-    if q.is_cuda:
-        from kernels.attention import attention as fused_attention
-        return fused_attention(q, k, v, cu_q, cu_k, softcap=softcap)
-    out = []
-    bq, bk = cu_q.tolist(), cu_k.tolist()
-    for i in range(len(bq) - 1):
-        qi = q[bq[i]:bq[i + 1]].transpose(0, 1)                                # [h, n, d]
-        ki, vi = (x[bk[i]:bk[i + 1]].transpose(0, 1) for x in (k, v))         # [h, m, d]
-        if softcap is None:
-            o = F.scaled_dot_product_attention(qi, ki, vi)
-        else:
-            s = qi @ ki.transpose(1, 2) / math.sqrt(q.shape[-1])                # [h, n, m]
-            o = torch.softmax(softcap * torch.tanh(s / softcap), dim=-1) @ vi
-        out.append(o.transpose(0, 1))                                           # [n, h, d]
-    return torch.cat(out) if out else q.new_zeros(q.shape)
 
 
 def rope_angles(coords, head_dim, theta):
@@ -282,6 +495,68 @@ def apply_rope(x, angles):
     cos, sin = angles.cos()[:, None], angles.sin()[:, None]                     # [N, 1, d/2]
     out = torch.stack([a * cos - b * sin, a * sin + b * cos], -1)             # [N, h, d/2, 2]
     return out.flatten(-2).to(x.dtype)
+
+
+@dataclass
+class Rope:
+    """4D RoPE at integer coords [N, 4] for one head_dim, made once per trunk and shared by its layers. On
+    CUDA the Triton kernel rotates q and k itself from the coords (fused); elsewhere apply_rope uses the
+    angles made here once."""
+    coords: torch.Tensor
+    angles: torch.Tensor        # [N, d/2] fp32, or None when the fused kernel does the rotation
+    theta: float
+
+    @staticmethod
+    def make(coords, head_dim, theta, fused):
+        return Rope(coords, None if fused else rope_angles(coords, head_dim, theta), theta)
+
+    def rotate(self, x):
+        return apply_rope(x, self.angles)
+
+
+def fused_kernel(x, head_dim):
+    """Whether attention on tensors like x runs the Triton kernel (kernels/attention.py): CUDA, head_dim >= 16,
+    not switched off (ATOKEN_ATTENTION=reference). Imported only then, so CPU users never need Triton."""
+    if not x.is_cuda or head_dim < 16:
+        return False
+    from kernels import attention as kattn
+    return kattn.HAS_TRITON and kattn.BACKEND != 'reference'
+
+
+def attention(q, k, v, layout, rope_q=None, rope_k=None, softcap=None):
+    """Block-diagonal attention over packed segments (flash-attn varlen semantics): the one attention path.
+
+    q [N, h, d], k/v [M, h, d]; layout (Layout): which query rows see which key rows. rope_q / rope_k: 4D RoPE
+    of q / k (Rope), or None. Non-causal, scale 1/sqrt(d). softcap c: scores become c * tanh(s / c) (the
+    Gaussian decoder's). CUDA: the fused Triton kernel (RoPE inside it). Elsewhere: RoPE, then one masked
+    SDPA over the layout's groups (Layout.grouped). The per-segment loop lives only in kernels/attention.py
+    as the reference the tests compare with.
+    """
+    if fused_kernel(q, q.shape[-1]):
+        from kernels.attention import attention as fused_attention
+        return fused_attention(q, k, v, layout.cu_q, layout.cu_k,
+                               rope_q.coords if rope_q is not None else None,
+                               rope_k.coords if rope_k is not None else None,
+                               rope_q.theta if rope_q is not None else 10000.0, softcap=softcap,
+                               cu_host=(layout.cu_q_host, layout.cu_k_host))
+    if rope_q is not None:
+        q, k = rope_q.rotate(q), rope_k.rotate(k)
+    if layout.mask is None:                     # a layout made for the kernel, used on another device
+        layout.grouped()
+        for name in ('q_gather', 'k_gather', 'q_scatter', 'mask'):
+            setattr(layout, name, getattr(layout, name).to(q.device))
+    G, _, Lq, Lk = layout.mask.shape
+    h, d = q.shape[1:]
+    qg = q.index_select(0, layout.q_gather).view(G, Lq, h, d).transpose(1, 2)  # [G, h, Lq, d]
+    kg = k.index_select(0, layout.k_gather).view(G, Lk, h, d).transpose(1, 2)  # [G, h, Lk, d]
+    vg = v.index_select(0, layout.k_gather).view(G, Lk, h, d).transpose(1, 2)
+    if softcap is None:
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=layout.mask)
+    else:
+        s = qg @ kg.transpose(-1, -2) / math.sqrt(d)                            # [G, h, Lq, Lk]
+        s = (softcap * torch.tanh(s / softcap)).masked_fill(~layout.mask, float('-inf'))
+        o = torch.softmax(s, dim=-1) @ vg
+    return o.transpose(1, 2).reshape(G * Lq, h, d).index_select(0, layout.q_scatter)   # [N, h, d]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -337,15 +612,13 @@ class SelfAttention(nn.Module):
         self.qk_norm = qk_norm
         self.to_out = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x, angles, cu, cache=None):
+    def forward(self, x, rope, layout, cache=None):
         q, k, v = self.to_qkv(x).view(len(x), 3, self.heads, self.head_dim).unbind(1)  # [N, h, d] each
         if self.qk_norm:
             q, k = self.q_rms_norm(q), self.k_rms_norm(k)
         if cache is not None:                   # decoder KV cache: keys are cached + new tokens
             return self.to_out(cache.attend(q, k, v).flatten(1))
-        if angles is not None:
-            q, k = apply_rope(q, angles), apply_rope(k, angles)
-        return self.to_out(attention(q, k, v, cu, cu, self.softcap).flatten(1))  # [N, C]
+        return self.to_out(attention(q, k, v, layout, rope, rope, self.softcap).flatten(1))  # [N, C]
 
 
 class Block(nn.Module):
@@ -360,40 +633,32 @@ class Block(nn.Module):
         self.norm2 = Norm(dim)
         self.mlp = MLP(dim, mlp, bias=not decoder)
 
-    def forward(self, x, angles, cu, cache=None):
-        x = x + self.attn(self.norm1(x), angles, cu, cache)
+    def forward(self, x, rope, layout, cache=None):
+        x = x + self.attn(self.norm1(x), rope, layout, cache)
         return x + self.mlp(self.norm2(x))
 
 
 class PositionTable(nn.Module):
     """Learned 2D position table (pos_grid^2 x C), bilinearly resized to each segment's grid (SigLIP2-NaFlex).
 
-    Per segment: grid = (max row + 1, max col + 1); the table is resized with antialias
-    (align_corners=False) and gathered at (row, col). A 16x16 grid is an exact identity.
+    The resize (antialias, align_corners=False; a 16x16 grid is an exact identity) is linear, so the host
+    writes it as weights (position_lookup): one matmul makes every distinct resized row, one gather puts them
+    on the tokens, whatever the number of segments and grid sizes.
     """
     def __init__(self, grid, dim):
         super().__init__()
         self.grid = grid
         self.position_embedding = nn.Embedding(grid * grid, dim)
 
-    def forward(self, coords, lengths):                                         # coords [N, 4], segment order
+    def forward(self, index, rows):                                             # index [N], rows [R, g*g]
         w = self.position_embedding.weight
-        table = w.reshape(self.grid, self.grid, -1).permute(2, 0, 1)[None]      # [1, C, 16, 16]
-        if w.device.type == 'cpu':
-            table = table.float()               # CPU interpolation in fp32 (official; GPU stays in param dtype)
-        resized, out = {}, []
-        for c in coords.split(lengths):
-            hw = (int(c[:, 1].max()) + 1, int(c[:, 2].max()) + 1)
-            if hw not in resized:
-                r = F.interpolate(table, size=hw, mode='bilinear', align_corners=False, antialias=True)
-                resized[hw] = r[0].permute(1, 2, 0).to(w.dtype)                 # [h, w, C]
-            out.append(resized[hw][c[:, 1], c[:, 2]])                           # [n, C]
-        return torch.cat(out)
+        return (rows.to(w.dtype) @ w).index_select(0, index)                    # [N, C]
 
 
 class AttentionPool(nn.Module):
     """SigLIP MAP head: one learned probe cross-attends to all tokens of a sample; residual on the
-    attention output; no RoPE. The result is the text-aligned embedding (L2-normalised by the caller)."""
+    attention output; no RoPE. The result is the text-aligned embedding (L2-normalised by the caller).
+    (`attention.*` is a container only so that parameter names match the official checkpoints.)"""
     def __init__(self, dim, heads, mlp):
         super().__init__()
         self.heads = heads
@@ -405,46 +670,42 @@ class AttentionPool(nn.Module):
         self.layernorm = LayerNorm(dim, eps=NORM_EPS)
         self.mlp = MLP(dim, mlp, bias=True)
 
-    def forward(self, h, seqlens):                                              # h [N, C] -> [B, C]
-        B, (N, C), d = len(seqlens), h.shape, h.shape[1] // self.heads
+    def forward(self, h, layout):                                               # h [N, C] -> [B, C]
+        B, (N, C), d = len(layout.cu_q_host) - 1, h.shape, h.shape[1] // self.heads
         q = self.attention.to_q(self.probe).view(1, self.heads, d).expand(B, -1, -1)  # [B, h, d]
         k, v = self.attention.to_kv(h).view(N, 2, self.heads, d).unbind(1)           # [N, h, d]
-        o = attention(q, k, v, cu_seqlens([1] * B, h.device), cu_seqlens(seqlens, h.device))
+        o = attention(q.contiguous(), k, v, layout)
         y = self.attention.to_out(o.flatten(1))                                        # [B, C]
         return y + self.mlp(self.layernorm(y))
 
 
-class KVCache:
-    """One decoder layer's cache: K/V (post qk-norm, pre-RoPE) of each sample's last `frames` latent frames."""
-    def __init__(self, frames):
-        self.frames, self.k, self.v, self.coords = frames, None, None, None   # per-sample lists
+@dataclass
+class CacheStep:
+    """One step of the KV-cache decode, planned on the host (Decoder.cache_plan)."""
+    idx: torch.Tensor           # [n] tokens decoded in this step (input order, sample-major)
+    local: torch.Tensor         # [n, 4] their coords in the step (t starts at k after the first step)
+    pos_index: torch.Tensor
+    pos_rows: torch.Tensor
+    key_coords: torch.Tensor    # [m, 4] coords of the keys: per sample, its cached tokens then its new ones
+    key_order: torch.Tensor     # [m] rows of cat([cache, new]) in that order
+    keep: torch.Tensor          # [c] rows of cat([cache, new]) kept as the next step's cache (sample-major)
+    layout: Layout
 
-    def start_step(self, coords, lens, angles_fn):
-        """New tokens of this step: coords [n, 4] (local t), lens per sample (sample-major order)."""
-        self.new_coords, self.new_lens, self.angles_fn = coords, lens, angles_fn
+
+class KVCache:
+    """One decoder layer's cache: K/V (post qk-norm, pre-RoPE) of each sample's last `frames` latent frames,
+    kept flat (sample-major); which rows attend, and which stay, come from the step's host plan."""
+    def __init__(self, step, rope_q, rope_k):
+        self.k = self.v = None
+        self.step, self.rope_q, self.rope_k = step, rope_q, rope_k
 
     def attend(self, q, k, v):
-        """New queries attend to [cached | new] keys of their own sample; then the cache is updated."""
-        lens = self.new_lens
-        ks, vs, cs = list(k.split(lens)), list(v.split(lens)), list(self.new_coords.split(lens))
-        if self.k is not None:                  # per sample: cached tokens first (t = 0..k-1), then new
-            ks = [torch.cat(p) for p in zip(self.k, ks)]
-            vs = [torch.cat(p) for p in zip(self.v, vs)]
-            cs = [torch.cat(p) for p in zip(self.coords, cs)]
-        live = [i for i, n in enumerate(lens) if n > 0]         # samples with queries in this step
-        kk, vv, cc = (torch.cat([x[i] for i in live]) for x in (ks, vs, cs))
-        qa, ka = self.angles_fn(self.new_coords), self.angles_fn(cc)
-        if qa is not None:
-            q, kk = apply_rope(q, qa), apply_rope(kk, ka)
-        o = attention(q, kk, vv, cu_seqlens([lens[i] for i in live], q.device),
-                      cu_seqlens([len(ks[i]) for i in live], q.device))
-        # keep each sample's last `frames` latent frames, re-based to t = 0..frames-1
-        for i, c in enumerate(cs):
-            if len(c):   # not clamped at 0: a short first tile's cache still ends at t = frames - 1 (official)
-                t0 = int(c[:, 0].max()) + 1 - self.frames
-                m = c[:, 0] >= t0
-                ks[i], vs[i], cs[i] = ks[i][m], vs[i][m], c[m] - c.new_tensor([t0, 0, 0, 0])
-        self.k, self.v, self.coords = ks, vs, cs
+        """New queries attend to [cached | new] keys of their own sample; then the cache moves on."""
+        allk = k if self.k is None else torch.cat([self.k, k])
+        allv = v if self.v is None else torch.cat([self.v, v])
+        o = attention(q, allk.index_select(0, self.step.key_order), allv.index_select(0, self.step.key_order),
+                      self.step.layout, self.rope_q, self.rope_k)
+        self.k, self.v = allk.index_select(0, self.step.keep), allv.index_select(0, self.step.keep)
         return o
 
 
@@ -457,21 +718,26 @@ class Trunk(nn.Module):
         self.input_layer = nn.Linear(c_in, width, bias=not decoder)
         self.blocks = nn.ModuleList([Block(width, heads, mlp, decoder) for _ in range(depth)])
 
-    def angles(self, coords):
-        return rope_angles(coords, self.head_dim, self.cfg.rope_theta) if self.cfg.use_rope else None
+    def rope(self, coords, x):
+        if not self.cfg.use_rope:
+            return None
+        return Rope.make(coords, self.head_dim, self.cfg.rope_theta, fused_kernel(x, self.head_dim))
 
-    def run(self, x, coords, seqlens):
+    def embed_input(self, x):
+        """input linear; one-frame tokens (images, 3D: ph*pw*3 columns) meet only the pt = 0 slot's columns of
+        the space-time weight, which is what the zero-padded official frames compute."""
+        w = self.input_layer.weight
+        return F.linear(x, w[:, :x.shape[1]] if x.shape[1] < w.shape[1] else w, self.input_layer.bias)
+
+    def run(self, x, st):
         """x [N, c_in] -> [N, width] with every (sample, tile) segment processed independently."""
-        seg = split_tiles(coords, seqlens, self.cfg.tile_frames // self.cfg.patch_size[0])
-        if seg.order is not None:
-            x = x[seg.order]
-        h = self.input_layer(x) + self.pos_embedder(seg.coords, seg.lengths)
-        angles = self.angles(seg.coords)
+        if st.order is not None:
+            x = x.index_select(0, st.order)
+        h = self.embed_input(x) + self.pos_embedder(st.pos_index, st.pos_rows)
+        rope = self.rope(st.local, h)
         for block in self.blocks:
-            h = block(h, angles, seg.cu)
-        if seg.order is not None:
-            h = torch.empty_like(h).index_copy_(0, seg.order, h)                # back to input order
-        return h
+            h = block(h, rope, st.seg)
+        return h if st.inverse is None else h.index_select(0, st.inverse)       # back to input order
 
 
 class Encoder(Trunk):
@@ -481,8 +747,11 @@ class Encoder(Trunk):
         self.post_layernorm = LayerNorm(cfg.encoder_width, eps=NORM_EPS)
         self.head = AttentionPool(cfg.encoder_width, cfg.encoder_heads, cfg.encoder_mlp)
 
-    def forward(self, x, coords, seqlens):
-        return self.post_layernorm(self.run(x, coords, seqlens))               # [N, C]
+    def forward(self, x, coords=None, seqlens=None, structure=None):
+        """x [N, C] (full or one-frame patches) -> [N, C_enc]. structure: the batch's Structure, else built
+        from coords and seqlens."""
+        st = structure or build_structure(coords, seqlens, ['video'] * len(seqlens), self.cfg).to(x.device)
+        return self.post_layernorm(self.run(x, st))                            # [N, C]
 
 
 class Decoder(Trunk):
@@ -492,42 +761,83 @@ class Decoder(Trunk):
         self.out_norm = RMSNorm(cfg.decoder_width)
         self.out_layer = nn.Linear(cfg.decoder_width, cfg.in_channels, bias=False)
 
-    def forward(self, z, coords, seqlens):
+    def out(self, h, single_frame):
+        """-> pixel patches; for a one-frame batch only the pt = 0 slot's rows of the output layer run."""
+        w = self.out_layer.weight
+        return F.linear(self.out_norm(h), w[:w.shape[0] // self.cfg.patch_size[0]] if single_frame else w)
+
+    def forward(self, z, coords=None, seqlens=None, structure=None, single_frame=False):
+        """z [N, L] -> [N, pt*ph*pw*3] (or [N, ph*pw*3] with single_frame / a one-frame structure)."""
+        st = structure or build_structure(coords, seqlens, ['video'] * len(seqlens), self.cfg).to(z.device)
+        single = single_frame or (structure is not None and structure.single_frame)
         if self.cfg.decoder_cache_frames > 0:
-            return self.forward_cached(z, coords, seqlens)
-        return self.out_layer(self.out_norm(self.run(z, coords, seqlens)))    # [N, pt*ph*pw*3]
+            return self.forward_cached(z, st, single)
+        return self.out(self.run(z, st), single)
 
-    def forward_cached(self, z, coords, seqlens):
-        """Decode tile by tile; each tile also attends to the K/V of the previous `k` latent frames.
-
-        Official recipe (paper Fig. 6, ml-atoken `_decode`): with a cache of k latent frames, each step
-        decodes s = tile - k new latent frames, whose local t starts at k; the cached keys/values are taken
-        after qk-norm and before RoPE and re-based to t = 0..k-1; the position table is added to the new
-        tokens only. Steps run in sequence, all samples of the batch at once.
-        """
+    def cache_plan(self, st):
+        """The KV-cache decode's steps, from the host coords (official recipe, paper Fig. 6, ml-atoken
+        `_decode`): with a cache of k latent frames each step decodes s = tile - k new latent frames, whose local
+        t starts at k; the cache holds the previous k latent frames re-based to t = 0..k-1; samples with no new
+        tokens in a step sit it out (their cache stays)."""
         pt = self.cfg.patch_size[0]
         k_lat, tile = self.cfg.decoder_cache_frames // pt, self.cfg.tile_frames // pt
         assert 0 < k_lat < tile, f"decoder_cache_frames must be a multiple of {pt} below tile_frames"
-        s = tile - k_lat
-        sample = torch.repeat_interleave(torch.arange(len(seqlens), device=z.device),
-                                         torch.as_tensor(seqlens, device=z.device))
-        t = coords[:, 0] - torch.stack([c[:, 0].min() for c in coords.split(seqlens)])[sample]
-        caches = [KVCache(k_lat) for _ in self.blocks]
-        out = torch.empty(len(z), self.out_layer.out_features, dtype=z.dtype, device=z.device)
-        for step in range(int(t.max()) // s + 1):
-            idx = torch.nonzero((t >= step * s) & (t < step * s + s)).squeeze(1)   # sample-major
+        s, coords, seqlens = tile - k_lat, st.coords_host, st.seqlens
+        B = len(seqlens)
+        sample = np.repeat(np.arange(B), seqlens)
+        t0 = np.full(B, np.iinfo(np.int64).max)
+        np.minimum.at(t0, sample, coords[:, 0])
+        t = coords[:, 0] - t0[sample]
+        cached = [np.zeros((0, 4), np.int64) for _ in range(B)]      # per sample: coords of its cached rows
+        steps, T = [], torch.from_numpy
+        for step in range(int(t.max(initial=0)) // s + 1):
+            idx = np.flatnonzero((t >= step * s) & (t < step * s + s))             # sample-major
             if len(idx) == 0:                   # a gap in t across the whole batch: nothing to decode
                 continue
-            lens = torch.bincount(sample[idx], minlength=len(seqlens)).tolist()
-            c = coords[idx].clone()
+            lens = np.bincount(sample[idx], minlength=B)
+            c = coords[idx].copy()
             c[:, 0] = t[idx] - step * s + (k_lat if step > 0 else 0)
-            h = self.input_layer(z[idx]) + self.pos_embedder(c, [n for n in lens if n > 0])
+            live = [i for i in range(B) if lens[i] > 0]
+            new = np.split(c, np.cumsum(lens)[:-1])
+            n_cached = [len(x) for x in cached]
+            c_start = np.concatenate([[0], np.cumsum(n_cached)])
+            n_start = c_start[-1] + np.concatenate([[0], np.cumsum(lens)])
+            rows = [np.concatenate([np.arange(c_start[i], c_start[i + 1]), np.arange(n_start[i], n_start[i + 1])])
+                    for i in range(B)]                                          # per sample: cached, then new
+            both = [np.concatenate([cached[i], new[i]]) for i in range(B)]
+            keep, kept = [], []
+            for i in range(B):                  # keep each sample's last k latent frames, re-based to 0..k-1
+                if len(both[i]):                # (not clamped at 0: a short first tile ends at t = k-1, official)
+                    m = both[i][:, 0] >= both[i][:, 0].max() + 1 - k_lat
+                    keep.append(rows[i][m])
+                    kept.append(both[i][m] - np.array([both[i][:, 0].max() + 1 - k_lat, 0, 0, 0]))
+                else:
+                    keep.append(rows[i][:0]), kept.append(both[i])
+            pos_index, pos_rows = position_lookup(c, [int(lens[i]) for i in live], self.cfg.pos_grid)
+            steps.append(CacheStep(T(idx), T(c), pos_index, pos_rows, T(np.concatenate([both[i] for i in live])),
+                                   T(np.concatenate([rows[i] for i in live])), T(np.concatenate(keep)),
+                                   Layout.build([lens[i] for i in live], [len(both[i]) for i in live])))
+            cached = kept
+        return steps
+
+    def forward_cached(self, z, st, single):
+        """Decode tile by tile; each tile also attends to the K/V of the previous `k` latent frames; the position
+        table is added to the new tokens only. Steps run in sequence, all samples of the batch at once."""
+        out = None
+        caches = None
+        for plan in self.cache_plan(st):
+            plan = _move(plan, z.device)
+            h = self.embed_input(z.index_select(0, plan.idx)) + self.pos_embedder(plan.pos_index, plan.pos_rows)
+            rq, rk = self.rope(plan.local, h), self.rope(plan.key_coords, h)
+            if caches is None:
+                caches = [KVCache(plan, rq, rk) for _ in self.blocks]
             for cache in caches:
-                cache.start_step(c, lens, self.angles)
+                cache.step, cache.rope_q, cache.rope_k = plan, rq, rk
             for block, cache in zip(self.blocks, caches):
                 h = block(h, None, None, cache)
-            out[idx] = self.out_layer(self.out_norm(h))
-        return out
+            y = self.out(h, single)
+            out = (y.new_zeros(len(z), y.shape[1]) if out is None else out).index_copy(0, plan.idx, y)
+        return out if out is not None else z.new_zeros(len(z), self.out_layer.out_features)
 
 
 # -----------------------------------------------------------------------------
@@ -751,8 +1061,7 @@ class AToken(nn.Module):
         the matmuls, plus attention: 12 x width x sum over (sample, tile) segments of length^2, per layer
         (the PaLM appendix-B count nanoGPT uses, with packed segments instead of one sequence length)."""
         c = self.config
-        seg = split_tiles(x.coords, x.seqlens, c.tile_frames // c.patch_size[0])
-        s2 = sum(n * n for n in seg.lengths)
+        s2 = int((np.diff(structure_of(x, c).seg.cu_q_host.numpy().astype(np.int64)) ** 2).sum())  # host lengths
         attn = 12 * s2 * (c.encoder_width * c.encoder_depth + c.decoder_width * c.decoder_depth)
         return 6 * self.num_params() * sum(x.seqlens) + attn
 
@@ -812,11 +1121,14 @@ class AToken(nn.Module):
 
     def encode(self, x):
         """Packed pixels -> post-LayerNorm encoder features h [N, C_enc] (tiles encoded independently)."""
-        return self.encoder(x.feats, x.coords, x.seqlens)
+        if x.feats.dtype == torch.uint8:
+            raise ValueError("Packed.feats is uint8 (a batch from data.collate): move it with batch.packed.to(device), "
+                             "which turns the pixels into floats in [-1, 1]")
+        return self.encoder(x.feats, structure=structure_of(x, self.config))
 
-    def embed_features(self, h, seqlens):
-        """h [N, C] -> L2-normalised text-aligned embeddings [B, C] (pools over all tiles of a sample)."""
-        return F.normalize(self.encoder.head(h, seqlens), dim=-1)
+    def embed_features(self, h, x):
+        """h [N, C] of packed batch x -> L2-normalised text-aligned embeddings [B, C] (pools over all tiles)."""
+        return F.normalize(self.encoder.head(h, structure_of(x, self.config).pool), dim=-1)
 
     def bottleneck(self, h, sample=False):
         """h -> (z, mean, logvar, fsq indices or None). z ~ N(mean, exp(logvar)) if sample, else the mean;
@@ -831,24 +1143,30 @@ class AToken(nn.Module):
             return z, mean, logvar, None
         return mean, mean, logvar, None
 
-    def decode(self, z, coords, seqlens):
-        """Latents z [N, L] at coords -> pixel patches [N, pt*ph*pw*3] in [-1, 1] (not clamped)."""
+    def decode(self, z, coords, seqlens=None):
+        """Latents z [N, L] at coords -> pixel patches [N, pt*ph*pw*3] in [-1, 1] (not clamped). coords: the
+        Packed batch z belongs to (its structure is reused; one-frame batches give [N, ph*pw*3]), or integer
+        coords [N, 4] with seqlens."""
+        if isinstance(coords, Packed):
+            return self.decoder(z, structure=structure_of(coords, self.config))
         return self.decoder(z, coords, seqlens)
 
-    def forward(self, x, sample=None):
-        """Training pass on a Packed batch. Samples the posterior when training (unless sample=False)."""
+    def forward(self, x, sample=None, decode=True):
+        """Training pass on a Packed batch. Samples the posterior when training (unless sample=False).
+        decode=False (understanding-only batches) skips the bottleneck and the pixel decoder."""
         sample = self.training if sample is None else sample
         h = self.encode(x)
-        z, mean, logvar, idx = self.bottleneck(h, sample)
-        rec = self.decode(z, x.coords, x.seqlens)
-        return dict(rec=rec, mean=mean, logvar=logvar, indices=idx, h=h,
-                    embedding=self.embed_features(h, x.seqlens))
+        out = dict(h=h, embedding=self.embed_features(h, x))
+        if decode:
+            z, mean, logvar, idx = self.bottleneck(h, sample)
+            out.update(rec=self.decode(z, x), mean=mean, logvar=logvar, indices=idx)
+        return out
 
     # --- media in, media out -------------------------------------------------
 
     def pack(self, media):
         p = next(self.parameters())
-        return pack(media, self.config.patch_size).to(p.device, p.dtype)
+        return pack(media, self.config.patch_size, self.config).to(p.device, p.dtype)
 
     @torch.no_grad()
     def reconstruct(self, media):
@@ -858,13 +1176,13 @@ class AToken(nn.Module):
         posterior mean, or the FSQ codes when the config has a quantizer."""
         x = self.pack(media)
         z = self.bottleneck(self.encode(x))[0]
-        return unpack(self.decode(z, x.coords, x.seqlens), x, self.config.patch_size)
+        return unpack(self.decode(z, x), x, self.config.patch_size)
 
     @torch.no_grad()
     def embed(self, media):
         """Media list -> [B, C] L2-normalised embeddings (the SigLIP2 text space for trained weights)."""
         x = self.pack(media)
-        return self.embed_features(self.encode(x), x.seqlens)
+        return self.embed_features(self.encode(x), x)
 
     @torch.no_grad()
     def tokenize(self, media):
@@ -894,9 +1212,10 @@ class AToken(nn.Module):
             grids.append(grid), kinds.append(kind)
         p = next(self.parameters())
         z = fsq_codes_from_indices(torch.cat(indices).to(p.device), dims, self.config.fsq_levels).to(p.dtype)
-        x = Packed(z, torch.cat(coords).to(p.device), [len(i) for i in indices], kinds, grids,
-                   self.config.patch_size)
-        return unpack(self.decode(z, x.coords, x.seqlens), x, self.config.patch_size)
+        coords, seqlens = torch.cat(coords), [len(i) for i in indices]
+        x = Packed(z, coords, seqlens, kinds, grids, self.config.patch_size,
+                   build_structure(coords, seqlens, kinds, self.config)).to(p.device)
+        return unpack(self.decode(z, x), x, self.config.patch_size)
 
 
 # -----------------------------------------------------------------------------
@@ -933,17 +1252,6 @@ def sincos_embedding(coords, dim):
     return F.pad(emb, (0, dim - emb.shape[1]))
 
 
-def window_segments(coords, seqlens, window, shift):
-    """Group voxels by (sample, shifted window): order [N] and segment lengths, for windowed attention."""
-    sample = torch.repeat_interleave(torch.arange(len(seqlens), device=coords.device),
-                                     torch.as_tensor(seqlens, device=coords.device))
-    w = (coords + shift) // window                                              # [N, 3] window index
-    n = int(w.max()) + 1 if len(w) else 1
-    key = ((sample * n + w[:, 0]) * n + w[:, 1]) * n + w[:, 2]
-    order = torch.argsort(key, stable=True)
-    return order, torch.unique_consecutive(key[order], return_counts=True)[1].tolist()
-
-
 class GaussianDecoder(nn.Module):
     """Voxel features -> 32 Gaussians per voxel (official `SLatGaussianDecoder`; keys match 3d_decode_gs.pt).
 
@@ -974,22 +1282,21 @@ class GaussianDecoder(nn.Module):
         self.offset_perturbation.copy_(offset_perturbation(self.cfg.gs_per_voxel))
         return self
 
-    def forward(self, feats, coords, seqlens=None):
+    def forward(self, feats, coords, seqlens=None, windows=None):
         """feats [N, ph*pw*3] (first channels of the reconstruction, in [-1, 1]), coords [N, 3] voxel
         indices (i, j, k), seqlens voxels per sample -> activated Gaussians, 32 per voxel, Gaussian k of
         voxel i at row 32 i + k: xyz [G, 3] world in [-0.5, 0.5]^3, scale [G, 3], rotation [G, 4] (unit
-        quaternion, real first), opacity [G, 1], rgb [G, 3] (>= 0), features_dc [G, 1, 3] (raw SH)."""
+        quaternion, real first), opacity [G, 1], rgb [G, 3] (>= 0), features_dc [G, 1, 3] (raw SH).
+        windows: the batch's shifted windows (Structure.gs, built on the host by data.collate / model.pack);
+        without them they are built here from a host copy of coords."""
         seqlens = [len(feats)] if seqlens is None else seqlens
         coords = coords.long()
+        if windows is None:
+            windows = {k: w.to(feats.device) for k, w in gs_windows(coords.cpu(), seqlens, self.cfg.gs_window).items()}
         h = self.input_layer(feats) + sincos_embedding(coords, self.cfg.gs_width).to(feats.dtype)
-        segs = {}
         for i, block in enumerate(self.blocks):
-            shift = self.cfg.gs_window // 2 * (i % 2)
-            if shift not in segs:
-                segs[shift] = window_segments(coords, seqlens, self.cfg.gs_window, shift)
-            order, lengths = segs[shift]
-            y = block(h[order], None, cu_seqlens(lengths, h.device))
-            h = torch.empty_like(y).index_copy_(0, order, y)
+            w = windows[self.cfg.gs_window // 2 * (i % 2)]
+            h = block(h.index_select(0, w.order), None, w.layout).index_select(0, w.inverse)
         h = F.layer_norm(h, h.shape[-1:], eps=1e-5)
         return self.activate(self.out_layer(h), coords)
 

@@ -1127,15 +1127,26 @@ def render(gaussians, camera, backend='auto', background=(0.0, 0.0, 0.0), kernel
     raise ValueError(f"backend must be 'auto', 'reference' or 'gsplat', got {backend!r}")
 
 
+def render_samples(gaussians, counts, cameras, backend='auto', background=(0.0, 0.0, 0.0)):
+    """The one place decoded Gaussians become pictures (training's 3D loss, evaluation, tests): Gaussians of
+    several samples concatenated (GaussianDecoder on a packed batch), `counts` Gaussians per sample (host
+    ints), cameras[i] the cameras of sample i -> per sample its renders [V, H, W, 3] in [0, 1].
+    The rasteriser sizes its per-pixel lists from the splats' screen footprints (here and in gsplat alike):
+    the one data-dependent step of a 3D training step."""
+    out, start = [], 0
+    for n, cams in zip(counts, cameras):
+        g = {k: v[start:start + n] for k, v in gaussians.items()}
+        out.append(torch.stack([render(g, c, backend, background)['rgb'] for c in cams]))
+        start += n
+    return out
+
+
 def multiview_l1(gaussians, cameras, target_views, backend='auto', background=(0.0, 0.0, 0.0)):
     """3D reconstruction loss (paper: L_rec = L1 for 3D): mean |render - target| over views and pixels.
     target_views [V, H, W, 3] in [-1, 1] (repo convention, black background = -1); compared in [0, 1] as the
     TRELLIS-style renderer outputs."""
-    loss = 0.0
-    for cam, target in zip(cameras, target_views):
-        pred = render(gaussians, cam, backend, background)['rgb']
-        loss = loss + (pred - (target.to(pred) + 1) / 2).abs().mean()
-    return loss / len(cameras)
+    pred = render_samples(gaussians, [len(gaussians['xyz'])], [cameras], backend, background)[0]
+    return (pred - (target_views.to(pred) + 1) / 2).abs().mean()
 
 
 # -----------------------------------------------------------------------------

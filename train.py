@@ -15,6 +15,7 @@ from the previous stage's weights (widening the latent 32 -> 48, switching FSQ o
 Borrowed: nanoGPT (configurator, get_lr, MFU, train loop layout), the FSDP2 recipe of torchtitan.
 """
 import ast
+import functools
 import json
 import math
 import os
@@ -43,7 +44,7 @@ class TrainConfig:
     seed: int = 0
     device: str = 'auto'            # auto: cuda -> mps -> cpu
     dtype: str = 'bfloat16'         # autocast dtype on CUDA (CPU always runs fp32)
-    compile: bool = False
+    compile: bool = False           # torch.compile each transformer block (fullgraph, dynamic shapes)
     parallel: str = 'none'          # none | ddp | fsdp (under torchrun)
     # model
     preset: str = 'tiny'            # model.PRESETS key; `model` overrides its fields
@@ -289,11 +290,13 @@ def git_commit():
 
 class TaskStream:
     """Batches for one task from a dataset, resumable: its position is (epoch, batch) on this rank.
-    Batches come from data.TokenBudgetSampler's deterministic plan, so a resumed run sees the same data."""
+    Batches come from data.TokenBudgetSampler's deterministic plan, so a resumed run sees the same data. One
+    DataLoader serves every epoch (its key lists run on from epoch to epoch), so its workers, and the
+    built-in datasets' render caches inside them, live for the whole stage."""
 
-    def __init__(self, dataset, budget, patch_size, seed, rank, world, workers):
+    def __init__(self, dataset, budget, config, seed, rank, world, workers, grouped=True, pin=False):
         self.sampler = data.TokenBudgetSampler(dataset, budget, seed, rank, world)
-        self.dataset, self.patch_size, self.workers = dataset, patch_size, workers
+        self.dataset, self.config, self.workers, self.grouped, self.pin = dataset, config, workers, grouped, pin
         self.epoch, self.pos, self._it, self.skipped = 0, 0, None, []
 
     def state(self):
@@ -302,28 +305,36 @@ class TaskStream:
     def load(self, state):
         self.epoch, self.pos, self._it = state['epoch'], state['pos'], None
 
+    def mine(self, epoch):
+        """This rank's batches (lists of indices) of one epoch."""
+        return self.sampler.plan(epoch)[self.sampler.rank::self.sampler.world_size]
+
+    def _keys(self, epoch, pos):
+        while True:                             # endless: the loader's workers persist across epochs
+            for b in self.mine(epoch)[pos:]:
+                yield [(i, epoch) for i in b]
+            epoch, pos = epoch + 1, 0
+
     def _open(self):
-        mine = self.sampler.plan(self.epoch)[self.sampler.rank::self.sampler.world_size][self.pos:]
-        keys = [[(i, self.epoch) for i in b] for b in mine]
-        collate = lambda items: data.collate(items, self.patch_size)
+        collate = functools.partial(data.collate, config=self.config, grouped=self.grouped)
         # own generator: opening a DataLoader iterator draws a seed, which must not move the global RNG
         # (a resumed run opens one more iterator than an uninterrupted one)
-        self._it = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=keys, collate_fn=collate,
-                                                    num_workers=self.workers, generator=torch.Generator()))
+        self._it = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=self._keys(self.epoch, self.pos),
+                                                    collate_fn=collate, num_workers=self.workers,
+                                                    pin_memory=self.pin, generator=torch.Generator()))
 
     def next(self):
-        while True:
-            if self._it is None:
-                self._open()
-            batch = next(self._it, None)
-            if batch is not None:
-                self.pos += 1
-                self.skipped += batch.skipped
-                return batch
+        if self._it is None:
+            self._open()
+        batch = next(self._it)
+        self.pos += 1
+        self.skipped += batch.skipped
+        if self.pos == len(self.mine(self.epoch)):      # the epoch's last batch: report, move on
             report = data.skip_report(self.dataset, self.skipped)
             if report:
                 print0(report)
-            self.epoch, self.pos, self._it, self.skipped = self.epoch + 1, 0, None, []
+            self.epoch, self.pos, self.skipped = self.epoch + 1, 0, []
+        return batch
 
 
 def build_datasets(cfg, stage, mcfg, split='train', n_scale=1.0):
@@ -426,20 +437,28 @@ class Trainable(torch.nn.Module):
 
     def forward(self, batch, task):
         p = batch.packed
-        out = self.tok(p, sample=self.loss_cfg.sample_posterior and self.training)
-        views = None
-        if task == '3d_rec':        # decoded voxels -> Gaussians -> renders vs ground-truth views
-            import render3d
-            ph, pw = self.tok.config.patch_size[1:]
-            starts = atoken.cu_seqlens(p.seqlens).tolist()
-            views = {}
-            for i, v in enumerate(batch.views):
-                feats = out['rec'][starts[i]:starts[i + 1], :ph * pw * 3]
-                g = self.gs(feats, p.coords[starts[i]:starts[i + 1], 1:])
-                views[i] = (torch.stack([render3d.render(g, c)['rgb'] * 2 - 1 for c in v[1]]), v[0].to(feats))
-        tasks = ['rec' if task.endswith('rec') else 'und'] * len(p.seqlens)
-        return losses.compute_losses(out, p, self.frozen[0], self.loss_cfg, tasks, batch.captions, views,
-                                     self.temperature, self.text)
+        rec = task.endswith('rec')
+        out = self.tok(p, sample=self.loss_cfg.sample_posterior and self.training, decode=rec)
+        views = self.render_3d(out['rec'], batch) if task == '3d_rec' else None
+        return losses.compute_losses(out, p, self.frozen[0], self.loss_cfg, ['rec' if rec else 'und'] * len(p.seqlens),
+                                     batch.captions, views, self.temperature, self.text)
+
+    def render_3d(self, rec, batch):
+        """Decoded voxels of every 3D sample -> one Gaussian decoder call (packed, windows from the batch's
+        structure) -> renders vs the ground-truth views: {sample: (pred [V, H, W, 3], target)} in [-1, 1]."""
+        import render3d
+        p, (ph, pw) = batch.packed, self.tok.config.patch_size[1:]
+        st = p.structure
+        ids = [i for i, k in enumerate(p.kinds) if k == '3d']
+        feats, coords = rec[:, :ph * pw * 3], p.coords[:, 1:]
+        if st.gs_index is not None:
+            feats, coords = feats.index_select(0, st.gs_index), coords.index_select(0, st.gs_index)
+        lens = [p.seqlens[i] for i in ids]
+        g = self.gs(feats, coords, lens, st.gs)
+        K = self.gs.cfg.gs_per_voxel
+        renders = render3d.render_samples(g, [n * K for n in lens], [batch.views[i][1] for i in ids])
+        return {i: (r * 2 - 1, atoken.from_uint8(batch.views[i][0].to(r.device, non_blocking=True)))
+                for i, r in zip(ids, renders)}
 
 
 def stage_model_config(cfg, stage):
@@ -482,14 +501,18 @@ def wrap(net, cfg, world, device):
         return DDP(net, device_ids=[int(device.split(':')[1])] if device.startswith('cuda') else None,
                    find_unused_parameters=True)       # tasks use different parts (3D head, temperature)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(device.split(':')[0], (world,))
+    # on CUDA with bf16: blocks compute with bf16 parameters, gradients are reduced in fp32 (torchtitan's policy)
+    low = device.startswith('cuda') and cfg.dtype != 'float32'
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.dtype) if low else None,
+                              reduce_dtype=torch.float32 if low else None)
     for m in (net.tok.encoder, net.tok.decoder, net.gs):
         for block in m.blocks:
-            fully_shard(block, mesh=mesh)
-    fully_shard(net.tok, mesh=mesh)
-    fully_shard(net.gs, mesh=mesh)
-    return fully_shard(net, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(net.tok, mesh=mesh, mp_policy=mp)
+    fully_shard(net.gs, mesh=mesh, mp_policy=mp)
+    return fully_shard(net, mesh=mesh, mp_policy=mp)
 
 
 def unwrap(net):
@@ -536,7 +559,8 @@ def main(cfg):
     if master and ckpt is None:     # the untrained baseline of the final summary
         save_untrained(cfg, frozen, loss_cfg, os.path.join(cfg.out_dir, 'tokenizer_init.pt'))
 
-    stage_i, bad_steps, state = None, 0, None
+    stage_i, state = None, None
+    bad_run = skipped = torch.zeros((), dtype=torch.long, device=device)   # non-finite steps (in a row / since log)
     while step < last and stop['signal'] is None:
         i, stage, s_step = get_stage(step, cfg.stages)
         if i != stage_i:
@@ -553,16 +577,19 @@ def main(cfg):
             raw = net
             net = wrap(net, cfg, world, device)
             if cfg.compile:
-                compile_token_parts(raw)
+                compile_blocks(raw)
+            fused_opt = not (cfg.parallel == 'fsdp' and world > 1)      # fused AdamW: CPU and CUDA, not DTensors
             opt = torch.optim.AdamW(param_groups({'tok': raw.tok, 'gs': raw.gs, 'temp': raw.temperature,
                                                   **({'text': raw.text} if raw.text is not None else {})}, cfg),
-                                    lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=cuda)
+                                    lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused_opt)
             ema = {n: p.detach().clone() for n, p in raw.named_parameters()}
+            params_list = [p for _, p in raw.named_parameters()]
+            ema_list = [ema[n] for n, _ in raw.named_parameters()]
             grad_accum = stage.get('grad_accum', 1)
             budget = stage.get('tokens', 4096)
             dsets = build_datasets(cfg, stage, raw.tok.config)
-            streams = {t: TaskStream(d, budget, raw.tok.config.patch_size, cfg.seed + 1000 * TASKS.index(t),
-                                     rank, world, cfg.num_workers) for t, d in dsets.items()}
+            streams = {t: TaskStream(d, budget, raw.tok.config, cfg.seed + 1000 * TASKS.index(t), rank, world,
+                                     cfg.num_workers, grouped=not cuda, pin=cuda) for t, d in dsets.items()}
             if resuming:
                 from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                                      set_optimizer_state_dict)
@@ -574,7 +601,7 @@ def main(cfg):
                 for t, s in ckpt['streams'].items():
                     streams[t].load(s)
                 set_rng_states(ckpt['rng'])
-                bad_steps = ckpt.get('bad_steps', 0)
+                bad_run = torch.full((), ckpt.get('bad_steps', 0), device=device)
                 ckpt = None                    # consumed
             stage_i = i
             n_params = sum(p.numel() for p in raw.tok.parameters())
@@ -589,16 +616,20 @@ def main(cfg):
                            mininterval=2.0)
 
         # --- one optimizer step: round-robin micro-batches, gradient accumulation ---
+        # Nothing here reads the device: loss terms, the finite flag and the gradient norm stay there until
+        # the log step; a non-finite step is skipped by the fused optimizer itself (found_inf), as AMP does.
         t0 = time.time()
         lr = get_lr(s_step, stage['steps'], cfg)
         for g in opt.param_groups:
             g['lr'] = lr * g['lr_mult']
-        terms, tokens, samples, finite = {}, 0, 0, True
+        terms, tokens, samples, flops = {}, 0, 0, 0
+        finite = torch.ones((), dtype=torch.bool, device=device)
         schedule = step_tasks(stage['mix'], grad_accum, s_step)    # this step's micro-batch tasks
         for j, task in enumerate(schedule):
             batch = streams[task].next()
             if batch.packed is None or not batch.packed.seqlens:
                 raise RuntimeError(f"{task}: a whole batch failed to decode ({batch.skipped})")
+            flops += raw.tok.estimate_flops(batch.packed)              # host-side lengths
             batch.packed = batch.packed.to(device)
             sync = (j == len(schedule) - 1)
             ctx = net.no_sync() if (cfg.parallel == 'ddp' and world > 1 and not sync) else nullcontext()
@@ -607,51 +638,56 @@ def main(cfg):
             with ctx:
                 with autocast:
                     loss, parts = net(batch, task)
-                finite &= bool(torch.isfinite(loss))
+                finite &= torch.isfinite(loss)
                 (loss / len(schedule)).backward()
             for k, v in parts.items():
-                terms[f"{task}/{k}"] = terms.get(f"{task}/{k}", 0.0) + float(v) / schedule.count(task)
+                terms[f"{task}/{k}"] = terms.get(f"{task}/{k}", 0.0) + v / schedule.count(task)
             tokens += sum(batch.packed.seqlens)
             samples += len(batch.packed.seqlens)
-        gnorm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-        ok = all_reduce_mean(torch.tensor(float(finite and bool(torch.isfinite(local(gnorm)))), device=device),
-                             world).item() == 1.0
-        if ok:
+        gnorm = local(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip, foreach=True))
+        ok = all_reduce_mean((finite & torch.isfinite(gnorm)).float(), world) == 1.0   # every rank finite
+        if fused_opt:
+            opt.found_inf = (~ok).float()
+            opt.step()                          # a no-op where found_inf = 1 (step counts stay too)
+        elif bool(ok):                          # FSDP2's DTensors: plain AdamW, one flag read per step
             opt.step()
-            bad_steps = 0
-            with torch.no_grad():
-                for n, p in raw.named_parameters():
-                    ema[n].lerp_(p.detach(), 1 - cfg.ema_decay)
-        else:
-            bad_steps += 1
-            warnings.warn(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+        with torch.no_grad():                   # EMA, one foreach op (a skipped step left the params as they were)
+            torch._foreach_lerp_(ema_list, [p.detach() for p in params_list], 1 - cfg.ema_decay)
+        bad_run = (bad_run + 1) * (~ok)         # consecutive skipped steps, on the device
+        skipped = skipped + (~ok)
+        opt.zero_grad(set_to_none=True)
+        step, s_step = step + 1, s_step + 1
+
+        # --- logging: the device is read here only, every log_interval steps ---------------
+        dt = time.time() - t0
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.log_interval == 0 or s_step == stage['steps']:
+            bad_steps, n_skipped = int(bad_run), int(skipped)
+            if n_skipped:
+                warnings.warn(f"step {step}: {n_skipped} step(s) with a non-finite loss or gradient skipped since "
+                              f"the last log ({bad_steps} in a row now)")
+                skipped = torch.zeros_like(skipped)
             if bad_steps >= cfg.max_bad_steps:
                 raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {step}: stopping. Lower the "
                                    f"lr, check the data ({[b for s in streams.values() for b in s.skipped]}), "
                                    f"or resume from {ckpt_path}")
-        opt.zero_grad(set_to_none=True)
-        step, s_step = step + 1, s_step + 1
-
-        # --- logging --------------------------------------------------------------
-        dt = time.time() - t0
-        if master:
-            flops = raw.tok.estimate_flops(batch.packed) * len(schedule) * world
-            mfu = flops / dt / peak_flops(device) if cuda else None
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(v for k, v in terms.items() if k.endswith('/total')):.4f}",
-                            tok_s=f"{tokens * world / dt:.0f}", smp_s=f"{samples * world / dt:.1f}",
-                            **({'mfu': f"{100 * mfu:.1f}%"} if mfu is not None else {}))
-            if step % cfg.log_interval == 0 or s_step == stage['steps']:
-                rec = dict(step=step, stage=stage['name'], lr=lr, grad_norm=float(local(gnorm)), dt=dt,
-                           tokens=tokens * world, skipped_step=not ok, **terms)
+            if master:
+                terms = {k: float(v) for k, v in terms.items()}
+                mfu = flops * world / dt / peak_flops(device) if cuda else None
+                bar.set_postfix(loss=f"{sum(v for k, v in terms.items() if k.endswith('/total')):.4f}",
+                                tok_s=f"{tokens * world / dt:.0f}", smp_s=f"{samples * world / dt:.1f}",
+                                **({'mfu': f"{100 * mfu:.1f}%"} if mfu is not None else {}))
+                rec = dict(step=step, stage=stage['name'], lr=lr, grad_norm=float(gnorm), dt=dt,
+                           tokens=tokens * world, skipped_step=not bool(ok), **terms)
                 log.write(json.dumps(rec) + '\n')
                 log.flush()
 
         # --- checkpoints ------------------------------------------------------------
         end_of_stage = s_step == stage['steps']
         if step % cfg.ckpt_interval == 0 or end_of_stage or step == last or stop['signal']:
-            state = save_checkpoint(cfg, ckpt_path, net, raw, opt, ema, streams, step, stage_i, bad_steps, master,
-                                    end_of_stage)
+            state = save_checkpoint(cfg, ckpt_path, net, raw, opt, ema, streams, step, stage_i, int(bad_run),
+                                    master, end_of_stage)
         if end_of_stage and bar is not None:
             bar.close()
         if cfg.eval_interval and step % cfg.eval_interval == 0 and master and step < last:
@@ -817,16 +853,16 @@ def save_atomic_json(obj, path):
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
 
 
-def compile_token_parts(net):
-    """torch.compile the per-token parts (MLPs and norms) in place, with dynamic shapes.
-
-    Packed batches change length every step and attention needs host-side segment lists, so compiling the
-    whole model recompiles or graph-breaks constantly. MLPs and norms are most of the FLOPs besides attention
-    (which runs the Triton kernel on CUDA) and see only [N, C] tensors: one dynamic graph each.
-    Module.compile() keeps parameter names, so checkpoints and EMA are unaffected."""
+def compile_blocks(net):
+    """torch.compile every transformer block (tokenizer encoder and decoder, Gaussian decoder) in place, with
+    fullgraph=True and dynamic shapes. Packed batches change size every micro-batch; the structure's layouts mark
+    their sizes dynamic (model.Layout.mark_dynamic), so one graph per block serves every micro-batch without
+    recompiling (tests/test_step.py). On CUDA the attention inside is the Triton kernel, registered as a custom op
+    (kernels/attention.py), so it stays inside the graph. Module.compile() keeps parameter names, so checkpoints
+    and EMA are unaffected."""
     for m in net.modules():
-        if isinstance(m, (atoken.MLP, atoken.LayerNorm, atoken.RMSNorm)):
-            m.compile(dynamic=True)
+        if isinstance(m, atoken.Block):
+            m.compile(fullgraph=True, dynamic=True)
 
 
 def peak_flops(device):

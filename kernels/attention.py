@@ -30,8 +30,9 @@ tutorial (python/tutorials/06-fused-attention.py):
 Constraints: q [N, h, d], k/v [M, h, d] with unit stride in d (other strides are free, so the q, k, v
 views of a fused qkv projection need no copy); fp16, bf16 or fp32 (fp32 dots use ieee precision, for
 tests); d >= 16, d % 8 == 0 with RoPE; cu_* int32 [S+1] from 0 to N / M; coords int [N, 4] / [M, 4].
-Segments with queries but no keys give zeros (the reference gives NaN). The host copies cu_q, cu_k to
-the CPU once per call (like the reference loop). Not causal, no dropout: AToken needs neither.
+Segments with queries but no keys give zeros (the reference gives NaN). The model passes the host copies
+of cu_q, cu_k that the packed batch carries (cu_host), so no call reads the device; without them the host
+copies are made once per cu tensor. Not causal, no dropout: AToken needs neither.
 
 Runs on CUDA; on CPU only under the Triton interpreter (TRITON_INTERPRET=1 set before this module is
 imported; tests/conftest.py does that when there is no GPU). `attention()` is the one entry point:
@@ -44,6 +45,7 @@ otherwise.
 import math
 import os
 import weakref
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -360,7 +362,7 @@ def launch_config(device, dtype):
     return dict(fwd=(128, 32), dkdv=(32, 128), dq=(128, 32), num_warps=8, num_stages=2)
 
 
-def _check(q, k, v, cu_q, cu_k, pos_q, pos_k):
+def _check(q, k, v, cu_q, cu_k, pos_q, pos_k, cu_host=None):
     """Raise ValueError unless the inputs are what the kernels assume; returns cu_q, cu_k on the CPU."""
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[1:] != q.shape[1:]:
         raise ValueError(f"expected q [N, h, d] and k, v [M, h, d], got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -380,7 +382,7 @@ def _check(q, k, v, cu_q, cu_k, pos_q, pos_k):
     for cu in (cu_q, cu_k):
         if cu.dtype != torch.int32 or cu.dim() != 1 or len(cu) != len(cu_q) or cu.device != q.device:
             raise ValueError("cu_q, cu_k must be int32 [S+1] on q's device, both of the same length S+1")
-    hq, hk = _host(cu_q), _host(cu_k)
+    hq, hk = (_host(cu_q), _host(cu_k)) if cu_host is None else (_host(cu_host[0]), _host(cu_host[1]))
     for name, (cu, _), n in (('cu_q', hq, len(q)), ('cu_k', hk, len(k))):
         if cu[0] != 0 or cu[-1] != n or bool((cu[1:] < cu[:-1]).any()):
             raise ValueError(f"{name} must rise from 0 to {n}, got {cu.tolist()}")
@@ -399,15 +401,17 @@ def _check(q, k, v, cu_q, cu_k, pos_q, pos_k):
 # Every layer of a trunk attends over the same segments: the model passes one cu tensor to all of them. Its host
 # copy and block lists are made once, not per layer and per kernel: a device->host copy waits for the GPU to
 # drain, so doing it 3 x depth times per step serialised host and GPU (seen in a Base step's profile on H100).
-_LAST_CU = [None]   # (weakref to the cu tensor, its _version, host copy, {(block, device): block list})
+_LAST_CU = []      # the few cu tensors seen last: [(weakref, _version, host copy, {(block, device): block list})]
 
 
 def _host(cu):
-    """cu -> (its CPU copy, a dict caching its block lists); reused while the same, unmodified tensor comes back."""
-    last = _LAST_CU[0]
-    if last is None or last[0]() is not cu or last[1] != cu._version:
-        last = (weakref.ref(cu), cu._version, cu.cpu(), {})
-        _LAST_CU[0] = last
+    """cu -> (its CPU copy, a dict caching its block lists); reused while the same, unmodified tensor comes back
+    (a trunk's layers share one cu, the pooling head and a KV cache bring a second pair)."""
+    for last in _LAST_CU:
+        if last[0]() is cu and last[1] == cu._version:
+            return last[2], last[3]
+    last = (weakref.ref(cu), cu._version, cu.cpu(), {})
+    _LAST_CU[:] = [last] + _LAST_CU[:3]
     return last[2], last[3]
 
 
@@ -419,64 +423,112 @@ def _blocks(host, block, device):
     return cache[(block, device)]
 
 
-class _Attention(torch.autograd.Function):
-    """Varlen attention with in-kernel 4D RoPE; saves q, k, v (unrotated), O and LSE for the backward."""
+# The kernels as two custom ops (torch.library), so that torch.compile keeps a transformer block with this attention
+# in one graph (train.compile_blocks: fullgraph=True) and the autograd formula is registered once. cu_q_host /
+# cu_k_host are the packed batch's host copies of cu_q / cu_k: the block lists come from them, nothing is read back.
 
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, pos_q, pos_k, rope_theta, softcap):
-        hq, hk = _check(q, k, v, cu_q, cu_k, pos_q, pos_k)
-        N, h, d = q.shape
-        dev, cfg = q.device, launch_config(q.device, q.dtype)
-        rope = pos_q is not None
-        if rope:
-            pos_q, pos_k = (p.to(device=dev, dtype=torch.int32).contiguous() for p in (pos_q, pos_k))
-            freq = rope_freqs(d, rope_theta, dev)
-        else:
-            pos_q = pos_k = freq = q.new_zeros(1, dtype=torch.float32)         # unused by the kernels
-        d0, d1 = head_dim_split(d)
-        meta = dict(D=d, D0=d0, D1=d1, ROPE=rope, SOFTCAP=softcap is not None,
-                    PREC='ieee' if q.dtype == torch.float32 else 'tf32',
-                    num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
-        blocks = dict(fwd=_blocks(hq, cfg['fwd'][0], dev), dkdv=_blocks(hk, cfg['dkdv'][1], dev),
-                      dq=_blocks(hq, cfg['dq'][0], dev))                        # query / key / query tiles
-        o = torch.empty(N, h, d, device=dev, dtype=q.dtype)                     # [N, h, d]
-        lse = torch.empty(N, h, device=dev, dtype=torch.float32)                # base-2 log-sum-exp
-        scale, cap = 1.0 / math.sqrt(d), float(softcap or 1.0)
-        if N and len(k):
-            BM, BN = cfg['fwd']
-            _attn_fwd[(len(blocks['fwd'][0]), h)](
-                q, k, v, o, lse, pos_q, pos_k, freq, cu_q, cu_k, *blocks['fwd'],
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                o.stride(0), o.stride(1), h, scale, cap, BM=BM, BN=BN, **meta)
-        else:
-            o.zero_()
-        ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k, pos_q, pos_k, freq, *blocks['dkdv'],
-                              *blocks['dq'])
-        ctx.meta, ctx.cfg, ctx.scale, ctx.cap = meta, cfg, scale, cap
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_q, cu_k, pos_q, pos_k, freq, kseg, kstart, qseg, qstart = ctx.saved_tensors
-        (N, h, d), cfg, meta = q.shape, ctx.cfg, ctx.meta
-        if do.stride(-1) != 1:
-            do = do.contiguous()
-        if not (N and len(k)):
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), *[None] * 6
-        delta = (do.float() * o.float()).sum(-1)                                # [N, h] FA2: rowsum(dO * O)
-        # every row lies in some segment (checked), so the kernels write every row of dq, dk, dv
-        dq = torch.empty(N, h, d, device=q.device, dtype=q.dtype)
-        dk, dv = (torch.empty(len(k), h, d, device=k.device, dtype=k.dtype) for _ in range(2))
-        common = (pos_q, pos_k, freq, cu_q, cu_k)
-        strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                   do.stride(0), do.stride(1))
-        BM, BN = cfg['dkdv']
-        _attn_bwd_dkdv[(len(kseg), h)](q, k, v, do, lse, delta, dk, dv, *common, kseg, kstart, *strides,
-                                       dk.stride(0), dk.stride(1), h, ctx.scale, ctx.cap, BM=BM, BN=BN, **meta)
-        BM, BN = cfg['dq']
-        _attn_bwd_dq[(len(qseg), h)](q, k, v, do, lse, delta, dq, *common, qseg, qstart, *strides,
-                                     dq.stride(0), dq.stride(1), h, ctx.scale, ctx.cap, BM=BM, BN=BN, **meta)
-        return dq, dk, dv, None, None, None, None, None, None
+@torch.library.custom_op('atoken::varlen_attention', mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                   cu_q_host: torch.Tensor, cu_k_host: torch.Tensor, pos_q: Optional[torch.Tensor],
+                   pos_k: Optional[torch.Tensor], rope_theta: float, softcap: Optional[float]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> O [N, h, d] and the row log-sum-exp (base 2) [N, h] fp32, for the backward."""
+    hq, hk = _check(q, k, v, cu_q, cu_k, pos_q, pos_k, (cu_q_host, cu_k_host))
+    N, h, d = q.shape
+    dev, cfg = q.device, launch_config(q.device, q.dtype)
+    pos_q, pos_k, freq, meta = _rope_args(q, pos_q, pos_k, rope_theta, softcap, cfg)
+    o = torch.empty(N, h, d, device=dev, dtype=q.dtype)                         # [N, h, d]
+    lse = torch.empty(N, h, device=dev, dtype=torch.float32)                    # base-2 log-sum-exp
+    scale, cap = 1.0 / math.sqrt(d), float(softcap or 1.0)
+    if N and len(k):
+        BM, BN = cfg['fwd']
+        seg, start = _blocks(hq, BM, dev)                                       # query tiles
+        _attn_fwd[(len(seg), h)](
+            q, k, v, o, lse, pos_q, pos_k, freq, cu_q, cu_k, seg, start,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            o.stride(0), o.stride(1), h, scale, cap, BM=BM, BN=BN, **meta)
+    else:
+        o.zero_()
+        lse.zero_()
+    return o, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, cu_q, cu_k, cu_q_host, cu_k_host, pos_q, pos_k, rope_theta, softcap):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op('atoken::varlen_attention_backward', mutates_args=())
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, cu_q_host: torch.Tensor,
+                   cu_k_host: torch.Tensor, pos_q: Optional[torch.Tensor], pos_k: Optional[torch.Tensor],
+                   rope_theta: float, softcap: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq, dk, dv: dK/dV per key tile, dQ per query tile, P recomputed from the stored LSE."""
+    N, h, d = q.shape
+    if not (N and len(k)):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    cfg = launch_config(q.device, q.dtype)
+    hq, hk = _host(cu_q_host), _host(cu_k_host)
+    pos_q, pos_k, freq, meta = _rope_args(q, pos_q, pos_k, rope_theta, softcap, cfg)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    delta = (do.float() * o.float()).sum(-1)                                    # [N, h] FA2: rowsum(dO * O)
+    # every row lies in some segment (checked), so the kernels write every row of dq, dk, dv
+    dq = torch.empty(N, h, d, device=q.device, dtype=q.dtype)
+    dk, dv = (torch.empty(len(k), h, d, device=k.device, dtype=k.dtype) for _ in range(2))
+    common = (pos_q, pos_k, freq, cu_q, cu_k)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               do.stride(0), do.stride(1))
+    scale, cap = 1.0 / math.sqrt(d), float(softcap or 1.0)
+    BM, BN = cfg['dkdv']
+    kseg, kstart = _blocks(hk, BN, q.device)                                    # key tiles
+    _attn_bwd_dkdv[(len(kseg), h)](q, k, v, do, lse, delta, dk, dv, *common, kseg, kstart, *strides,
+                                   dk.stride(0), dk.stride(1), h, scale, cap, BM=BM, BN=BN, **meta)
+    BM, BN = cfg['dq']
+    qseg, qstart = _blocks(hq, BM, q.device)                                    # query tiles
+    _attn_bwd_dq[(len(qseg), h)](q, k, v, do, lse, delta, dq, *common, qseg, qstart, *strides,
+                                 dq.stride(0), dq.stride(1), h, scale, cap, BM=BM, BN=BN, **meta)
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, cu_q, cu_k, cu_q_host, cu_k_host, pos_q, pos_k, rope_theta, softcap):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _rope_args(q, pos_q, pos_k, rope_theta, softcap, cfg):
+    """Kernel arguments of RoPE (int32 coords, frequencies) and the compile-time constants."""
+    d, dev = q.shape[-1], q.device
+    rope = pos_q is not None
+    if rope:
+        pos_q, pos_k = (p.to(device=dev, dtype=torch.int32).contiguous() for p in (pos_q, pos_k))
+        freq = rope_freqs(d, rope_theta, dev)
+    else:
+        pos_q = pos_k = freq = q.new_zeros(1, dtype=torch.float32)             # unused by the kernels
+    d0, d1 = head_dim_split(d)
+    meta = dict(D=d, D0=d0, D1=d1, ROPE=rope, SOFTCAP=softcap is not None,
+                PREC='ieee' if q.dtype == torch.float32 else 'tf32',
+                num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
+    return pos_q, pos_k, freq, meta
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, cu_q_host, cu_k_host, pos_q, pos_k, rope_theta, softcap = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k, cu_q_host, cu_k_host,
+                          *((pos_q, pos_k) if pos_q is not None else ()))
+    ctx.rope_theta, ctx.softcap, ctx.rope = rope_theta, softcap, pos_q is not None
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, cu_q, cu_k, cu_q_host, cu_k_host, *pos = ctx.saved_tensors
+    pos_q, pos_k = pos if ctx.rope else (None, None)
+    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, cu_q, cu_k, cu_q_host, cu_k_host, pos_q, pos_k,
+                                ctx.rope_theta, ctx.softcap)
+    return dq, dk, dv, *[None] * 8
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # -----------------------------------------------------------------------------
@@ -484,12 +536,14 @@ class _Attention(torch.autograd.Function):
 
 
 def attention(q, k, v, cu_q, cu_k, coords_q=None, coords_k=None, rope_theta=10000.0, softcap=None,
-              backend=None):
+              backend=None, cu_host=None):
     """Block-diagonal attention over packed segments, with 4D RoPE on q and k when coords are given.
 
     q [N, h, d]; k, v [M, h, d]; cu_q, cu_k int32 [S+1]: segment i is q[cu_q[i]:cu_q[i+1]] against
     k[cu_k[i]:cu_k[i+1]] (a KV-cache prefix is just more keys). coords_q [N, 4], coords_k [M, 4] integer
     (t, x, y, z), or None for no RoPE. softcap c: scores c * tanh(s / c). Returns [N, h, d].
+    cu_host: (cu_q, cu_k) already on the CPU (the packed batch's structure carries them): then the kernel's
+    block lists are made from them and nothing is read back from the device.
     backend: 'auto' (the Triton kernel for CUDA tensors it supports, else the reference), 'triton'
     (always the kernel; on CPU under TRITON_INTERPRET=1), 'reference'; None: the module's BACKEND.
     """
@@ -503,4 +557,7 @@ def attention(q, k, v, cu_q, cu_k, coords_q=None, coords_k=None, rope_theta=1000
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     if not HAS_TRITON:
         raise RuntimeError("backend='triton' but triton is not installed")
-    return _Attention.apply(q, k, v, cu_q, cu_k, coords_q, coords_k, rope_theta, softcap)
+    if cu_host is None:                         # one host copy per cu tensor (cached), as in a plain call
+        cu_host = (_host(cu_q)[0], _host(cu_k)[0])
+    return _attention_fwd(q, k, v, cu_q, cu_k, *cu_host, coords_q, coords_k, float(rope_theta),
+                          None if softcap is None else float(softcap))[0]

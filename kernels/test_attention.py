@@ -89,13 +89,23 @@ def test_auto_backend_is_reference_on_cpu():
 
 @pytest.mark.parametrize('softcap', [None, 30.0])
 def test_reference_matches_model(softcap):
-    """attention_ref(coords) == model.apply_rope(model.rope_angles) + model.attention, bit for bit."""
-    q, k, v, cu_q, cu_k, cq, ck = make_inputs(72, [1, 0, 17, 40], [5, 3, 17, 43], True, device='cpu')
+    """The model's one attention path on CPU (RoPE from model.Rope, then one masked SDPA over grouped
+    segments) == the per-segment reference loop with RoPE from coords; uneven segments, one without queries."""
+    lq, lk = [1, 0, 17, 40, 3], [5, 3, 17, 43, 60]
+    q, k, v, cu_q, cu_k, cq, ck = make_inputs(72, lq, lk, True, device='cpu')
     theta = 10000.0
-    qr = model.apply_rope(q, model.rope_angles(cq, 72, theta))
-    kr = model.apply_rope(k, model.rope_angles(ck, 72, theta))
-    expected = model.attention(qr, kr, v, cu_q, cu_k, softcap)
-    assert torch.equal(attention_ref(q, k, v, cu_q, cu_k, cq, ck, theta, softcap), expected)
+    layout = model.Layout.build(lq, lk)
+    assert layout.mask.shape[0] < len(lq)           # some segments share a group
+    rq, rk = (model.Rope.make(c, 72, theta, fused=False) for c in (cq, ck))
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    got = model.attention(q, k, v, layout, rq, rk, softcap)
+    want = attention_ref(q, k, v, cu_q, cu_k, cq, ck, theta, softcap)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+    do = torch.randn_like(got)                      # gradients too: empty slots must contribute nothing
+    g1 = torch.autograd.grad(got, (q, k, v), do)
+    g2 = torch.autograd.grad(want, (q, k, v), do)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 def test_reference_matches_dense_masked_sdpa():
@@ -145,6 +155,30 @@ def test_wrapper_rejects_bad_inputs(name):
     args, message = bad_inputs()[name]
     with pytest.raises(ValueError, match=message):
         attention(*args, backend='triton')
+
+
+def test_kernel_compiles_in_one_graph():
+    """The kernel is a custom op: torch.compile(fullgraph=True) keeps it inside the graph (no break), and the
+    compiled forward and gradients equal the eager kernel's; host copies of cu given, as the model passes them."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    q, k, v, cu_q, cu_k, cq, ck = make_inputs(72, [5, 0, 17], [9, 3, 17], True)
+    host = (cu_q.cpu(), cu_k.cpu())
+
+    def f(q, k, v):
+        return attention(q, k, v, cu_q, cu_k, cq, ck, softcap=None, backend='triton', cu_host=host)
+    counter = CompileCounterWithBackend('aot_eager')
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q)
+    o1 = compiled(q, k, v)
+    g1 = torch.autograd.grad(o1, (q, k, v), do)
+    o2 = f(q, k, v)
+    g2 = torch.autograd.grad(o2, (q, k, v), do)
+    assert counter.frame_count == 1 and counter.op_count >= 1
+    torch.testing.assert_close(o1, o2, atol=0, rtol=0)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    ref = attention_ref(q, k, v, cu_q, cu_k, cq, ck)
+    torch.testing.assert_close(o1, ref, atol=1e-5, rtol=0)
 
 
 def test_segment_cache_follows_cu():

@@ -135,6 +135,89 @@ def test_synthetic_samples():
             assert packed.seqlens == [ds.num_tokens((i, 1))]          # token count known without rendering
 
 
+def counting_render(monkeypatch):
+    """Replace data.render by a wrapper that records the (H, W, frames) of each call."""
+    calls, real = [], data.render
+
+    def counted(scene, H, W, t):
+        calls.append((H, W, len(t)))
+        return real(scene, H, W, t)
+    monkeypatch.setattr(data, 'render', counted)
+    return calls
+
+
+def native_render(ds, i, video):
+    """The native-size render of sample i, computed here from the documented streams, as float on the uint8
+    grid, (T, H, W, 3), with its caption."""
+    rng = np.random.default_rng([ds.seed, data.CONTENT, data.SPLITS[ds.split], i, 0])
+    aspect = np.exp(rng.uniform(-np.log(2), np.log(2)))
+    long = ds.res[1]
+    H, W = (long, max(1, round(long / aspect))) if aspect > 1 else (max(1, round(long * aspect)), long)
+    scene = data.random_scene(rng, video)
+    t = torch.arange(ds._length(i), dtype=torch.float32) if video else torch.zeros(1)
+    x = data.render(scene, H, W, t)
+    u8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return u8.float() / 127.5 - 1, data._caption(rng, scene)
+
+
+def on_uint8_grid(x):
+    k = (x + 1) * 127.5
+    return (k - k.round()).abs().max() < 1e-4 and torch.equal(k.round().to(torch.uint8).float() / 127.5 - 1, x)
+
+
+@pytest.mark.parametrize('video', [False, True])
+def test_synthetic_renders_once_then_resizes(monkeypatch, video):
+    ds = (data.SyntheticVideos(6, res=(32, 48), patch_size=PS, frames=8) if video else
+          data.SyntheticImages(6, res=(32, 64), patch_size=PS))
+    expected = {i: native_render(ds, i, video) for i in range(6)}          # before counting render calls
+    calls = counting_render(monkeypatch)
+    assert ds.cache_bytes() == 0
+    # (a) the same key twice: one render (at the native size, every frame), identical items
+    first = ds[(2, 0)]
+    saved = first.media.clone()
+    first.media.add_(1)                                                     # the caller owns its copy
+    again = ds[(2, 0)]
+    native, caption = expected[2]
+    assert calls == [(*native.shape[1:3], native.shape[0])]
+    assert torch.equal(again.media, saved) and (again.caption, again.label) == (first.caption, first.label)
+    assert again.caption == caption and ds.cache_bytes() == native.numel()
+    # (b) other epochs draw other sizes: nothing new rendered, an antialiased bilinear resize of the cached
+    # native render, re-quantised to the uint8 grid; at the native size, the cached render itself
+    sizes, resized = set(), 0
+    for i in range(6):
+        native, caption = expected[i]
+        for epoch in range(1, 8):
+            s = ds[(i, epoch)]
+            media = s.media if video else s.media[None]
+            hw = tuple(media.shape[1:3])
+            sizes.add((i, hw))
+            if hw == tuple(native.shape[1:3]):
+                want = native
+            else:
+                y = torch.nn.functional.interpolate(native.permute(0, 3, 1, 2), size=hw, mode='bilinear',
+                                                    align_corners=False, antialias=True).permute(0, 2, 3, 1)
+                want = ((y + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).float() / 127.5 - 1
+                resized += 1
+            assert torch.equal(media, want) and s.caption == caption
+            assert media.is_contiguous() and s.media.dtype == torch.float32
+            assert ds.num_tokens((i, epoch)) == model.pack([s.media], PS).seqlens[0]
+    assert len(calls) == 6 and resized > 6 and len({hw for i, hw in sizes if i == 2}) > 1   # one render each
+    assert ds.cache_bytes() == sum(n.numel() for n, _ in expected.values())
+    # a curriculum that changes res changes the native size: that sample is rendered anew
+    ds.res = (32, 32)
+    assert max(ds[(2, 0)].media.shape[-3:-1]) == 32 and len(calls) == 7 and calls[-1][:2] != calls[0][:2]
+
+
+def test_synthetic_pixels_on_uint8_grid():
+    # (c) every value is k / 127.5 - 1 for an integer k, also after a resize, images and videos
+    images = data.SyntheticImages(8, 'val', res=(16, 64), patch_size=PS)
+    videos = data.SyntheticVideos(4, 'val', res=(16, 48), patch_size=PS, frames=8)
+    for ds in (images, videos):
+        for i in range(len(ds)):
+            for epoch in range(3):
+                assert on_uint8_grid(ds[(i, epoch)].media)
+
+
 def test_synthetic_media_wrapper():
     media = data.synthetic_media(3, 2, 'val', seed=5, patch=8)
     assert [m.dim() for m in media] == [3, 3, 3, 4, 4]
@@ -355,8 +438,13 @@ def test_tiny_model_runs_on_a_packed_batch():
     torch.manual_seed(0)
     tok = model.AToken(model.PRESETS['tiny']).init_weights()
     batch = next(iter(data.make_loader(mixed(6, 2), 400, PS)))
-    out = tok(batch.packed)
-    assert out['rec'].shape == batch.packed.feats.shape and out['embedding'].shape[0] == len(batch.captions)
+    assert batch.packed.feats.dtype == torch.uint8               # pixels travel as uint8
+    with pytest.raises(ValueError, match='uint8'):
+        tok(batch.packed)
+    p = batch.packed.to('cpu')
+    assert p.feats.dtype == torch.float32 and -1 <= p.feats.min() and p.feats.max() <= 1
+    out = tok(p)
+    assert out['rec'].shape == p.feats.shape and out['embedding'].shape[0] == len(batch.captions)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -383,7 +471,9 @@ def test_synthetic_3d_deterministic_and_split():
     batch = data.collate([a[0], data.SyntheticImages(1, res=(32, 32), patch_size=(4, 8, 8))[0]], (4, 8, 8))
     assert batch.packed.kinds == ['3d', 'image'] and batch.packed.seqlens[0] == a.num_tokens(0)
     assert batch.views[0][0].shape == (2, 32, 32, 3) and batch.views[1] is None
-    assert torch.equal(batch.packed.feats[:a.num_tokens(0), :192], a[0].media['feats'])
+    p = batch.packed.to('cpu')          # uint8 on the wire; 3D features come from 8-bit renders: exact
+    torch.testing.assert_close(p.feats[:a.num_tokens(0), :192], a[0].media['feats'], atol=1e-6, rtol=0)
+    assert p.feats.shape[1] == 192                              # one-frame samples only: the pt = 0 slot
 
 
 def test_asset_folder(tmp_path):

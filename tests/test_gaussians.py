@@ -116,7 +116,7 @@ def test_sincos_embedding_by_hand():
 def test_softcap_attention_by_hand():
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 1, 4) * 20, torch.randn(5, 1, 4) * 20, torch.randn(5, 1, 4)
-    out = model.attention(q, k, v, model.cu_seqlens([3]), model.cu_seqlens([5]), softcap=30.0)
+    out = model.attention(q, k, v, model.Layout.build([3], [5]), softcap=30.0)
     for i in range(3):
         s = [30 * math.tanh(sum(q[i, 0, d].item() * k[j, 0, d].item() for d in range(4)) / 2 / 30) for j in range(5)]
         w = [math.exp(x - max(s)) for x in s]

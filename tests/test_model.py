@@ -175,14 +175,14 @@ def test_rope_shift_invariance(qk_norm, bias):
             attn.k_rms_norm.gamma.uniform_(0.5, 1.5)
     x = torch.randn(11, 64)
     coords = torch.randint(0, 6, (11, 4))
-    cu = model.cu_seqlens([7, 4])
-    hd = 32
+    layout = model.Layout.build([7, 4], [7, 4])
+    rope = lambda c: model.Rope.make(c, 32, 10000.0, fused=False)
     with torch.no_grad():
-        y0 = attn(x, model.rope_angles(coords, hd, 10000.0), cu)
-        y1 = attn(x, model.rope_angles(coords + 3, hd, 10000.0), cu)
+        y0 = attn(x, rope(coords), layout)
+        y1 = attn(x, rope(coords + 3), layout)
         moved = coords.clone()
         moved[2, 1] += 5
-        y2 = attn(x, model.rope_angles(moved, hd, 10000.0), cu)
+        y2 = attn(x, rope(moved), layout)
     torch.testing.assert_close(y1, y0, atol=1e-5, rtol=0)
     assert (y2[:7] - y0[:7]).abs().max() > 1e-3                     # moving one token matters ...
     torch.testing.assert_close(y2[7:], y0[7:], atol=1e-6, rtol=0)   # ... only inside its own segment
@@ -198,18 +198,19 @@ def test_packed_batch_independence():
     with torch.no_grad():
         p = m.pack(items)
         h = m.encode(p)
-        emb = m.embed_features(h, p.seqlens)
+        emb = m.embed_features(h, p)
         z, mean, logvar, _ = m.bottleneck(h)
-        rec = m.decode(z, p.coords, p.seqlens)
+        rec = m.decode(z, p)
         for i, (x, hs, zs, rs) in enumerate(zip(items, h.split(p.seqlens), z.split(p.seqlens),
                                                 rec.split(p.seqlens))):
             q = m.pack([x])
             h1 = m.encode(q)
             torch.testing.assert_close(hs, h1, atol=1e-5, rtol=0)
-            torch.testing.assert_close(emb[i:i + 1], m.embed_features(h1, q.seqlens), atol=1e-5, rtol=0)
+            torch.testing.assert_close(emb[i:i + 1], m.embed_features(h1, q), atol=1e-5, rtol=0)
             z1 = m.bottleneck(h1)[0]
             torch.testing.assert_close(zs, z1, atol=1e-5, rtol=0)
-            torch.testing.assert_close(rs, m.decode(z1, q.coords, q.seqlens), atol=1e-5, rtol=0)
+            r1 = m.decode(z1, q)                          # an image alone: its pt = 0 slot only
+            torch.testing.assert_close(rs[:, :r1.shape[1]], r1, atol=1e-5, rtol=0)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(3))
     assert not torch.allclose(emb[0], emb[2], atol=1e-3)
     outs = m.reconstruct(items)
@@ -259,23 +260,25 @@ def test_temporal_tiles_independent():
         torch.testing.assert_close(out[:half], m.decode(z[:half], q.coords, q.seqlens), atol=1e-5, rtol=0)
 
 
-def test_split_tiles():
+def test_segments():
     """Samples: A with t = 0..5, B starting at t = 2 (t = 2..9), C an image; one token per frame, tiles of
     4 latent frames counted from each sample's first t, t re-based inside every tile."""
     t = [0, 1, 2, 3, 4, 5] + list(range(2, 10)) + [0]
     coords = torch.tensor([[ti, 1, 2, 0] for ti in t])
-    seg = model.split_tiles(coords, [6, 8, 1], 4)
-    assert seg.order is None
-    assert seg.lengths == [4, 2, 4, 4, 1]
-    assert seg.sample_of == [0, 0, 1, 1, 2]
-    assert seg.cu.tolist() == [0, 4, 6, 10, 14, 15] and seg.cu.dtype == torch.int32
-    assert seg.coords[:, 0].tolist() == [0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 0, 1, 2, 3, 0]
-    assert torch.equal(seg.coords[:, 1:], coords[:, 1:])
+    order, local, lens = model.segments(coords.numpy(), [6, 8, 1], 4)
+    assert order is None
+    assert lens == [4, 2, 4, 4, 1]
+    assert local[:, 0].tolist() == [0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 0, 1, 2, 3, 0]
+    assert (local[:, 1:] == coords[:, 1:].numpy()).all()
+    st = model.build_structure(coords, [6, 8, 1], ['video', 'video', 'image'], TINY)
+    assert st.seg.cu_q.tolist() == [0, 4, 6, 10, 14, 15] and st.seg.cu_q.dtype == torch.int32
+    assert st.seg.max_q == 4 and st.pool.cu_q.tolist() == [0, 1, 2, 3] and st.pool.cu_k.tolist() == [0, 6, 14, 15]
+    assert st.sample_id.tolist() == [0] * 6 + [1] * 8 + [2]
     # tokens out of order inside a sample: sorted into segments, stably
     perm = torch.tensor([4, 0, 5, 1, 2, 3] + list(range(6, 15)))
-    seg2 = model.split_tiles(coords[perm], [6, 8, 1], 4)
-    assert seg2.order is not None and seg2.lengths == seg.lengths
-    assert perm[seg2.order].tolist() == [0, 1, 2, 3, 4, 5] + list(range(6, 15))
+    order2, _, lens2 = model.segments(coords[perm].numpy(), [6, 8, 1], 4)
+    assert order2 is not None and lens2 == lens
+    assert perm[torch.from_numpy(order2)].tolist() == [0, 1, 2, 3, 4, 5] + list(range(6, 15))
 
 
 def test_encoder_token_order_equivariance():
@@ -677,7 +680,7 @@ def test_init_from_siglip2(tmp_path):
             p = m.pack([img])
             h = m.encode(p)
             torch.testing.assert_close(h, feats, atol=1e-5, rtol=0)
-            torch.testing.assert_close(m.encoder.head(h, p.seqlens), pooled, atol=1e-5, rtol=0)
+            torch.testing.assert_close(m.encoder.head(h, p.structure.pool), pooled, atol=1e-5, rtol=0)
         for k, v in dec_before.items():                             # decoder and proj untouched
             assert torch.equal(m.state_dict()[k], v), k
 

@@ -35,10 +35,10 @@ def test_matches_official(tok, name):
     assert torch.equal(p.coords, ref['coords'][:, 1:].long())     # (t, row, col, z) in token order
     with torch.no_grad():
         h = tok.encode(p)
-        emb = tok.embed_features(h, p.seqlens)
+        emb = tok.embed_features(h, p)
         z, mean, logvar, idx = tok.bottleneck(h)
-        rec_fsq = model.unpack(tok.decode(z, p.coords, p.seqlens), p, tok.config.patch_size)[0]
-        rec_mean = model.unpack(tok.decode(mean, p.coords, p.seqlens), p, tok.config.patch_size)[0]
+        rec_fsq = model.unpack(tok.decode(z, p), p, tok.config.patch_size)[0]
+        rec_mean = model.unpack(tok.decode(mean, p), p, tok.config.patch_size)[0]
     torch.testing.assert_close(h, ref['enc_full'], atol=TOL, rtol=0)
     torch.testing.assert_close(emb, ref['embedding'], atol=TOL, rtol=0)
     torch.testing.assert_close(torch.cat([mean, logvar], 1), ref['moments'], atol=TOL, rtol=0)

@@ -472,10 +472,15 @@ def test_model_input_layout():
     import model
     feats, coords = torch.rand(5, 768), torch.randint(0, 64, (5, 3))
     p = model.pack([r3.model_input(feats, coords)], (4, 16, 16))
-    assert p.feats.shape == (5, 3072) and p.coords.shape == (5, 4) and p.kinds == ['3d']
-    assert torch.allclose(p.feats[:, :768], feats * 2 - 1) and (p.feats[:, 768:] == 0).all()
+    # a one-frame batch carries the pt = 0 slot only; the official zero frames are the input layer's business
+    assert p.feats.shape == (5, 768) and p.coords.shape == (5, 4) and p.kinds == ['3d']
+    assert torch.allclose(p.feats, feats * 2 - 1)
     assert (p.coords[:, 0] == 0).all() and torch.equal(p.coords[:, 1:], coords)
-    assert model.pack([r3.model_input(torch.rand(5, 192), coords)], (4, 8, 8)).feats.shape == (5, 768)
+    # next to a video the voxels are zero-padded to full space-time patches, the official layout
+    q = model.pack([r3.model_input(feats, coords), torch.zeros(4, 16, 16, 3)], (4, 16, 16))
+    assert q.feats.shape == (6, 3072) and torch.allclose(q.feats[:5, :768], feats * 2 - 1)
+    assert (q.feats[:5, 768:] == 0).all()
+    assert model.pack([r3.model_input(torch.rand(5, 192), coords)], (4, 8, 8)).feats.shape == (5, 192)
 
 
 def test_prepare_and_load_prepared(tmp_path, capsys):

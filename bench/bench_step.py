@@ -1,0 +1,280 @@
+"""
+What one training micro-batch costs, per task: wall time of forward + loss + backward, the matmul time inside it
+(torch.profiler: aten::mm / addmm / bmm / linear's kernels), the number of ATen ops and of data-dependent host
+reads (a TorchDispatchMode census, as tests/test_step.py), and the built-in data's cost for the same
+micro-batch (render or cache + collate). On CUDA: tokens/s and MFU of whole training steps of a preset, with the
+per-phase split (data wait, host->device copy, forward, loss, backward, optimizer).
+
+    python bench/bench_step.py                               # CPU, tiny preset, configs/cpu_tiny.py stage 3
+    python bench/bench_step.py --tree=/tmp/old               # the same measurement on another checkout
+    python bench/bench_step.py --compare=/tmp/old            # this tree and /tmp/old alternately, with ratios
+    python bench/bench_step.py --device=cuda --preset=so400m --tokens=16384 --compile=1   # GPU: MFU per phase
+
+Make the other checkout with `git worktree add /tmp/old <commit>`. The script adapts to the older API (collate
+with a patch size, float pixels), so the figures of both commits come from the same code. CPU figures use one
+torch thread (as the CPU demo does): the ratios are what to quote; absolute times depend on the machine.
+"""
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--tree', default=os.path.dirname(HERE), help='checkout whose model/data/train/losses are measured')
+    p.add_argument('--compare', default='', help='another checkout: run both, alternating, and print ratios')
+    p.add_argument('--rounds', type=int, default=3, help='alternating rounds with --compare')
+    p.add_argument('--reps', type=int, default=5, help='timed repetitions per task (median)')
+    p.add_argument('--tasks', default='image_rec,image_und,video_rec,video_und,3d_rec,3d_und')
+    p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--preset', default='tiny', help='GPU mode: base | so400m')
+    p.add_argument('--tokens', type=int, default=16384, help='GPU mode: tokens per micro-batch')
+    p.add_argument('--steps', type=int, default=12, help='GPU mode: steps (the first 2 are warm-up)')
+    p.add_argument('--compile', type=int, default=1, help='GPU mode: torch.compile the blocks')
+    p.add_argument('--json', default='', help='write the results here')
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measurement inside one checkout (run in a subprocess whose sys.path starts with that checkout)
+
+
+def census_mode():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    reads = {'_local_scalar_dense', 'nonzero', 'masked_select', 'unique_consecutive', '_unique', '_unique2',
+             'unique_dim', 'is_nonzero', 'equal'}
+
+    class Census(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.reads = 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split('::')[-1]
+            self.ops += 1
+            if name in reads or (name == 'repeat_interleave' and len(args) > 1 and isinstance(args[1], torch.Tensor)):
+                self.reads += 1
+            return func(*args, **(kwargs or {}))
+    return Census
+
+
+def collate(data, model, items, mcfg):
+    """Either API: collate(items, config) with uint8 pixels (new) or collate(items, patch_size) (old)."""
+    try:
+        batch = data.collate(items, mcfg)
+    except (TypeError, AttributeError, ValueError):
+        batch = data.collate(items, mcfg.patch_size)
+    return batch
+
+
+def to_device(batch, device):
+    batch.packed = batch.packed.to(device)
+    return batch
+
+
+def measure_cpu(args):
+    import torch
+    import data
+    import model
+    import train
+    torch.set_num_threads(args.threads)
+    cfg = train.load_config([os.path.join(args.tree, 'configs/cpu_tiny.py'), '--n_images=2048', '--n_videos=512',
+                             '--n_3d=8'])
+    stage = cfg.stages[2]
+    loss_cfg = train.replace(train.losses.LossConfig(), **cfg.loss)
+    mcfg = train.stage_model_config(cfg, stage)
+    frozen = train.losses.FrozenNets(loss_cfg, embed_dim=mcfg.encoder_width)
+    torch.manual_seed(0)
+    net = train.build_trainable(cfg, stage, None, frozen, loss_cfg)
+    with torch.no_grad():                         # every path active, as after some training
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    Census = census_mode()
+    budget = stage.get('tokens', 4096)
+    out = {}
+    dsets = train.build_datasets(cfg, stage, mcfg)
+    for task in args.tasks.split(','):
+        ds = dsets[task]
+        sampler = data.TokenBudgetSampler(ds, budget, cfg.seed + 1000 * train.TASKS.index(task))
+        keys = [(i, 0) for i in sampler.plan(0)[0]]
+        t0 = time.perf_counter()
+        items = [ds[k] for k in keys]
+        batch = collate(data, model, items, mcfg)
+        data_cold = time.perf_counter() - t0
+        t0 = time.perf_counter()                  # the same samples in epoch 1 (sizes drawn anew)
+        collate(data, model, [ds[(i, 1)] for i, _ in keys], mcfg)
+        data_warm = time.perf_counter() - t0
+
+        def step(b):
+            loss, _ = net(b, task)
+            loss.backward()
+            net.zero_grad(set_to_none=True)
+        moved = lambda: to_device(collate_copy(batch), 'cpu')
+        for _ in range(2):
+            step(moved())
+        times = []
+        for _ in range(args.reps):
+            b = moved()
+            t0 = time.perf_counter()
+            step(b)
+            times.append(time.perf_counter() - t0)
+        from torch.profiler import ProfilerActivity, profile
+        b = moved()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(b)
+        mm = sum(e.self_cpu_time_total for e in prof.key_averages()
+                 if e.key in ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm')) / 1e3
+        census, b = Census(), moved()
+        with census:
+            step(b)
+        p = batch.packed
+        out[task] = dict(samples=len(p.seqlens), tokens=sum(p.seqlens), ms=1e3 * statistics.median(times),
+                         matmul_ms=mm, ops=census.ops, host_reads=census.reads,
+                         data_cold_ms=1e3 * data_cold, data_warm_ms=1e3 * data_warm)
+    return out
+
+
+def collate_copy(batch):
+    """A fresh Batch around the same tensors (to_device replaces .packed)."""
+    import copy
+    b = copy.copy(batch)
+    return b
+
+
+def measure_gpu(args):
+    """Whole training steps of a preset on CUDA: built-in images, `tokens` per micro-batch, bf16 autocast,
+    optional compile; the per-phase split uses synchronising timers (only here, never in train.py)."""
+    import torch
+    import data
+    import model
+    import train
+    dev = torch.device(args.device)
+    cfg = train.load_config([os.path.join(args.tree, 'configs/cpu_tiny.py'), f'--preset={args.preset}',
+                             '--model={}', "--loss={'siglip_model': 'tiny', 'random_frozen': True, 'lpips': 0.0, "
+                             "'gram': 0.0, 'clip': 0.0}", '--n_images=4096'])
+    stage = dict(name='bench', steps=args.steps, mix={'image_rec': 1}, tokens=args.tokens, image_res=(64, 512),
+                 latent_channels=32)
+    loss_cfg = train.replace(train.losses.LossConfig(), **cfg.loss)
+    mcfg = train.stage_model_config(cfg, stage)
+    frozen = train.losses.FrozenNets(loss_cfg, embed_dim=mcfg.encoder_width).to(dev)
+    net = train.build_trainable(cfg, stage, None, frozen, loss_cfg).to(dev)
+    if args.compile:
+        (train.compile_blocks if hasattr(train, 'compile_blocks') else train.compile_token_parts)(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda)
+    ds = train.build_datasets(cfg, stage, mcfg)['image_rec']
+    try:
+        stream = train.TaskStream(ds, args.tokens, mcfg, 0, 0, 1, 8 if cuda else 1, grouped=not cuda, pin=cuda)
+    except TypeError:
+        stream = train.TaskStream(ds, args.tokens, mcfg.patch_size, 0, 0, 1, 8)
+    cuda = dev.type == 'cuda'
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    phases = {k: [] for k in ('data', 'copy', 'forward', 'loss', 'backward', 'optimizer', 'step')}
+    tokens, flops = [], []
+    for it in range(args.steps):
+        t = [time.perf_counter()]
+        batch = stream.next()
+        t.append(time.perf_counter())
+        flops.append(net.tok.estimate_flops(batch.packed))
+        batch.packed = batch.packed.to(dev)
+        sync(); t.append(time.perf_counter())
+        with autocast:
+            out = net.tok(batch.packed, sample=True)
+            sync(); t.append(time.perf_counter())
+            loss, _ = train.losses.compute_losses(out, batch.packed, frozen, loss_cfg)
+            sync(); t.append(time.perf_counter())
+        loss.backward()
+        sync(); t.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(); t.append(time.perf_counter())
+        if it >= 2:
+            for k, a, b in zip(('data', 'copy', 'forward', 'loss', 'backward', 'optimizer'), t, t[1:]):
+                phases[k].append(b - a)
+            phases['step'].append(t[-1] - t[0])
+            tokens.append(sum(batch.packed.seqlens))
+    med = {k: 1e3 * statistics.median(v) for k, v in phases.items()}
+    step_s = statistics.median(phases['step'])
+    peak = train.peak_flops(dev) if cuda else float('nan')
+    return {args.preset: dict(tokens_per_s=statistics.median(tokens) / step_s,
+                              mfu=statistics.median(flops[2:]) / step_s / peak, phases_ms=med)}
+
+
+def inner(args):
+    sys.path.insert(0, args.tree)
+    os.chdir(args.tree)
+    res = measure_gpu(args) if args.device.startswith('cuda') or args.preset != 'tiny' else measure_cpu(args)
+    print('RESULT ' + json.dumps(res))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def run_tree(tree, args):
+    cmd = [sys.executable, os.path.abspath(__file__), '--inner', f'--tree={tree}', f'--reps={args.reps}',
+           f'--tasks={args.tasks}', f'--threads={args.threads}', f'--device={args.device}', f'--preset={args.preset}',
+           f'--tokens={args.tokens}', f'--steps={args.steps}', f'--compile={args.compile}']
+    env = {**os.environ, 'PYTHONPATH': tree, 'OMP_NUM_THREADS': str(args.threads)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
+    line = [s for s in r.stdout.splitlines() if s.startswith('RESULT ')]
+    if r.returncode or not line:
+        raise RuntimeError(f"{tree}: benchmark failed\n{r.stderr[-3000:]}")
+    return json.loads(line[-1][7:])
+
+
+def show(name, res):
+    print(f"\n{name}")
+    for task, r in res.items():
+        if 'ms' in r:
+            print(f"  {task:10s} {r['samples']:3d} samples {r['tokens']:5d} tokens  {r['ms']:7.1f} ms  matmul "
+                  f"{r['matmul_ms']:5.1f} ms ({r['ms'] / max(r['matmul_ms'], 1e-9):4.1f}x)  ops {r['ops']:6d}  "
+                  f"host reads {r['host_reads']:4d}  data cold {r['data_cold_ms']:6.1f} ms, warm "
+                  f"{r['data_warm_ms']:6.1f} ms ({100 * r['data_warm_ms'] / r['ms']:.0f}% of the step)")
+        else:
+            ph = ', '.join(f"{k} {v:.1f}" for k, v in r['phases_ms'].items())
+            print(f"  {task}: {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}%  (ms: {ph})")
+
+
+def main():
+    if '--inner' in sys.argv:
+        sys.argv.remove('--inner')
+        return inner(parse())
+    args = parse()
+    if not args.compare:
+        res = run_tree(os.path.abspath(args.tree), args)
+        show(args.tree, res)
+    else:
+        trees = [os.path.abspath(args.tree), os.path.abspath(args.compare)]
+        runs = {t: [] for t in trees}
+        for _ in range(args.rounds):                      # A B A B ...: drift of the machine hits both alike
+            for t in trees:
+                runs[t].append(run_tree(t, args))
+        res = {}
+        for t in trees:
+            res[t] = {task: {k: statistics.median(r[task][k] for r in runs[t]) for k in runs[t][0][task]}
+                      for task in runs[t][0]}
+            show(f"{t} (median of {args.rounds})", res[t])
+        a, b = res[trees[0]], res[trees[1]]
+        print(f"\nratios {trees[1]} / {trees[0]} (time, ops)")
+        for task in a:
+            if 'ms' in a[task]:
+                print(f"  {task:10s} time {b[task]['ms'] / a[task]['ms']:5.2f}x  ops {b[task]['ops'] / a[task]['ops']:5.2f}x"
+                      f"  data (warm) {b[task]['data_warm_ms'] / a[task]['data_warm_ms']:5.2f}x")
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
