@@ -320,25 +320,40 @@ def render(scene, H, W, t):
 
 
 def _synthetic_plan(ds, key):
-    """key -> (index, (H, W), native (H, W), content rng positioned after the aspect draw); renders nothing.
+    """key -> (index, (H, W), native (H, W), a function making the content rng positioned after the aspect
+    draw); renders nothing.
     Each sample has a native aspect ratio H/W in [1/2, 2] and a native size whose longer side is res[1]
     (rounded to whole pixels); its training size is drawn anew each epoch by sample_resolution."""
     i, epoch = _key(key, ds.n)
-    content = _rng(ds.seed, CONTENT, SPLITS[ds.split], i, 0)
-    aspect = math.exp(content.uniform(-math.log(2), math.log(2)))                    # H / W
+    aspect = _aspect(ds.seed, SPLITS[ds.split], i)                                    # H / W
     native = (ds.res[1], ds.res[1] / aspect) if aspect > 1 else (ds.res[1] * aspect, ds.res[1])
     size_rng = _rng(ds.seed, SIZE, SPLITS[ds.split], i, epoch)
     hw = sample_resolution(size_rng, native, ds.res, ds.patch_size[1:])
-    return i, hw, tuple(max(1, round(x)) for x in native), content
+    return i, hw, tuple(max(1, round(x)) for x in native), lambda: _content_rng(ds.seed, SPLITS[ds.split], i)
+
+
+def _content_rng(seed, split, i):
+    """The content stream of sample i, positioned after its aspect draw (the scene and caption come next)."""
+    rng = _rng(seed, CONTENT, split, i, 0)
+    rng.uniform(-math.log(2), math.log(2))
+    return rng
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _aspect(seed, split, i):
+    """Native aspect ratio H / W of sample i, in [1/2, 2] (the content stream's first draw; memoised: making a
+    numpy generator costs ~65 us, and the plan is asked for every sample of every epoch)."""
+    return math.exp(_rng(seed, CONTENT, split, i, 0).uniform(-math.log(2), math.log(2)))
 
 
 def _synthetic_item(ds, key, kind):
     """Sample of a built-in dataset. The scene is rendered once per index at its native size and kept in
     ds._cache as uint8 (T, H, W, 3) with its caption and class name; each epoch's size is an antialiased
     bilinear resize of that render, re-quantised to the uint8 grid, so every pixel is k / 127.5 - 1."""
-    i, hw, native, rng = _synthetic_plan(ds, key)
+    i, hw, native, content = _synthetic_plan(ds, key)
     entry = ds._cache.get(i)
     if entry is None or tuple(entry[0].shape[1:3]) != native:      # new, or `res` changed since it was cached
+        rng = content()
         scene = random_scene(rng, video=kind == 'video')
         t = torch.arange(ds._length(i), dtype=torch.float32) if kind == 'video' else torch.zeros(1)
         entry = ds._cache[i] = (model.to_uint8(render(scene, *native, t)), _caption(rng, scene),

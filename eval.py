@@ -9,10 +9,10 @@ Metrics (each usable on its own, definitions in the docstrings):
 
 Command line (EvalConfig fields as --key=value; python eval.py --help lists them):
   python eval.py --checkpoint=out/ckpt.pt                              # ours, built-in held-out data
-  python eval.py --checkpoint=atoken-sod.pt --config=atoken-sod.yaml --latent=fsq --images=photos/
+  python eval.py --checkpoint=atoken-sod --latent=fsq --images=photos/  # Apple's weights by name
+  python eval.py --checkpoint=atoken-sod.pt --config=atoken-sod.yaml --latent=fsq  # or file + official YAML
   python eval.py --checkpoint=out/ckpt.pt --videos=clips/ --decoder_cache_frames=4
-  python eval.py --checkpoint=out/ckpt.pt --assets=prepared/ --gs_checkpoint=3d_decode_gs.pt \
-                 --gs_config=3d_decode_gs.yaml
+  python eval.py --checkpoint=atoken-soc --assets=prepared/ --gs_checkpoint=3d_decode_gs
   python eval.py --checkpoint=tiny.pt --random_nets --n_images=4 --res=32,64  # offline smoke test
 Writes out_dir/report.json, report.md and side-by-side grids (original | reconstruction | error): PNG for
 images and 3D views, MP4 for videos. Unreadable inputs are skipped and listed in the report.
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import data
 import losses
 import render3d
-from model import AToken, GaussianDecoder, ModelConfig, prepare, unpack
+from model import PRETRAINED, AToken, GaussianDecoder, ModelConfig, prepare, unpack
 
 # -----------------------------------------------------------------------------
 # pixel metrics. Inputs: (..., H, W, 3) tensors (or numpy arrays) in [-1, 1], the repo's convention, or in
@@ -334,9 +334,10 @@ def markdown_table(metrics):
 @dataclass
 class EvalConfig:
     # what to load
-    checkpoint: str = ''        # ours (training checkpoint or model.export()), or an official state dict
+    checkpoint: str = ''        # ours (training checkpoint or model.export()), an official state dict, or a
+                                # released name (atoken-sod, atoken-soc, ...: downloaded into $ATOKEN_CACHE)
     config: str = ''            # the official YAML of an official checkpoint (model.model_cfg.arch_cfg)
-    gs_checkpoint: str = ''     # official 3d_decode_gs.pt: renders 3D reconstructions (else the training
+    gs_checkpoint: str = ''     # 3d_decode_gs (name) or its .pt: renders 3D reconstructions (else the training
     gs_config: str = ''         # checkpoint's 'gs_decoder', else voxel-feature PSNR only) + its YAML
     # what to evaluate: folders / manifests of real files; when none is given, the built-in held-out sets
     images: str = ''
@@ -417,18 +418,27 @@ def pick_device(name):
     return torch.device('cpu')
 
 
+def _released(name):
+    """True for the name of one of Apple's released checkpoints (model.PRETRAINED) that is not a local path:
+    AToken / GaussianDecoder.from_pretrained download it (once, into $ATOKEN_CACHE)."""
+    return bool(name) and name in PRETRAINED and not os.path.exists(name)
+
+
 def load_tokenizer(cfg):
-    """-> (AToken in eval mode on CPU, info dict). Official: checkpoint + YAML (AToken.from_pretrained). Ours:
+    """-> (AToken in eval mode on CPU, info dict). Official: a released name, or checkpoint + YAML
+    (AToken.from_pretrained). Ours:
     a dict with 'model_config' and 'model' (model.export(), or a training checkpoint that may also hold
     'ema' (preferred), 'loss_config' and 'gs_decoder'). Missing files: FileNotFoundError; weights that do
     not fit the config: the ValueError of AToken.load_checkpoint_state, naming the keys."""
-    for path in (cfg.checkpoint, cfg.config):
+    named = _released(cfg.checkpoint)
+    for path in (cfg.config,) if named else (cfg.checkpoint, cfg.config):
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"not found: {path}")
     if not cfg.checkpoint:
-        raise ValueError("give --checkpoint=<file> (ours, or an official one with --config=<yaml>)")
-    if cfg.config:
-        return (AToken.from_pretrained(cfg.checkpoint, cfg.config),
+        raise ValueError("give --checkpoint=<file> (ours, or an official one with --config=<yaml>) or a released "
+                         f"name ({', '.join(n for n, e in PRETRAINED.items() if e['kind'] == 'tokenizer')})")
+    if cfg.config or named:
+        return (AToken.from_pretrained(cfg.checkpoint, cfg.config or None),
                 dict(kind='official', weights='model', loss_config=None, gs_decoder=None))
     if cfg.checkpoint.endswith('.safetensors'):
         raise ValueError(f"{cfg.checkpoint}: an official checkpoint needs its YAML: --config=<yaml>")
@@ -454,9 +464,10 @@ def load_gs_decoder(cfg, model_config, state=None):
     """Official GaussianDecoder (gs_checkpoint + gs_config), or ours from a training checkpoint's 'gs_decoder'
     state dict (its gs_* sizes are model_config's), or None."""
     if cfg.gs_checkpoint or cfg.gs_config:
-        if not (cfg.gs_checkpoint and cfg.gs_config):
-            raise ValueError("the official Gaussian decoder needs both --gs_checkpoint and --gs_config")
-        return GaussianDecoder.from_pretrained(cfg.gs_checkpoint, cfg.gs_config)
+        if not (cfg.gs_checkpoint and (cfg.gs_config or _released(cfg.gs_checkpoint))):
+            raise ValueError("the official Gaussian decoder needs both --gs_checkpoint and --gs_config "
+                             "(or --gs_checkpoint=3d_decode_gs, the released name)")
+        return GaussianDecoder.from_pretrained(cfg.gs_checkpoint, cfg.gs_config or None)
     if state is None:
         return None
     with torch.device('meta'):

@@ -297,13 +297,16 @@ class Layout:
         lq, lk = np.diff(cq), np.diff(ck)
         Lq, Lk, S = max(self.max_q, 1), max(self.max_k, 1), len(lq)
         group, oq, ok = np.zeros(S, np.int64), np.zeros(S, np.int64), np.zeros(S, np.int64)
-        g = uq = uk = 0
-        for i in range(S):                      # next fit: consecutive segments share a group while they fit
-            if uq + lq[i] > Lq or uk + lk[i] > Lk:
-                g, uq, uk = g + 1, 0, 0
-            group[i], oq[i], ok[i] = g, uq, uk
-            uq, uk = uq + lq[i], uk + lk[i]
-        G = g + 1 if S else 0
+        used_q, used_k = [], []                 # first fit, longest segments first: few, well-filled groups
+        for i in np.argsort(-lk, kind='stable'):
+            g = next((g for g in range(len(used_q)) if used_q[g] + lq[i] <= Lq and used_k[g] + lk[i] <= Lk),
+                     len(used_q))
+            if g == len(used_q):
+                used_q.append(0), used_k.append(0)
+            group[i], oq[i], ok[i] = g, used_q[g], used_k[g]
+            used_q[g] += lq[i]
+            used_k[g] += lk[i]
+        G = len(used_q)
 
         def slots(lens, cu, off, L):
             seg = np.repeat(np.arange(S), lens)                                # [n] segment of each token
@@ -490,28 +493,34 @@ def rope_angles(coords, head_dim, theta):
 
 def apply_rope(x, angles):
     """Rotate interleaved pairs (2m, 2m+1) of x [N, h, d] by angles [N, d/2], in fp32."""
-    xf = x.float().reshape(*x.shape[:-1], -1, 2)                                # [N, h, d/2, 2]
-    a, b = xf[..., 0], xf[..., 1]
-    cos, sin = angles.cos()[:, None], angles.sin()[:, None]                     # [N, 1, d/2]
-    out = torch.stack([a * cos - b * sin, a * sin + b * cos], -1)             # [N, h, d/2, 2]
-    return out.flatten(-2).to(x.dtype)
+    return rotate_pairs(x, torch.polar(torch.ones_like(angles), angles)[:, None])
+
+
+def rotate_pairs(x, rot):
+    """x [N, h, d] with pairs (2m, 2m+1) as complex numbers, times unit complex rot [N, 1, d/2]: one complex
+    multiply in fp32 (a 2D rotation by the angle of rot), cast back to x's dtype."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))         # [N, h, d/2]
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
 @dataclass
 class Rope:
     """4D RoPE at integer coords [N, 4] for one head_dim, made once per trunk and shared by its layers. On
-    CUDA the Triton kernel rotates q and k itself from the coords (fused); elsewhere apply_rope uses the
-    angles made here once."""
+    CUDA the Triton kernel rotates q and k itself from the coords (fused); elsewhere rotate() multiplies by the
+    unit complex numbers made here once."""
     coords: torch.Tensor
-    angles: torch.Tensor        # [N, d/2] fp32, or None when the fused kernel does the rotation
+    rot: torch.Tensor           # [N, 1, d/2] complex64 exp(i angle), or None when the fused kernel rotates
     theta: float
 
     @staticmethod
     def make(coords, head_dim, theta, fused):
-        return Rope(coords, None if fused else rope_angles(coords, head_dim, theta), theta)
+        if fused:
+            return Rope(coords, None, theta)
+        angles = rope_angles(coords, head_dim, theta)
+        return Rope(coords, torch.polar(torch.ones_like(angles), angles)[:, None], theta)
 
     def rotate(self, x):
-        return apply_rope(x, self.angles)
+        return rotate_pairs(x, self.rot)
 
 
 def fused_kernel(x, head_dim):
@@ -574,8 +583,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        y = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
         return (y * self.weight).to(x.dtype)
 
 
@@ -586,8 +594,8 @@ class HeadRMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(heads, head_dim))
 
     def forward(self, x):                                                       # x [N, h, d]
-        y = F.normalize(x.float(), dim=-1) * self.gamma * math.sqrt(x.shape[-1])
-        return y.to(x.dtype)
+        # x / ||x|| * sqrt(d) = x * rsqrt(mean(x^2)): one fused rms_norm (eps ~ F.normalize's 1e-12 clamp)
+        return (F.rms_norm(x.float(), x.shape[-1:], eps=1e-24) * self.gamma).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -960,6 +968,150 @@ def siglip2_to_encoder(sd, cfg):
 
 
 # -----------------------------------------------------------------------------
+# Apple's released checkpoints by name. The architecture of each is embedded here (the `arch_cfg` of its
+# official YAML; for 3d_decode_gs the YAML's `model:` block), so no YAML is needed; the weights are
+# downloaded once into $ATOKEN_CACHE (default ~/.cache/atoken) and checked against their recorded SHA-256.
+
+_SO400M_ARCH = dict(
+    patch_size=[4, 16, 16], in_channels=3072, out_channels=3072, latent_channels=48,
+    encoder_model_channels=1152, encoder_num_blocks=27, encoder_num_heads=16, encoder_mlp_channels=4304,
+    encoder_attn_mode='full', encoder_pe_mode='joint', encoder_qk_rms_norm=False, encoder_use_bias=True,
+    encoder_use_rms_norm=False,
+    decoder_model_channels=1152, decoder_num_blocks=27, decoder_num_heads=16, decoder_mlp_channels=4304,
+    decoder_attn_mode='full', decoder_pe_mode='joint', decoder_qk_rms_norm=True, decoder_use_bias=False,
+    decoder_use_rms_norm=True, use_decoder=True, use_quantizer=False)
+_FSQ_ARCH = dict(use_quantizer=True, quantizer_type='fsq', quantizer_codebook_size=4096, quantizer_feature_dim=48,
+                 quantizer_num_codebooks=8, quantizer_chunk_size=1)
+_GS_ARCH = {'resolution': 64, 'model_channels': 768, 'latent_channels': 768, 'num_blocks': 12, 'num_heads': 12,
+            'mlp_channels': 3072, 'attn_mode': 'swin', 'window_size': 8,
+            'representation_config': {
+                'lr': {'_xyz': 1.0, '_features_dc': 1.0, '_opacity': 1.0, '_scaling': 1.0, '_rotation': 0.1},
+                'perturb_offset': True, 'voxel_size': 1.5, 'num_gaussians': 32, '2d_filter_kernel_size': 0.1,
+                '3d_filter_kernel_size': 9e-4, 'scaling_bias': 4e-3, 'opacity_bias': 0.1,
+                'scaling_activation': 'softplus'}}
+
+PRETRAINED_BASE_URL = 'https://ml-site.cdn-apple.com/models/atoken'   # $ATOKEN_BASE_URL overrides it
+PRETRAINED = {
+    # name: kind ('tokenizer': AToken, 'gaussian': GaussianDecoder) and arch (the official YAML's values).
+    # The weights are at <base URL>/<name>.pt; an entry's optional 'url' replaces that (tests use it).
+    'atoken-soc': dict(kind='tokenizer', arch=dict(_SO400M_ARCH)),                  # So/C: continuous, 48
+    'atoken-sod': dict(kind='tokenizer', arch=dict(_SO400M_ARCH, **_FSQ_ARCH)),     # So/D: FSQ 8 x 4096
+    'atoken-soc-s1': dict(kind='tokenizer', arch=dict(_SO400M_ARCH, latent_channels=32)),   # after stage 1
+    'atoken-soc-s2': dict(kind='tokenizer', arch=dict(_SO400M_ARCH)),               # after stage 2
+    '3d_decode_gs': dict(kind='gaussian', arch=_GS_ARCH),                           # 3D Gaussian decoder
+}
+
+
+def pretrained_url(name):
+    entry = PRETRAINED[name]
+    import os
+    base = os.environ.get('ATOKEN_BASE_URL') or PRETRAINED_BASE_URL
+    return entry.get('url') or f"{base.rstrip('/')}/{name}.pt"
+
+
+def pretrained_cache_dir():
+    import os
+    return os.path.abspath(os.path.expanduser(os.environ.get('ATOKEN_CACHE') or os.path.join('~', '.cache', 'atoken')))
+
+
+def _sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 23), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path, obj):
+    import json
+    import os
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def download_pretrained(name, progress=True):
+    """-> local path of the released checkpoint `name`: $ATOKEN_CACHE/<name>.pt, downloaded (urllib, tqdm
+    progress bar) into a temporary file in the same folder that is renamed only once complete. Its size and
+    SHA-256 are recorded in <name>.pt.json; a later call checks them without touching the network and, if the
+    file was truncated or altered, deletes it and downloads it again. A file put there by hand (no record)
+    is trusted and recorded. A failed download raises one RuntimeError naming the URL and that path."""
+    import hashlib
+    import http.client
+    import json
+    import os
+    import tempfile
+    import urllib.request
+    import warnings
+    from tqdm import tqdm
+    url, folder = pretrained_url(name), pretrained_cache_dir()
+    path = os.path.join(folder, f'{name}.pt')
+    record = path + '.json'
+    if os.path.exists(path):
+        size = os.path.getsize(path)
+        try:
+            with open(record) as f:
+                known = json.load(f)
+        except (OSError, ValueError):
+            known = None
+        if not isinstance(known, dict):                 # placed by hand (or the record was lost): trust it
+            _write_json_atomic(record, dict(size=size, sha256=_sha256(path), url=None))
+            return path
+        if known.get('size') == size and known.get('sha256') == _sha256(path):
+            return path
+        warnings.warn(f"{path} does not match the size and SHA-256 recorded when it was downloaded "
+                      f"({record}): truncated or altered; deleting it and downloading it again")
+        os.remove(path)
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{name}.pt.', suffix='.part')
+        h, n = hashlib.sha256(), 0
+        with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=60) as r:
+            total = r.headers.get('Content-Length')
+            total = int(total) if total else None
+            with tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024, desc=f'{name}.pt',
+                      disable=not progress) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    h.update(chunk)
+                    n += len(chunk)
+                    bar.update(len(chunk))
+            if total is not None and n != total:
+                raise OSError(f"connection closed after {n} of {total} bytes")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _write_json_atomic(record, dict(size=n, sha256=h.hexdigest(), url=url))
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise RuntimeError(f"could not download the pretrained checkpoint '{name}' from {url} ({e}).\n"
+                           f"Download it by hand and put it at {path} (e.g. curl -L -o {path} {url}); "
+                           f"it is then used from there without the network (set $ATOKEN_CACHE to use "
+                           f"another folder).") from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _pretrained(name, kind):
+    """Released `name` of the given kind -> (local checkpoint path, a copy of its embedded arch)."""
+    import copy
+    entry = PRETRAINED[name]
+    if entry['kind'] != kind:
+        cls = {'tokenizer': 'AToken', 'gaussian': 'GaussianDecoder'}[entry['kind']]
+        raise ValueError(f"'{name}' is a {entry['kind']} checkpoint: load it with {cls}.from_pretrained('{name}')")
+    return download_pretrained(name), copy.deepcopy(entry['arch'])
+
+
+def _names(kind):
+    return ', '.join(n for n, e in PRETRAINED.items() if e['kind'] == kind)
+
+
+# -----------------------------------------------------------------------------
 # the tokenizer
 
 
@@ -1070,11 +1222,16 @@ class AToken(nn.Module):
 
     @classmethod
     def from_pretrained(cls, checkpoint_path, config_path=None):
-        """Load an official checkpoint (flat state dict, .pt or .safetensors) with its official YAML, or a
-        tokenizer exported by train.py ({'model_config': dict, 'model': state dict}) with no YAML."""
+        """Load Apple's released tokenizer by name ('atoken-sod', 'atoken-soc', 'atoken-soc-s1', 'atoken-soc-s2':
+        downloaded once into $ATOKEN_CACHE, architecture from PRETRAINED), an official checkpoint file (flat
+        state dict, .pt or .safetensors) with its official YAML, or a tokenizer exported by train.py
+        ({'model_config': dict, 'model': state dict}) with no YAML. An existing path wins over a name."""
         import os
+        arch = None
+        if isinstance(checkpoint_path, str) and checkpoint_path in PRETRAINED and not os.path.exists(checkpoint_path):
+            checkpoint_path, arch = _pretrained(checkpoint_path, 'tokenizer')
         if not os.path.exists(checkpoint_path):
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint_path} (released names: {_names('tokenizer')})")
         if str(checkpoint_path).endswith('.safetensors'):
             from safetensors.torch import load_file
             sd = load_file(checkpoint_path)
@@ -1088,6 +1245,7 @@ class AToken(nn.Module):
                 arch = y['model']['model_cfg']['arch_cfg']
             except (KeyError, TypeError):
                 raise ValueError(f"{config_path}: no model.model_cfg.arch_cfg block (not an official AToken YAML)")
+        if arch is not None:                    # the YAML's, else the released name's embedded preset
             config = _official_config(arch)
         elif isinstance(sd, dict) and 'model_config' in sd:
             cfg = dict(sd['model_config'])
@@ -1320,18 +1478,28 @@ class GaussianDecoder(nn.Module):
                     rgb=(SH_C0 * dc.reshape(G, 3) + 0.5).clamp_min(0))
 
     @classmethod
-    def from_pretrained(cls, checkpoint_path, config_path):
-        """Load Apple's 3d_decode_gs.pt with its YAML (`model:` block); `lpips_loss.*` keys are dropped."""
+    def from_pretrained(cls, checkpoint_path, config_path=None):
+        """Load Apple's Gaussian decoder by name ('3d_decode_gs': downloaded once into $ATOKEN_CACHE,
+        architecture from PRETRAINED), or 3d_decode_gs.pt with its YAML (`model:` block). `lpips_loss.*` keys
+        are dropped. An existing path wins over a name."""
         import os
-        import yaml
+        m = None
+        if isinstance(checkpoint_path, str) and checkpoint_path in PRETRAINED and not os.path.exists(checkpoint_path):
+            checkpoint_path, m = _pretrained(checkpoint_path, 'gaussian')
         for p in (checkpoint_path, config_path):
-            if not os.path.exists(p):
-                raise FileNotFoundError(f"not found: {p}")
-        with open(config_path) as f:
-            y = yaml.safe_load(f)
-        m = y.get('model', y) if isinstance(y, dict) else None
-        if not isinstance(m, dict) or 'model_channels' not in m:
-            raise ValueError(f"{config_path}: no `model:` block with model_channels (not a 3d_decode_gs YAML)")
+            if p is not None and not os.path.exists(p):
+                raise FileNotFoundError(f"not found: {p}" + (f" (released names: {_names('gaussian')})"
+                                                             if p is checkpoint_path else ''))
+        if config_path is not None:
+            import yaml
+            with open(config_path) as f:
+                y = yaml.safe_load(f)
+            m = y.get('model', y) if isinstance(y, dict) else None
+            if not isinstance(m, dict) or 'model_channels' not in m:
+                raise ValueError(f"{config_path}: no `model:` block with model_channels (not a 3d_decode_gs YAML)")
+        elif m is None:
+            raise ValueError(f"{checkpoint_path}: an official Gaussian decoder checkpoint needs its YAML "
+                             f"(config_path), or give a released name: {_names('gaussian')}")
         cfg = _official_gs_config(m)
         sd = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
         sd = {k: v for k, v in sd.items() if not k.startswith('lpips_loss.')}
