@@ -1003,13 +1003,14 @@ PRETRAINED = {
 
 
 def pretrained_url(name):
-    entry = PRETRAINED[name]
+    """The entry's 'url', else $ATOKEN_BASE_URL (default PRETRAINED_BASE_URL) + /<name>.pt."""
     import os
     base = os.environ.get('ATOKEN_BASE_URL') or PRETRAINED_BASE_URL
-    return entry.get('url') or f"{base.rstrip('/')}/{name}.pt"
+    return PRETRAINED[name].get('url') or f"{base.rstrip('/')}/{name}.pt"
 
 
 def pretrained_cache_dir():
+    """$ATOKEN_CACHE, default ~/.cache/atoken."""
     import os
     return os.path.abspath(os.path.expanduser(os.environ.get('ATOKEN_CACHE') or os.path.join('~', '.cache', 'atoken')))
 
@@ -1083,6 +1084,7 @@ def download_pretrained(name, progress=True):
                 raise OSError(f"connection closed after {n} of {total} bytes")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)                            # mkstemp makes it owner-only
         os.replace(tmp, path)
         tmp = None
         _write_json_atomic(record, dict(size=n, sha256=h.hexdigest(), url=url))
@@ -1090,7 +1092,7 @@ def download_pretrained(name, progress=True):
         raise RuntimeError(f"could not download the pretrained checkpoint '{name}' from {url} ({e}).\n"
                            f"Download it by hand and put it at {path} (e.g. curl -L -o {path} {url}); "
                            f"it is then used from there without the network (set $ATOKEN_CACHE to use "
-                           f"another folder).") from e
+                           f"another folder).") from None     # one error: the cause is in the message
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
