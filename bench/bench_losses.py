@@ -104,18 +104,18 @@ def main():
     temperature = losses.SigmoidTemperature()
     ids = list(range(B))
     captions = (CAPTIONS * (B // len(CAPTIONS) + 1))[:B]
-    target = losses._frames(packed.feats, packed, ids)                                 # B x (S, S, 3)
+    target = losses.image_frames(packed.feats, packed, ids)[1]                                 # B x (S, S, 3)
     dtype = next(frozen.parameters()).dtype
 
     def vgg_pair():
-        fr = frozen.vgg_features(losses.resize(losses._frames(rec, packed, ids), cfg.perceptual_size).to(dtype))
+        fr = frozen.vgg_features(losses.resize(losses.image_frames(rec, packed, ids)[1], cfg.perceptual_size).to(dtype))
         with torch.no_grad():
             ft = frozen.vgg_features(losses.resize(target, cfg.perceptual_size).to(dtype))
         return fr, ft
 
     def clip_term():
         s = frozen.image_size()
-        tr = frozen.vision(losses.resize(losses._frames(rec, packed, ids), s).to(dtype))[0]
+        tr = frozen.vision(losses.resize(losses.image_frames(rec, packed, ids)[1], s).to(dtype))[0]
         with torch.no_grad():
             tt = frozen.vision(losses.resize(target, s).to(dtype))[0]
         return losses.clip_perceptual_loss(tr, tt).mean()
