@@ -88,12 +88,14 @@ def test_auto_backend_is_reference_on_cpu():
 
 
 @pytest.mark.parametrize('softcap', [None, 30.0])
-def test_reference_matches_model(softcap):
+@pytest.mark.parametrize('small_scores', [0, 10 ** 9], ids=['sdpa', 'explicit'])
+def test_reference_matches_model(softcap, small_scores, monkeypatch):
     """The model's one attention path on CPU (RoPE from model.Rope, then one masked SDPA over grouped
     segments) == the per-segment reference loop with RoPE from coords; uneven segments, one without queries."""
     lq, lk = [1, 0, 17, 40, 3], [5, 3, 17, 43, 60]
     q, k, v, cu_q, cu_k, cq, ck = make_inputs(72, lq, lk, True, device='cpu')
     theta = 10000.0
+    monkeypatch.setattr(model, 'SMALL_SCORES', small_scores)      # both CPU paths: SDPA and explicit softmax
     layout = model.Layout.build(lq, lk)
     assert layout.mask.shape[0] < len(lq)           # some segments share a group
     rq, rk = (model.Rope.make(c, 72, theta, fused=False) for c in (cq, ck))

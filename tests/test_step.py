@@ -130,12 +130,16 @@ def count_step_ops(net, x):
     return census
 
 
-def test_op_count_independent_of_sample_count(setup):
+@pytest.mark.parametrize('small_scores', [0, 10 ** 9], ids=['sdpa', 'explicit-softmax'])
+def test_op_count_independent_of_sample_count(setup, monkeypatch, small_scores):
     """A 1,024-token micro-batch of 4 images (256 tokens each) and one of 64 images (16 tokens each) run exactly
-    the same ATen ops in forward + L1/KL loss + backward: no per-sample loop anywhere."""
+    the same ATen ops in forward + L1/KL loss + backward: no per-sample loop anywhere. (The CPU attention picks
+    SDPA or an explicit softmax by the longest segment, not the number of samples: each path is checked.)"""
     net, _, cfg = setup
+    monkeypatch.setattr(model, 'SMALL_SCORES', small_scores)
     few, many = micro_batch(4, 128, cfg), micro_batch(64, 32, cfg)
     assert sum(few.seqlens) == sum(many.seqlens) == 1024
+    assert few.structure.seg.small == many.structure.seg.small == bool(small_scores)
     a, b = count_step_ops(net, few), count_step_ops(net, many)
     assert a.reads == b.reads == []
     assert a.ops == b.ops, (a.ops, b.ops)
