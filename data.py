@@ -7,7 +7,8 @@ resolution sampling, and packing samples of mixed sizes and modalities into a to
                'train' and 'val' splits draw from different random streams, so they share no sample.
                Each sample is rendered once, at its native size, and cached in memory as uint8 (per
                process, see cache_bytes()); each epoch resizes that render to its drawn size, so pixels
-               always lie on the uint8 grid k / 127.5 - 1 and later epochs cost only a resize.
+               always lie on the uint8 grid k / 127.5 - 1; each drawn size is kept too, so later epochs
+               cost a look-up.
   real files   ImageFolder (any format PIL reads) and VideoFolder (mp4/webm/mkv/mov via PyAV), from a folder
                or from a JSONL/CSV manifest with captions and labels. Clips are sampled as in the paper
                (Sec. 3.5, stage 2): stride 1-3 for reconstruction, ~1 fps up to 64 frames for understanding.
@@ -340,6 +341,12 @@ def _content_rng(seed, split, i):
 
 
 @functools.lru_cache(maxsize=1 << 16)
+def _video_length(seed, split, i, frames, pt):
+    """Frames of built-in video i: a multiple of pt in [pt, frames] (memoised like _aspect)."""
+    return pt * int(_rng(seed, CLIP, split, i, 0).integers(1, frames // pt + 1))
+
+
+@functools.lru_cache(maxsize=1 << 16)
 def _aspect(seed, split, i):
     """Native aspect ratio H / W of sample i, in [1/2, 2] (the content stream's first draw; memoised: making a
     numpy generator costs ~65 us, and the plan is asked for every sample of every epoch)."""
@@ -348,8 +355,9 @@ def _aspect(seed, split, i):
 
 def _synthetic_item(ds, key, kind):
     """Sample of a built-in dataset. The scene is rendered once per index at its native size and kept in
-    ds._cache as uint8 (T, H, W, 3) with its caption and class name; each epoch's size is an antialiased
-    bilinear resize of that render, re-quantised to the uint8 grid, so every pixel is k / 127.5 - 1."""
+    ds._cache as uint8 (T, H, W, 3) with its caption and class name; each drawn size is an antialiased bilinear
+    resize of that render, re-quantised to the uint8 grid (so every pixel is k / 127.5 - 1) and kept too: a
+    sample costs a render once, a resize once per size it is drawn at, and a dict look-up after that."""
     i, hw, native, content = _synthetic_plan(ds, key)
     entry = ds._cache.get(i)
     if entry is None or tuple(entry[0].shape[1:3]) != native:      # new, or `res` changed since it was cached
@@ -357,18 +365,18 @@ def _synthetic_item(ds, key, kind):
         scene = random_scene(rng, video=kind == 'video')
         t = torch.arange(ds._length(i), dtype=torch.float32) if kind == 'video' else torch.zeros(1)
         entry = ds._cache[i] = (model.to_uint8(render(scene, *native, t)), _caption(rng, scene),
-                                f"{scene['colour']} {scene['shape']}")
-    u8, caption, name = entry
-    media = model.from_uint8(u8)                                                           # (T, H, W, 3), a copy
-    if hw != native:        # permute: channels_last memory, so the result permutes back to contiguous
-        media = F.interpolate(media.permute(0, 3, 1, 2), size=hw, mode='bilinear', align_corners=False,
-                              antialias=True).permute(0, 2, 3, 1)
-        media = model.from_uint8(model.to_uint8(media)).contiguous()
+                                f"{scene['colour']} {scene['shape']}", {})
+    u8, caption, name, sizes = entry
+    if hw != native and hw not in sizes:    # permute: channels_last memory, so the result permutes back
+        resized = F.interpolate(model.from_uint8(u8).permute(0, 3, 1, 2), size=hw, mode='bilinear',
+                                align_corners=False, antialias=True).permute(0, 2, 3, 1)
+        sizes[hw] = model.to_uint8(resized).contiguous()
+    media = model.from_uint8(u8 if hw == native else sizes[hw])                           # (T, H, W, 3), a copy
     return Sample(media[0] if kind == 'image' else media, kind, caption, CLASSES.index(name), name, ds.source(i))
 
 
 def _cache_bytes(ds):
-    return sum(u8.numel() * u8.element_size() for u8, _, _ in ds._cache.values())
+    return sum(u8.nbytes + sum(x.nbytes for x in sizes.values()) for u8, _, _, sizes in ds._cache.values())
 
 
 class SyntheticImages(Dataset):
@@ -378,10 +386,12 @@ class SyntheticImages(Dataset):
     memory as uint8; every epoch then resizes the cached render (antialiased bilinear) to its drawn size,
     so pixels always lie on the uint8 grid k / 127.5 - 1. The cache lives on the dataset object, filled
     lazily by __getitem__, so each DataLoader worker keeps its own (persistent workers keep it across
-    epochs); cache_bytes() reports its size. At most n * res[1]^2 * 3 bytes: for the CPU demo
-    (configs/cpu_tiny.py: 2048 images, res (32, 64)) at most 2048 x 64 x 64 x 3 = 25.2 MB (24 MiB);
-    aspect ratios in [1/2, 2] make it 18.2 MB (17.4 MiB) in fact with seed 0. That is per process that
-    reads every image: each DataLoader worker of each task stream (image_rec, image_und) holds its own.
+    epochs); cache_bytes() reports its size. Each size a sample is drawn at is kept too (uint8), so a later
+    epoch costs a look-up. Native renders take at most n * res[1]^2 * 3 bytes: for the CPU demo
+    (configs/cpu_tiny.py: 2048 images, res (32, 64)) at most 2048 x 64 x 64 x 3 = 25.2 MB (18.2 MB with
+    seed 0's aspect ratios in [1/2, 2]); the drawn sizes (longer side 32, 40, 48, 56) add at most 2x that:
+    under 75 MB in all. That is per process that reads every image: each DataLoader worker of each task
+    stream (image_rec, image_und) holds its own.
     The held-out ('val') datasets that eval builds cache the same way (their n samples, each read once:
     0.44 MB for the demo's 48 images)."""
 
@@ -389,7 +399,7 @@ class SyntheticImages(Dataset):
         _check_res(res, patch_size)
         self.n, self.split, self.seed, self.res, self.patch_size = n, split, seed, res, patch_size
         self.classes, self.skipped = CLASSES, []
-        self._cache = {}                # index -> (uint8 (1, H, W, 3) native render, caption, class name)
+        self._cache = {}                # index -> (uint8 (1, H, W, 3) native render, caption, class name, {size: uint8})
 
     def __len__(self):
         return self.n
@@ -401,7 +411,7 @@ class SyntheticImages(Dataset):
         return num_tokens('image', (1, *_synthetic_plan(self, key)[1]), self.patch_size)
 
     def cache_bytes(self):
-        """Bytes held by this process's cache of native renders."""
+        """Bytes held by this process's cache (native renders and the sizes drawn so far)."""
         return _cache_bytes(self)
 
     def __getitem__(self, key):
@@ -413,10 +423,11 @@ class SyntheticVideos(Dataset):
     small ones drift (and change colour when it pulses). Length: a multiple of pt in [pt, frames].
 
     Cached like SyntheticImages: all frames rendered once at the native size (longer side res[1]) as
-    uint8, resized per epoch. At most n * frames * res[1]^2 * 3 bytes: for the CPU demo
-    (configs/cpu_tiny.py: 512 videos, res (32, 48), 8 frames, pt 4) at most 512 x 8 x 48 x 48 x 3 =
-    28.3 MB (27 MiB); 4 or 8 frames and aspect ratios in [1/2, 2] make it 14.9 MB (14.2 MiB) in fact
-    with seed 0, per process that reads every video (each worker of video_rec and video_und holds its own).
+    uint8, each drawn size kept once made. Native renders: at most n * frames * res[1]^2 * 3 bytes: for the
+    CPU demo (configs/cpu_tiny.py: 512 videos, res (32, 48), 8 frames, pt 4) at most 512 x 8 x 48 x 48 x 3 =
+    28.3 MB (14.9 MB with seed 0: 4 or 8 frames, aspect ratios in [1/2, 2]); the drawn sizes (longer side 32,
+    40) add at most 1.2x that: under 62 MB in all, per process that reads every video (each worker of
+    video_rec and video_und holds its own).
     Eval's held-out ('val') videos cache the same way (1.1 MB for the demo's 24 videos)."""
 
     def __init__(self, n, split='train', seed=0, res=(64, 256), patch_size=(4, 16, 16), frames=16):
@@ -425,7 +436,7 @@ class SyntheticVideos(Dataset):
             raise ValueError(f"frames={frames} must be a multiple of pt={patch_size[0]}")
         self.n, self.split, self.seed, self.res, self.patch_size = n, split, seed, res, patch_size
         self.frames, self.classes, self.skipped = frames, CLASSES, []
-        self._cache = {}                # index -> (uint8 (T, H, W, 3) native render, caption, class name)
+        self._cache = {}                # index -> (uint8 (T, H, W, 3) native render, caption, class name, {size: uint8})
 
     def __len__(self):
         return self.n
@@ -434,8 +445,7 @@ class SyntheticVideos(Dataset):
         return f"synthetic:{self.split}:video:{i}"
 
     def _length(self, i):
-        pt = self.patch_size[0]
-        return pt * int(_rng(self.seed, CLIP, SPLITS[self.split], i, 0).integers(1, self.frames // pt + 1))
+        return _video_length(self.seed, SPLITS[self.split], i, self.frames, self.patch_size[0])
 
     def num_tokens(self, key):
         i, hw, _, _ = _synthetic_plan(self, key)

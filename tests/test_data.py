@@ -180,10 +180,12 @@ def test_synthetic_renders_once_then_resizes(monkeypatch, video):
     native, caption = expected[2]
     assert calls == [(*native.shape[1:3], native.shape[0])]
     assert torch.equal(again.media, saved) and (again.caption, again.label) == (first.caption, first.label)
-    assert again.caption == caption and ds.cache_bytes() == native.numel()
+    drawn = 0 if tuple(saved.shape[-3:-1]) == tuple(native.shape[1:3]) else saved.numel()   # its size is kept
+    assert again.caption == caption and ds.cache_bytes() == native.numel() + drawn
     # (b) other epochs draw other sizes: nothing new rendered, an antialiased bilinear resize of the cached
     # native render, re-quantised to the uint8 grid; at the native size, the cached render itself
     sizes, resized = set(), 0
+    kept = {} if drawn == 0 else {(2, tuple(saved.shape[-3:-1])): saved.numel()}
     for i in range(6):
         native, caption = expected[i]
         for epoch in range(1, 8):
@@ -198,11 +200,12 @@ def test_synthetic_renders_once_then_resizes(monkeypatch, video):
                                                     align_corners=False, antialias=True).permute(0, 2, 3, 1)
                 want = ((y + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).float() / 127.5 - 1
                 resized += 1
+                kept[(i, hw)] = want.numel()                            # each drawn size is kept (uint8)
             assert torch.equal(media, want) and s.caption == caption
             assert media.is_contiguous() and s.media.dtype == torch.float32
             assert ds.num_tokens((i, epoch)) == model.pack([s.media], PS).seqlens[0]
     assert len(calls) == 6 and resized > 6 and len({hw for i, hw in sizes if i == 2}) > 1   # one render each
-    assert ds.cache_bytes() == sum(n.numel() for n, _ in expected.values())
+    assert ds.cache_bytes() == sum(n.numel() for n, _ in expected.values()) + sum(kept.values())
     # a curriculum that changes res changes the native size: that sample is rendered anew
     ds.res = (32, 32)
     assert max(ds[(2, 0)].media.shape[-3:-1]) == 32 and len(calls) == 7 and calls[-1][:2] != calls[0][:2]
