@@ -570,18 +570,22 @@ def attention(q, k, v, layout, rope_q=None, rope_k=None, softcap=None):
             setattr(layout, name, getattr(layout, name).to(q.device))
     G, _, Lq, Lk = layout.mask.shape
     h, d = q.shape[1:]
-    gather = (lambda x, i: x) if layout.identity else (lambda x, i: x.index_select(0, i))
-    qg = gather(q, layout.q_gather).reshape(G, Lq, h, d).transpose(1, 2)       # [G, h, Lq, d]
-    kg = gather(k, layout.k_gather).reshape(G, Lk, h, d).transpose(1, 2)       # [G, h, Lk, d]
-    vg = gather(v, layout.k_gather).reshape(G, Lk, h, d).transpose(1, 2)
+    # head-major [h, G, L, d]: gathering along the token axis of [h, N, d] views gives contiguous groups, so
+    # the batched matmuls need no copies
+    gather = (lambda x, i: x.transpose(0, 1).reshape(h, -1, d)) if layout.identity else \
+        (lambda x, i: x.transpose(0, 1).index_select(1, i))
+    qg = gather(q, layout.q_gather).view(h, G, Lq, d)
+    kg = gather(k, layout.k_gather).view(h, G, Lk, d)
+    vg = gather(v, layout.k_gather).view(h, G, Lk, d)
     if softcap is None and not layout.small:
-        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=None if layout.full else layout.mask)
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=None if layout.full else layout.mask.transpose(0, 1))
     else:                                       # explicit softmax: short groups (faster on CPU), or the soft-cap
-        s = torch.matmul(qg, kg.transpose(-1, -2)).mul_(1 / math.sqrt(d))       # [G, h, Lq, Lk]
+        s = torch.matmul(qg, kg.transpose(-1, -2)).mul_(1 / math.sqrt(d))       # [h, G, Lq, Lk]
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
-        o = torch.matmul(torch.softmax(s if layout.full else s + layout.bias, dim=-1), vg)
-    return gather(o.transpose(1, 2).reshape(G * Lq, h, d), layout.q_scatter)  # [N, h, d]
+        o = torch.matmul(torch.softmax(s if layout.full else s + layout.bias.transpose(0, 1), dim=-1), vg)
+    o = o.view(h, G * Lq, d)
+    return (o if layout.identity else o.index_select(1, layout.q_scatter)).transpose(0, 1)   # [N, h, d]
 
 
 class LayerNorm(nn.LayerNorm):
