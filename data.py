@@ -76,6 +76,8 @@ class Sample:
     label: int              # index into the dataset's `classes`, -1 when unknown
     class_name: str         # '' when unknown
     source: str             # file path, or 'synthetic:<split>:<kind>:<index>'
+    pixels: object = None   # the same media as uint8 levels u (media = u / 127.5 - 1) when the source has them
+                            # (the built-in datasets): collate ships these without converting twice
 
 
 @dataclass
@@ -371,8 +373,10 @@ def _synthetic_item(ds, key, kind):
         resized = F.interpolate(model.from_uint8(u8).permute(0, 3, 1, 2), size=hw, mode='bilinear',
                                 align_corners=False, antialias=True).permute(0, 2, 3, 1)
         sizes[hw] = model.to_uint8(resized).contiguous()
-    media = model.from_uint8(u8 if hw == native else sizes[hw])                           # (T, H, W, 3), a copy
-    return Sample(media[0] if kind == 'image' else media, kind, caption, CLASSES.index(name), name, ds.source(i))
+    u8 = u8 if hw == native else sizes[hw]
+    media = model.from_uint8(u8)                                                           # (T, H, W, 3), a copy
+    return Sample(media[0] if kind == 'image' else media, kind, caption, CLASSES.index(name), name, ds.source(i),
+                  u8[0] if kind == 'image' else u8)
 
 
 def _cache_bytes(ds):
@@ -887,10 +891,17 @@ def collate(items, config, grouped=True):
     good = [s for s in items if isinstance(s, Sample)]
     packed = None
     if good:
-        packed = model.pack([s.media for s in good], cfg.patch_size if cfg else tuple(config))
+        ps = cfg.patch_size if cfg else tuple(config)
+        # uint8 pixels pack as they are, unless zero (mid-grey) frames must be added: a video shorter than pt,
+        # or one-frame samples next to a video (128 is not mid-grey)
+        kinds = {s.kind for s in good}
+        raw = all(s.pixels is not None for s in good) and len(kinds) == 1 and \
+            all(s.kind != 'video' or len(s.pixels) >= ps[0] for s in good)
+        packed = model.pack([s.pixels if raw else s.media for s in good], ps)
         if cfg is not None:
             packed.structure = model.build_structure(packed.coords, packed.seqlens, packed.kinds, cfg, grouped)
-        packed.feats = model.to_uint8(packed.feats)
+        if not raw:
+            packed.feats = model.to_uint8(packed.feats)
     return Batch(packed, [s.caption for s in good], torch.tensor([s.label for s in good], dtype=torch.int64),
                  [s.class_name for s in good], [s.source for s in good],
                  [(s.source, s.reason) for s in items if isinstance(s, Skipped)],

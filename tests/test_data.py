@@ -497,3 +497,18 @@ def test_asset_folder(tmp_path):
         data.AssetFolder(str(tmp_path), patch_size=(4, 8, 8), strict=True)
     with pytest.raises(ValueError, match='no usable'):
         data.AssetFolder(str(tmp_path / 'broken'), patch_size=(4, 8, 8))
+
+
+@pytest.mark.parametrize('video', [False, True])
+def test_collate_ships_built_in_pixels_as_they_are(video):
+    """Built-in samples carry their uint8 levels: collate packs those directly, and the batch equals the one
+    packed from the float media and quantised (the path every other dataset takes)."""
+    import dataclasses
+    ds = (data.SyntheticVideos(4, res=(32, 48), patch_size=PS, frames=8) if video else
+          data.SyntheticImages(6, res=(32, 64), patch_size=PS))
+    items = [ds[(i, 1)] for i in range(len(ds))]
+    assert all(s.pixels.dtype == torch.uint8 and torch.equal(model.from_uint8(s.pixels), s.media) for s in items)
+    a = data.collate(items, model.PRESETS['tiny'])
+    b = data.collate([dataclasses.replace(s, pixels=None) for s in items], model.PRESETS['tiny'])
+    assert a.packed.feats.dtype == b.packed.feats.dtype == torch.uint8
+    assert torch.equal(a.packed.feats, b.packed.feats) and torch.equal(a.packed.coords, b.packed.coords)
