@@ -165,6 +165,7 @@ def measure_gpu(args):
     import model
     import train
     dev = torch.device(args.device)
+    cuda = dev.type == 'cuda'
     cfg = train.load_config([os.path.join(args.tree, 'configs/cpu_tiny.py'), f'--preset={args.preset}',
                              '--model={}', "--loss={'siglip_model': 'tiny', 'random_frozen': True, 'lpips': 0.0, "
                              "'gram': 0.0, 'clip': 0.0}", '--n_images=4096'])
@@ -182,7 +183,6 @@ def measure_gpu(args):
         stream = train.TaskStream(ds, args.tokens, mcfg, 0, 0, 1, 8 if cuda else 1, grouped=not cuda, pin=cuda)
     except TypeError:
         stream = train.TaskStream(ds, args.tokens, mcfg.patch_size, 0, 0, 1, 8)
-    cuda = dev.type == 'cuda'
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     phases = {k: [] for k in ('data', 'copy', 'forward', 'loss', 'backward', 'optimizer', 'step')}
