@@ -2,7 +2,9 @@
 AToken: one transformer tokenizer for images, videos and 3D assets (arXiv 2509.14476).
 
 Everything the tokenizer is lives in this file: the config and its presets, patchify/unpatchify into a
-packed 4D token set, 4D RoPE, block-diagonal attention, the SigLIP-style encoder with its attention-pool
+packed 4D token set and that set's structure (segments, attention layouts, position-table weights: built
+once on the host, reused by every layer), 4D RoPE, block-diagonal attention, the SigLIP-style encoder with
+its attention-pool
 head, the KL bottleneck, FSQ, the RMSNorm decoder, 16-frame temporal tiling with an optional decoder KV
 cache, loading Apple's released checkpoints (`AToken.from_pretrained`) and SigLIP2 initialisation of the
 encoder (`AToken.init_from_siglip2`).
@@ -16,7 +18,7 @@ al. 2023), TRELLIS (sparse packed transformer).
 Letter legend for shape comments:
   B samples in a packed batch   N tokens (all samples, concatenated)   C channels   L latent channels
   T frames   H W height width   P patch   S segments (sample x temporal tile)   h heads   d head dim
-  G FSQ groups
+  G FSQ groups (in attention: groups of segments)   Lq Lk query / key slots of such a group
 """
 import functools
 import math
