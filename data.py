@@ -49,6 +49,7 @@ import functools
 import json
 import math
 import os
+import random
 import warnings
 from dataclasses import dataclass
 
@@ -330,7 +331,9 @@ def _synthetic_plan(ds, key):
     i, epoch = _key(key, ds.n)
     aspect = _aspect(ds.seed, SPLITS[ds.split], i)                                    # H / W
     native = (ds.res[1], ds.res[1] / aspect) if aspect > 1 else (ds.res[1] * aspect, ds.res[1])
-    size_rng = _rng(ds.seed, SIZE, SPLITS[ds.split], i, epoch)
+    # the size draw: a cheap seeded stream (a numpy generator costs ~65 us, and every sample of every epoch
+    # draws one); tuples of ints hash alike in every process, so workers and reruns agree
+    size_rng = random.Random(hash((ds.seed, SIZE, SPLITS[ds.split], i, epoch)))
     hw = sample_resolution(size_rng, native, ds.res, ds.patch_size[1:])
     return i, hw, tuple(max(1, round(x)) for x in native), lambda: _content_rng(ds.seed, SPLITS[ds.split], i)
 

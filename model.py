@@ -159,9 +159,15 @@ def patchify(v, patch_size):
     t, h, w = T // pt, H // ph, W // pw
     feats = v.reshape(t, pt, h, ph, w, pw, 3).permute(0, 2, 4, 1, 3, 5, 6)  # (t, h, w, pt, ph, pw, 3)
     feats = feats.reshape(t * h * w, pt * ph * pw * 3)                     # [N, C]
+    return feats, grid_coords(t, h, w).clone().to(v.device)
+
+
+@functools.lru_cache(maxsize=1024)
+def grid_coords(t, h, w):
+    """Coords [t*h*w, 4] = (t, row, column, 0) of a latent grid in raster order (cached: the same for every
+    sample of that grid; callers get a copy)."""
     grid = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing='ij')
-    coords = torch.stack([*grid, torch.zeros_like(grid[0])], -1).reshape(-1, 4).to(v.device)  # [N, 4]
-    return feats, coords
+    return torch.stack([*grid, torch.zeros_like(grid[0])], -1).reshape(-1, 4)
 
 
 def unpatchify(feats, grid, patch_size):
