@@ -26,8 +26,9 @@ ema_decay = 0.99
 # The tiny model gains little from a 2nd torch thread, while rendering the built-in data costs about as much as
 # the step: one torch thread plus one DataLoader worker per task stream overlap them (~35% faster on 2 cores).
 threads, num_workers = 1, 1
-# Each worker renders a built-in sample once (at its native size) and keeps it as uint8, so later epochs only
-# resize: the caches of the four pixel streams take ~66 MB in all for this config (at most ~107 MB).
+# Each worker renders a built-in sample once (at its native size) and keeps it, and each size it is drawn at, as
+# uint8, so later epochs cost a look-up: the native renders of the four pixel streams take ~66 MB in all for this
+# config, and with every drawn size kept at most ~270 MB.
 # eval every 100 steps (learning curves, on eval_n // 4 samples); the final summary uses 48 held-out images, 24 videos
 # and 24 objects (16 images gave zero-shot figures that moved by +-0.2 between identical-config runs)
 log_interval, ckpt_interval, eval_interval, eval_n = 10, 50, 100, 48
