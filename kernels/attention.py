@@ -39,7 +39,7 @@ imported; tests/conftest.py does that when there is no GPU). `attention()` is th
 backend 'auto' uses the kernel for CUDA tensors and the pure-torch reference (per-segment SDPA)
 otherwise.
 
-    python -m pytest -q kernels/test_attention.py       # CPU: interpreter; GPU: compiled, bf16 too
+    python -m pytest -q tests/test_kernels.py           # CPU: interpreter; GPU: compiled, bf16 too
     python kernels/bench_attention.py                    # TFLOP/s vs SDPA / FlexAttention
 """
 import math
