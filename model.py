@@ -23,6 +23,7 @@ Letter legend for shape comments:
 import functools
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,7 +51,6 @@ class ModelConfig:
     fsq_levels: int = 4                 # levels per dim: 4^6 = 4096 codes per group
     pos_grid: int = 16                  # learned 2D position table is pos_grid x pos_grid, resized per sample
     rope_theta: float = 10000.0
-    use_rope: bool = True               # off only to compare the encoder with a plain SigLIP tower
     tile_frames: int = 16               # video frames per temporal tile (4 latent frames)
     decoder_cache_frames: int = 0       # >0: decode with a KV cache of this many previous frames (Fig. 6)
     # 3D Gaussian decoder (a separate network: official 3d_decode_gs.yaml). Input: the first ph*pw*3
@@ -67,6 +67,18 @@ class ModelConfig:
     def in_channels(self):              # one flattened (pt, ph, pw, c) patch
         pt, ph, pw = self.patch_size
         return pt * ph * pw * 3
+
+    @classmethod
+    def from_dict(cls, d, source='model_config'):
+        """A saved asdict(config) (export, training checkpoint) -> ModelConfig; unknown fields name `source`."""
+        d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS}
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"{source}: fields {unknown} are not ModelConfig fields (saved by another version?)")
+        return cls(**dict(d, patch_size=tuple(d.get('patch_size', cls.patch_size))))
+
+
+RETIRED_FIELDS = ('use_rope',)          # in files saved by earlier versions; ignored when loading them
 
 
 # presets, DiT style. so400m is the paper/official model (845.7M parameters).
@@ -652,8 +664,8 @@ class SelfAttention(nn.Module):
         q, k, v = self.to_qkv(x).view(len(x), 3, self.heads, self.head_dim).unbind(1)  # [N, h, d] each
         if self.qk_norm:
             q, k = self.q_rms_norm(q), self.k_rms_norm(k)
-        if cache is not None:                   # decoder KV cache: keys are cached + new tokens
-            return self.to_out(cache.attend(q, k, v).flatten(1))
+        if cache is not None:                   # decoder KV cache: layout is the step's CacheStep, rope (q, k)'s
+            return self.to_out(cache.attend(q, k, v, layout, *rope).flatten(1))
         return self.to_out(attention(q, k, v, layout, rope, rope, self.softcap).flatten(1))  # [N, C]
 
 
@@ -730,18 +742,18 @@ class CacheStep:
 
 class KVCache:
     """One decoder layer's cache: K/V (post qk-norm, pre-RoPE) of each sample's last `frames` latent frames,
-    kept flat (sample-major); which rows attend, and which stay, come from the step's host plan."""
-    def __init__(self, step, rope_q, rope_k):
+    kept flat (sample-major). Empty at first; each step brings its host plan (CacheStep: which rows attend,
+    which stay) and the RoPE of its queries and keys."""
+    def __init__(self):
         self.k = self.v = None
-        self.step, self.rope_q, self.rope_k = step, rope_q, rope_k
 
-    def attend(self, q, k, v):
+    def attend(self, q, k, v, step, rope_q, rope_k):
         """New queries attend to [cached | new] keys of their own sample; then the cache moves on."""
         allk = k if self.k is None else torch.cat([self.k, k])
         allv = v if self.v is None else torch.cat([self.v, v])
-        o = attention(q, allk.index_select(0, self.step.key_order), allv.index_select(0, self.step.key_order),
-                      self.step.layout, self.rope_q, self.rope_k)
-        self.k, self.v = allk.index_select(0, self.step.keep), allv.index_select(0, self.step.keep)
+        o = attention(q, allk.index_select(0, step.key_order), allv.index_select(0, step.key_order),
+                      step.layout, rope_q, rope_k)
+        self.k, self.v = allk.index_select(0, step.keep), allv.index_select(0, step.keep)
         return o
 
 
@@ -755,8 +767,6 @@ class Trunk(nn.Module):
         self.blocks = nn.ModuleList([Block(width, heads, mlp, decoder) for _ in range(depth)])
 
     def rope(self, coords, x):
-        if not self.cfg.use_rope:
-            return None
         return Rope.make(coords, self.head_dim, self.cfg.rope_theta, fused_kernel(x, self.head_dim))
 
     def embed_input(self, x):
@@ -860,17 +870,13 @@ class Decoder(Trunk):
         """Decode tile by tile; each tile also attends to the K/V of the previous `k` latent frames; the position
         table is added to the new tokens only. Steps run in sequence, all samples of the batch at once."""
         out = None
-        caches = None
+        caches = [KVCache() for _ in self.blocks]
         for plan in self.cache_plan(st):
             plan = _move(plan, z.device)
             h = self.embed_input(z.index_select(0, plan.idx)) + self.pos_embedder(plan.pos_index, plan.pos_rows)
-            rq, rk = self.rope(plan.local, h), self.rope(plan.key_coords, h)
-            if caches is None:
-                caches = [KVCache(plan, rq, rk) for _ in self.blocks]
-            for cache in caches:
-                cache.step, cache.rope_q, cache.rope_k = plan, rq, rk
+            ropes = self.rope(plan.local, h), self.rope(plan.key_coords, h)      # of the queries, of the keys
             for block, cache in zip(self.blocks, caches):
-                h = block(h, None, None, cache)
+                h = block(h, ropes, plan, cache)
             y = self.out(h, single)
             out = (y.new_zeros(len(z), y.shape[1]) if out is None else out).index_copy(0, plan.idx, y)
         return out if out is not None else z.new_zeros(len(z), self.out_layer.out_features)
@@ -1145,7 +1151,21 @@ def _names(kind):
 # the tokenizer
 
 
-def _official_config(arch):
+def load_strict(module, sd, source='state dict'):
+    """Load state dict sd into module (AToken or GaussianDecoder, possibly on the meta device: tensors are
+    assigned, not copied), naming every missing, unexpected and mis-shaped key in one error."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{source} does not match the model config:\n  missing: {missing}\n"
+                         f"  unexpected: {unexpected}\n  shape mismatch: {shapes}")
+    module.load_state_dict(sd, strict=True, assign=True)
+
+
+def official_config(arch):
     """Official YAML `arch_cfg` dict -> ModelConfig, refusing settings this implementation does not have."""
     fixed = dict(encoder_attn_mode='full', decoder_attn_mode='full', encoder_pe_mode='joint',
                  decoder_pe_mode='joint', encoder_qk_rms_norm=False, decoder_qk_rms_norm=True,
@@ -1177,6 +1197,14 @@ def _official_config(arch):
     return c
 
 
+class Latents(NamedTuple):
+    """What AToken.bottleneck returns."""
+    z: torch.Tensor             # [N, L] the decoder's input: a posterior sample, the mean, or the FSQ codes
+    mean: torch.Tensor          # [N, L]
+    logvar: torch.Tensor        # [N, L]
+    indices: torch.Tensor       # [N, G] int32 FSQ codes, or None without a quantizer
+
+
 class AToken(nn.Module):
     """The unified tokenizer. Sub-module names equal the official checkpoint keys (encoder., proj., decoder.)."""
 
@@ -1188,8 +1216,6 @@ class AToken(nn.Module):
         self.encoder = Encoder(config)
         self.proj = nn.Linear(config.encoder_width, 2 * config.latent_channels, bias=False)  # mean | logvar
         self.decoder = Decoder(config)
-        # SigLIP2 logit scale/bias of the official model: hard-coded there, not in the checkpoint
-        self.logit_scale, self.logit_bias = 4.8438, -15.5625
 
     # --- weights -------------------------------------------------------------
 
@@ -1276,11 +1302,9 @@ class AToken(nn.Module):
             except (KeyError, TypeError):
                 raise ValueError(f"{config_path}: no model.model_cfg.arch_cfg block (not an official AToken YAML)")
         if arch is not None:                    # the YAML's, else the released name's embedded preset
-            config = _official_config(arch)
+            config = official_config(arch)
         elif isinstance(sd, dict) and 'model_config' in sd:
-            cfg = dict(sd['model_config'])
-            cfg['patch_size'] = tuple(cfg['patch_size'])
-            config, sd = ModelConfig(**cfg), sd['model']
+            config, sd = ModelConfig.from_dict(sd['model_config'], f"{checkpoint_path} ['model_config']"), sd['model']
         else:
             raise ValueError(f"{checkpoint_path}: a flat official state dict needs its YAML (config_path)")
         with torch.device('meta'):
@@ -1289,16 +1313,7 @@ class AToken(nn.Module):
         return model.eval()
 
     def load_checkpoint_state(self, sd, source='state dict'):
-        """Strict load that names every missing, unexpected and mis-shaped key."""
-        own = self.state_dict()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
-        shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in sd and sd[k].shape != own[k].shape]
-        if missing or unexpected or shapes:
-            raise ValueError(f"{source} does not match the model config:\n  missing: {missing}\n"
-                             f"  unexpected: {unexpected}\n  shape mismatch: {shapes}")
-        self.load_state_dict(sd, strict=True, assign=True)
+        load_strict(self, sd, source)
 
     def export(self):
         """Tokenizer weights alone, loadable by AToken.from_pretrained(path)."""
@@ -1319,17 +1334,17 @@ class AToken(nn.Module):
         return F.normalize(self.encoder.head(h, structure_of(x, self.config).pool), dim=-1)
 
     def bottleneck(self, h, sample=False):
-        """h -> (z, mean, logvar, fsq indices or None). z ~ N(mean, exp(logvar)) if sample, else the mean;
-        with the quantizer, z is the FSQ code of the mean (straight-through)."""
+        """h -> Latents(z, mean, logvar, indices). z ~ N(mean, exp(logvar)) if sample, else the mean; with the
+        quantizer, z is the FSQ code of the mean (straight-through) and indices its codes, else None."""
         mean, logvar = self.proj(h).chunk(2, dim=-1)                            # [N, L] each
         if self.config.use_quantizer:
             z, idx = fsq_quantize(mean, self.config.fsq_groups, self.config.fsq_levels)
-            return z, mean, logvar, idx
+            return Latents(z, mean, logvar, idx)
         if sample:   # diagonal Gaussian posterior in fp32; logvar is not clamped (official)
             std = torch.exp(0.5 * logvar.float())
             z = (mean.float() + std * torch.randn_like(std)).to(mean.dtype)
-            return z, mean, logvar, None
-        return mean, mean, logvar, None
+            return Latents(z, mean, logvar, None)
+        return Latents(mean, mean, logvar, None)
 
     def decode(self, z, coords, seqlens=None):
         """Latents z [N, L] at coords -> pixel patches [N, pt*ph*pw*3] in [-1, 1] (not clamped). coords: the
@@ -1346,8 +1361,8 @@ class AToken(nn.Module):
         h = self.encode(x)
         out = dict(h=h, embedding=self.embed_features(h, x))
         if decode:
-            z, mean, logvar, idx = self.bottleneck(h, sample)
-            out.update(rec=self.decode(z, x), mean=mean, logvar=logvar, indices=idx)
+            lat = self.bottleneck(h, sample)
+            out.update(rec=self.decode(lat.z, x), mean=lat.mean, logvar=lat.logvar, indices=lat.indices)
         return out
 
     # --- media in, media out -------------------------------------------------
@@ -1363,7 +1378,7 @@ class AToken(nn.Module):
         reconstructed voxel features [N, ph*pw*3] (feed them to GaussianDecoder). Deterministic:
         posterior mean, or the FSQ codes when the config has a quantizer."""
         x = self.pack(media)
-        z = self.bottleneck(self.encode(x))[0]
+        z = self.bottleneck(self.encode(x)).z
         return unpack(self.decode(z, x), x, self.config.patch_size)
 
     @torch.no_grad()
@@ -1378,7 +1393,7 @@ class AToken(nn.Module):
         if not self.config.use_quantizer:
             raise ValueError("tokenize needs a quantizer: use a config with use_quantizer=True (So/D)")
         x = self.pack(media)
-        return list(self.bottleneck(self.encode(x))[3].split(x.seqlens))
+        return list(self.bottleneck(self.encode(x)).indices.split(x.seqlens))
 
     @torch.no_grad()
     def detokenize(self, indices, shapes):
@@ -1535,8 +1550,11 @@ class GaussianDecoder(nn.Module):
         sd = {k: v for k, v in sd.items() if not k.startswith('lpips_loss.')}
         with torch.device('meta'):
             model = cls(cfg)
-        AToken.load_checkpoint_state(model, sd, source=str(checkpoint_path))
+        model.load_checkpoint_state(sd, source=str(checkpoint_path))
         return model.eval()
+
+    def load_checkpoint_state(self, sd, source='state dict'):
+        load_strict(self, sd, source)
 
 
 def _official_gs_config(m):

@@ -1,6 +1,6 @@
 """The 3D Gaussian decoder in model.py against Apple's code and against the official formulas by hand.
 
-tests/data/official_gs_tiny.pt (from shared/reference/): the official SLatGaussianDecoder built on CPU
+tests/data/official_gs_tiny.pt (made with Apple's code): the official SLatGaussianDecoder built on CPU
 with width 64, one head, 2 blocks (one shifted), random weights, fed 360 voxels of a spherical shell.
 """
 import dataclasses
@@ -18,7 +18,7 @@ REF = torch.load(os.path.join(os.path.dirname(__file__), 'data', 'official_gs_ti
 
 def official_decoder():
     g = model.GaussianDecoder(model._official_gs_config(REF['config']))
-    model.AToken.load_checkpoint_state(g, REF['state_dict'])
+    g.load_checkpoint_state(REF['state_dict'])
     return g.eval()
 
 
@@ -37,7 +37,7 @@ def test_windowing_matters():
     """The reference pins the 8^3 windows: one global window gives clearly different Gaussians."""
     cfg = dataclasses.replace(model._official_gs_config(REF['config']), gs_window=64)
     g = model.GaussianDecoder(cfg)
-    model.AToken.load_checkpoint_state(g, REF['state_dict'])
+    g.load_checkpoint_state(REF['state_dict'])
     with torch.no_grad():
         o = g.eval()(REF['inputs']['feats'], REF['inputs']['coords_xyz'])
     assert (o['features_dc'] - REF['outputs']['features_dc']).abs().max() > 1e-2

@@ -1,6 +1,6 @@
 """Our AToken against numbers produced by Apple's official code (apple/ml-atoken) for a tiny random model.
 
-tests/data/official_tiny.pt (from shared/reference/): the official modules built on CPU with width 72,
+tests/data/official_tiny.pt (made with Apple's code): the official modules built on CPU with width 72,
 one head of 72, one block per side, FSQ 8 x 4096, random weights under the official key names, fed an
 odd-sized image (40x70), a large image (290x275, whose 18x17 grid upsamples the 16x16 position table)
 and a 21-frame video (20 frames kept: two temporal tiles of 4 + 1 latent frames).
@@ -18,7 +18,7 @@ TOL = 1e-4   # the issue's bar; we measure ~1e-6 in fp32
 
 @pytest.fixture(scope='module')
 def tok():
-    m = model.AToken(model._official_config(REF['arch_cfg']))
+    m = model.AToken(model.official_config(REF['arch_cfg']))
     m.load_checkpoint_state(REF['state_dict'])
     return m.eval()
 
@@ -65,7 +65,7 @@ def test_public_api_matches_official(tok):
 
 def test_continuous_model_uses_mean(tok):
     """Without the quantizer (So/C) the same weights decode the posterior mean deterministically."""
-    cont = model.AToken(model._official_config({**REF['arch_cfg'], 'use_quantizer': False}))
+    cont = model.AToken(model.official_config({**REF['arch_cfg'], 'use_quantizer': False}))
     cont.load_checkpoint_state(REF['state_dict'])
     rec = cont.eval().reconstruct([REF['inputs']['video']])[0]
     torch.testing.assert_close(channels_first(rec), REF['outputs']['video']['recon_from_mean'], atol=TOL, rtol=0)

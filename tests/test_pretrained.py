@@ -188,7 +188,7 @@ def test_eval_checkpoint_by_name(served):
         ev.load_tokenizer(ev.EvalConfig(checkpoint='atoken-sod.pt'))     # a missing file is not a name
 
 
-# Official parameter counts (shared/reference/official-atoken.md section 8, dumped from the official modules):
+# Official parameter counts (dumped from the official modules):
 # So400m tokenizer (So/C, So/D, stage 2) 845,738,048 parameters (encoder 430,542,272 + decoder 415,085,184 +
 # proj 110,592; the README's 845.7M), 563 state-dict keys; stage 1 (latent 32) 845,682,752.
 # 3d_decode_gs: 85,887,520 state-dict elements in 76 keys = 85,887,424 parameters (input 768^2 + 12 blocks x
@@ -200,7 +200,7 @@ TOKENIZER_PARAMS = {'atoken-soc': 845_738_048, 'atoken-sod': 845_738_048, 'atoke
 @pytest.mark.parametrize('name', sorted(TOKENIZER_PARAMS))
 def test_tokenizer_presets_build_with_official_counts(name):
     with torch.device('meta'):
-        m = model.AToken(model._official_config(model.PRETRAINED[name]['arch']))
+        m = model.AToken(model.official_config(model.PRETRAINED[name]['arch']))
     assert m.num_params() == TOKENIZER_PARAMS[name]
     assert m.num_params('encoder.') == 430_542_272
     assert len(m.state_dict()) == 563
