@@ -11,7 +11,7 @@ encoder (`AToken.init_from_siglip2`).
 
 Module and parameter names follow the official checkpoints (apple/ml-atoken), so a released state dict
 loads with a plain strict `load_state_dict`. The behaviour follows the official inference code exactly
-(see shared/reference/official-atoken.md; tests/test_official.py checks it to ~1e-6 in fp32). Borrowed
+(apple/ml-atoken; tests/test_official.py checks it to ~1e-6 in fp32 against tiny official models). Borrowed
 ideas: nanoGPT (layout, from_pretrained), SigLIP2-NaFlex (resized 2D position table), FSQ (Mentzer et
 al. 2023), TRELLIS (sparse packed transformer).
 
@@ -93,6 +93,7 @@ PRESETS = {
 }
 
 NORM_EPS = 1e-6  # every LayerNorm / RMSNorm in the official tokenizer
+SIGLIP2_DEFAULT = 'ViT-SO400M-16-SigLIP2-256'   # open_clip name (timm tower, 16x16 position table at 256 px)
 
 # -----------------------------------------------------------------------------
 # media <-> packed token sets
@@ -104,7 +105,7 @@ class Packed:
 
     feats are float in [-1, 1], or uint8 (0..255, value = u / 127.5 - 1) as they cross process boundaries:
     `.to(device)` turns them into floats on the device. A batch of one-frame samples only (images, 3D voxels)
-    carries only the pt = 0 slot of each patch (ph*pw*3 columns, DESIGN §2: the zero frames are a property of
+    carries only the pt = 0 slot of each patch (ph*pw*3 columns: the official zero frames are a property of
     the input layer, not of the data); a batch with a video carries full pt*ph*pw*3 patches, its one-frame
     samples zero-padded. `structure` is what attention, position tables and pooling need, built on the host
     (build_structure); model.pack and data.collate fill it in."""
@@ -757,6 +758,10 @@ class KVCache:
         return o
 
 
+# -----------------------------------------------------------------------------
+# the two trunks: encoder (SigLIP2-So400m, with its pooling head) and pixel decoder
+
+
 class Trunk(nn.Module):
     """input linear + 2D position table + blocks, run per (sample, temporal tile) segment."""
     def __init__(self, cfg, c_in, width, depth, heads, mlp, decoder):
@@ -919,9 +924,444 @@ def fsq_codes_from_indices(indices, dims, levels):
 
 
 # -----------------------------------------------------------------------------
-# SigLIP2 -> encoder (paper 3.4: the encoder starts from SigLIP2-So400m/16; the decoder from scratch)
+# the tokenizer
 
-SIGLIP2_DEFAULT = 'ViT-SO400M-16-SigLIP2-256'   # open_clip name (timm tower, 16x16 position table at 256 px)
+
+class Latents(NamedTuple):
+    """What AToken.bottleneck returns."""
+    z: torch.Tensor             # [N, L] the decoder's input: a posterior sample, the mean, or the FSQ codes
+    mean: torch.Tensor          # [N, L]
+    logvar: torch.Tensor        # [N, L]
+    indices: torch.Tensor       # [N, G] int32 FSQ codes, or None without a quantizer
+
+
+class AToken(nn.Module):
+    """The unified tokenizer. Sub-module names equal the official checkpoint keys (encoder., proj., decoder.)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        if config.latent_channels % config.fsq_groups and config.use_quantizer:
+            raise ValueError(f"latent_channels {config.latent_channels} not divisible by fsq_groups")
+        self.encoder = Encoder(config)
+        self.proj = nn.Linear(config.encoder_width, 2 * config.latent_channels, bias=False)  # mean | logvar
+        self.decoder = Decoder(config)
+
+    # --- the model -----------------------------------------------------------
+
+    def encode(self, x):
+        """Packed pixels -> post-LayerNorm encoder features h [N, C_enc] (tiles encoded independently)."""
+        if x.feats.dtype == torch.uint8:
+            raise ValueError("Packed.feats is uint8 (a batch from data.collate): move it with batch.packed.to(device), "
+                             "which turns the pixels into floats in [-1, 1]")
+        return self.encoder(x.feats, structure=structure_of(x, self.config))
+
+    def embed_features(self, h, x):
+        """h [N, C] of packed batch x -> L2-normalised text-aligned embeddings [B, C] (pools over all tiles)."""
+        return F.normalize(self.encoder.head(h, structure_of(x, self.config).pool), dim=-1)
+
+    def bottleneck(self, h, sample=False):
+        """h -> Latents(z, mean, logvar, indices). z ~ N(mean, exp(logvar)) if sample, else the mean; with the
+        quantizer, z is the FSQ code of the mean (straight-through) and indices its codes, else None."""
+        mean, logvar = self.proj(h).chunk(2, dim=-1)                            # [N, L] each
+        if self.config.use_quantizer:
+            z, idx = fsq_quantize(mean, self.config.fsq_groups, self.config.fsq_levels)
+            return Latents(z, mean, logvar, idx)
+        if sample:   # diagonal Gaussian posterior in fp32; logvar is not clamped (official)
+            std = torch.exp(0.5 * logvar.float())
+            z = (mean.float() + std * torch.randn_like(std)).to(mean.dtype)
+            return Latents(z, mean, logvar, None)
+        return Latents(mean, mean, logvar, None)
+
+    def decode(self, z, coords, seqlens=None):
+        """Latents z [N, L] at coords -> pixel patches [N, pt*ph*pw*3] in [-1, 1] (not clamped). coords: the
+        Packed batch z belongs to (its structure is reused; one-frame batches give [N, ph*pw*3]), or integer
+        coords [N, 4] with seqlens."""
+        if isinstance(coords, Packed):
+            return self.decoder(z, structure=structure_of(coords, self.config))
+        return self.decoder(z, coords, seqlens)
+
+    def forward(self, x, sample=None, decode=True):
+        """Training pass on a Packed batch. Samples the posterior when training (unless sample=False).
+        decode=False (understanding-only batches) skips the bottleneck and the pixel decoder."""
+        sample = self.training if sample is None else sample
+        h = self.encode(x)
+        out = dict(h=h, embedding=self.embed_features(h, x))
+        if decode:
+            lat = self.bottleneck(h, sample)
+            out.update(rec=self.decode(lat.z, x), mean=lat.mean, logvar=lat.logvar, indices=lat.indices)
+        return out
+
+    # --- media in, media out -------------------------------------------------
+
+    def pack(self, media):
+        p = next(self.parameters())
+        return pack(media, self.config.patch_size, self.config).to(p.device, p.dtype)
+
+    @torch.no_grad()
+    def reconstruct(self, media):
+        """Images (H, W, 3) / videos (T, H, W, 3) in [-1, 1] -> reconstructions (H', W', 3) / (T', H', W', 3):
+        H', W' centre-cropped to patch multiples, T' a multiple of pt. 3D assets ({'feats', 'coords'}) ->
+        reconstructed voxel features [N, ph*pw*3] (feed them to GaussianDecoder). Deterministic:
+        posterior mean, or the FSQ codes when the config has a quantizer."""
+        x = self.pack(media)
+        z = self.bottleneck(self.encode(x)).z
+        return unpack(self.decode(z, x), x, self.config.patch_size)
+
+    @torch.no_grad()
+    def embed(self, media):
+        """Media list -> [B, C] L2-normalised embeddings (the SigLIP2 text space for trained weights)."""
+        x = self.pack(media)
+        return self.embed_features(self.encode(x), x)
+
+    @torch.no_grad()
+    def tokenize(self, media):
+        """Media list -> per-sample FSQ indices [N_i, G] (int32, raster order t, row, column)."""
+        if not self.config.use_quantizer:
+            raise ValueError("tokenize needs a quantizer: use a config with use_quantizer=True (So/D)")
+        x = self.pack(media)
+        return list(self.bottleneck(self.encode(x)).indices.split(x.seqlens))
+
+    @torch.no_grad()
+    def detokenize(self, indices, shapes):
+        """Inverse of tokenize: indices [N_i, G] and each output's shape, as reconstruct returns it
+        ((H, W, 3) image, (T, H, W, 3) video; the channel axis may be left out) -> media list."""
+        pt, ph, pw = self.config.patch_size
+        dims = self.config.latent_channels // self.config.fsq_groups
+        grids, kinds, coords = [], [], []
+        for idx, s in zip(indices, shapes):
+            s = tuple(s)
+            if len(s) == 4 or (len(s) == 3 and s[-1] == 3):    # drop the channel axis (W = 3 < any patch)
+                s = s[:-1]
+            kind = 'image' if len(s) == 2 else 'video'
+            T, H, W = (pt, *s) if kind == 'image' else s
+            grid = (T // pt, H // ph, W // pw)
+            if grid[0] * grid[1] * grid[2] != len(idx):
+                raise ValueError(f"{len(idx)} tokens do not fill a {kind} of shape {tuple(s)} (grid {grid})")
+            coords.append(patchify(torch.zeros(T, H, W, 3), self.config.patch_size)[1])
+            grids.append(grid), kinds.append(kind)
+        p = next(self.parameters())
+        z = fsq_codes_from_indices(torch.cat(indices).to(p.device), dims, self.config.fsq_levels).to(p.dtype)
+        coords, seqlens = torch.cat(coords), [len(i) for i in indices]
+        x = Packed(z, coords, seqlens, kinds, grids, self.config.patch_size,
+                   build_structure(coords, seqlens, kinds, self.config)).to(p.device)
+        return unpack(self.decode(z, x), x, self.config.patch_size)
+
+    # --- counting ------------------------------------------------------------
+
+    def estimate_flops(self, x):
+        """Training FLOPs (forward + backward = 3 x forward) of one packed batch x: 6 x parameters x tokens for
+        the matmuls, plus attention: 12 x width x sum over (sample, tile) segments of length^2, per layer
+        (the PaLM appendix-B count nanoGPT uses, with packed segments instead of one sequence length)."""
+        c = self.config
+        s2 = int((np.diff(structure_of(x, c).seg.cu_q_host.numpy().astype(np.int64)) ** 2).sum())  # host lengths
+        attn = 12 * s2 * (c.encoder_width * c.encoder_depth + c.decoder_width * c.decoder_depth)
+        return 6 * self.num_params() * sum(x.seqlens) + attn
+
+    def num_params(self, prefix=''):
+        return sum(p.numel() for n, p in self.named_parameters() if n.startswith(prefix))
+
+    # --- weights -------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, zero_residual=True):
+        """Fresh initialisation (decoder from scratch; encoder too unless init_from_siglip2 follows).
+        zero_residual=False keeps xavier weights in the residual branches too (every path active at init:
+        the model tests use it, so that token mixing shows in their comparisons)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, 'bias', None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, HeadRMSNorm):
+                nn.init.ones_(m.gamma)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(self.encoder.head.probe, std=0.02)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        # Residual branches start at zero (as ReZero / DiT's adaLN-zero): a fresh tokenizer is then a per-token
+        # linear autoencoder through the norms, and attention / MLPs grow in from there. With xavier-initialised
+        # branches the tiny CPU model sat at ~22 dB for hundreds of steps (random token mixing at init);
+        # zeroed it reached 25.5 dB in the same 400 image steps. (Not the pooling head: it is no residual.)
+        for m in self.modules() if zero_residual else ():
+            if isinstance(m, Block):
+                nn.init.zeros_(m.attn.to_out.weight)
+                nn.init.zeros_(m.mlp.mlp[2].weight)
+        return self
+
+    @torch.no_grad()
+    def init_from_siglip2(self, source=SIGLIP2_DEFAULT):
+        """Copy a SigLIP2 vision tower into the encoder (blocks, patch embedding, position table, head).
+        Every encoder tensor must come from the tower; the decoder and proj are left as they are."""
+        enc = siglip2_to_encoder(load_siglip2_tower(source), self.config)
+        own = {k: v for k, v in self.state_dict().items() if k.startswith('encoder.')}
+        if set(enc) != set(own):
+            raise ValueError(f"SigLIP tower does not fit the encoder: missing {sorted(set(own) - set(enc))}, "
+                             f"unexpected {sorted(set(enc) - set(own))}")
+        for k, v in enc.items():
+            if v.shape != own[k].shape:
+                raise ValueError(f"SigLIP tower {k}: shape {tuple(v.shape)} vs encoder {tuple(own[k].shape)}")
+            own[k].copy_(v)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_path, config_path=None):
+        """Load Apple's released tokenizer by name ('atoken-sod', 'atoken-soc', 'atoken-soc-s1', 'atoken-soc-s2':
+        downloaded once into $ATOKEN_CACHE, architecture from PRETRAINED), an official checkpoint file (flat
+        state dict, .pt or .safetensors) with its official YAML, or a tokenizer exported by train.py
+        ({'model_config': dict, 'model': state dict}) with no YAML. An existing path wins over a name."""
+        import os
+        arch = None
+        if isinstance(checkpoint_path, str) and checkpoint_path in PRETRAINED and not os.path.exists(checkpoint_path):
+            checkpoint_path, arch = _pretrained(checkpoint_path, 'tokenizer')
+        if not os.path.exists(checkpoint_path):
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint_path} (released names: {_names('tokenizer')})")
+        if str(checkpoint_path).endswith('.safetensors'):
+            from safetensors.torch import load_file
+            sd = load_file(checkpoint_path)
+        else:
+            sd = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
+        if config_path is not None:
+            import yaml
+            with open(config_path) as f:
+                y = yaml.safe_load(f)
+            try:
+                arch = y['model']['model_cfg']['arch_cfg']
+            except (KeyError, TypeError):
+                raise ValueError(f"{config_path}: no model.model_cfg.arch_cfg block (not an official AToken YAML)")
+        if arch is not None:                    # the YAML's, else the released name's embedded preset
+            config = official_config(arch)
+        elif isinstance(sd, dict) and 'model_config' in sd:
+            config, sd = ModelConfig.from_dict(sd['model_config'], f"{checkpoint_path} ['model_config']"), sd['model']
+        else:
+            raise ValueError(f"{checkpoint_path}: a flat official state dict needs its YAML (config_path)")
+        with torch.device('meta'):
+            model = cls(config)
+        model.load_checkpoint_state(sd, source=str(checkpoint_path))
+        return model.eval()
+
+    def load_checkpoint_state(self, sd, source='state dict'):
+        load_strict(self, sd, source)
+
+    def export(self):
+        """Tokenizer weights alone, loadable by AToken.from_pretrained(path)."""
+        cfg = asdict(self.config)
+        return {'model_config': cfg, 'model': {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+
+
+# -----------------------------------------------------------------------------
+# 3D: Gaussian decoder (official SLatGaussianDecoder, TRELLIS-derived; paper 3.1)
+
+SH_C0 = 0.28209479177387814     # degree-0 spherical harmonic: rgb = SH_C0 * dc + 0.5
+GS_VOXEL_SIZE = 1.5             # a Gaussian may move +-0.75 voxel from its voxel centre
+GS_SCALE_BIAS, GS_OPACITY_BIAS, GS_MIN_SCALE = 0.004, 0.1, 9e-4   # official representation_config
+GS_LR = dict(xyz=1.0, dc=1.0, scale=1.0, rotation=0.1, opacity=1.0)  # multipliers on the raw outputs
+
+
+def radical_inverse(base, n):
+    """Van der Corput radical inverse of integer n in `base`."""
+    inv, f = 0.0, 1.0 / base
+    while n > 0:
+        inv, n, f = inv + f * (n % base), n // base, f / base
+    return inv
+
+
+def offset_perturbation(n):
+    """Fixed per-Gaussian offsets [n, 3] = atanh((2 h_k - 1) / 1.5), h_k = Hammersley point (k/n, r2(k), r3(k)),
+    so the n Gaussians of a voxel start spread over it instead of on its centre."""
+    h = torch.tensor([[k / n, radical_inverse(2, k), radical_inverse(3, k)] for k in range(n)])
+    return torch.atanh((2 * h - 1) / GS_VOXEL_SIZE)
+
+
+def sincos_embedding(coords, dim):
+    """TRELLIS absolute position embedding of integer coords [N, 3] -> [N, dim]: per axis
+    [sin(x f), cos(x f)] with f_i = 10000^(-i/F), F = dim // 6, zero-padded to dim."""
+    F_ = dim // coords.shape[1] // 2
+    freqs = 1.0 / 10000 ** (torch.arange(F_, device=coords.device, dtype=torch.float32) / F_)    # [F]
+    a = coords.float()[:, :, None] * freqs                                      # [N, 3, F]
+    emb = torch.cat([a.sin(), a.cos()], -1).reshape(len(coords), -1)            # [N, 3*2F]
+    return F.pad(emb, (0, dim - emb.shape[1]))
+
+
+class GaussianDecoder(nn.Module):
+    """Voxel features -> 32 Gaussians per voxel (official `SLatGaussianDecoder`; keys match 3d_decode_gs.pt).
+
+    input linear (no bias) + sinusoidal 3D position embedding, blocks with 8^3 windowed attention (shifted
+    by 4 on odd blocks, scores soft-capped at 30 as on the official flash-attn path), RMSNorm, no biases;
+    then a LayerNorm without affine (eps 1e-5) and a biased linear to 32 x (xyz 3, dc 3, scale 3, rot 4,
+    opacity 1) raw values, activated as in TRELLIS' Gaussian model.
+    """
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        pt, ph, pw = cfg.patch_size
+        self.input_layer = nn.Linear(ph * pw * 3, cfg.gs_width, bias=False)
+        self.blocks = nn.ModuleList([Block(cfg.gs_width, cfg.gs_heads, cfg.gs_mlp, decoder=True, qk_norm=False,
+                                           softcap=30.0) for _ in range(cfg.gs_depth)])
+        self.out_layer = nn.Linear(cfg.gs_width, cfg.gs_per_voxel * 14)
+        self.register_buffer('offset_perturbation', offset_perturbation(cfg.gs_per_voxel))
+
+    @torch.no_grad()
+    def init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        nn.init.zeros_(self.out_layer.weight)   # official: zero head, so training starts from the prior
+        nn.init.zeros_(self.out_layer.bias)
+        self.offset_perturbation.copy_(offset_perturbation(self.cfg.gs_per_voxel))
+        return self
+
+    def forward(self, feats, coords, seqlens=None, windows=None):
+        """feats [N, ph*pw*3] (first channels of the reconstruction, in [-1, 1]), coords [N, 3] voxel
+        indices (i, j, k), seqlens voxels per sample -> activated Gaussians, 32 per voxel, Gaussian k of
+        voxel i at row 32 i + k: xyz [G, 3] world in [-0.5, 0.5]^3, scale [G, 3], rotation [G, 4] (unit
+        quaternion, real first), opacity [G, 1], rgb [G, 3] (>= 0), features_dc [G, 1, 3] (raw SH).
+        windows: the batch's shifted windows (Structure.gs, built on the host by data.collate / model.pack);
+        without them they are built here from a host copy of coords."""
+        seqlens = [len(feats)] if seqlens is None else seqlens
+        coords = coords.long()
+        if windows is None:
+            windows = {k: w.to(feats.device) for k, w in gs_windows(coords.cpu(), seqlens, self.cfg.gs_window).items()}
+        h = self.input_layer(feats) + sincos_embedding(coords, self.cfg.gs_width).to(feats.dtype)
+        for i, block in enumerate(self.blocks):
+            w = windows[self.cfg.gs_window // 2 * (i % 2)]
+            h = block(h.index_select(0, w.order), None, w.layout).index_select(0, w.inverse)
+        h = F.layer_norm(h, h.shape[-1:], eps=1e-5)
+        return self.activate(self.out_layer(h), coords)
+
+    def activate(self, raw, coords):
+        """raw [N, 32*14] -> Gaussian parameters (official to_representation + TRELLIS activations, fp32)."""
+        n, K, R = len(raw), self.cfg.gs_per_voxel, self.cfg.gs_resolution
+        raw = raw.float()
+        xyz, dc, s, rot, op = raw.split([3 * K, 3 * K, 3 * K, 4 * K, K], dim=1)
+        centre = (coords.float() + 0.5) / R                                     # [N, 3] in [0, 1]
+        off = torch.tanh(xyz.view(n, K, 3) * GS_LR['xyz'] + self.offset_perturbation.float())
+        xyz = centre[:, None] + off * (GS_VOXEL_SIZE * 0.5 / R) - 0.5           # [N, K, 3] world
+        scale_bias = GS_SCALE_BIAS + math.log(-math.expm1(-GS_SCALE_BIAS))     # softplus^-1(0.004)
+        scale = F.softplus(s.view(n, K, 3) * GS_LR['scale'] + scale_bias)
+        scale = torch.sqrt(scale.square() + GS_MIN_SCALE ** 2)
+        q = rot.view(n, K, 4) * GS_LR['rotation'] + torch.tensor([1.0, 0, 0, 0], device=raw.device)
+        opacity = torch.sigmoid(op.view(n, K, 1) * GS_LR['opacity'] + math.log(GS_OPACITY_BIAS / (1 - GS_OPACITY_BIAS)))
+        dc = dc.view(n, K, 1, 3) * GS_LR['dc']
+        G = n * K
+        return dict(xyz=xyz.reshape(G, 3), scale=scale.reshape(G, 3), rotation=F.normalize(q, dim=-1).reshape(G, 4),
+                    opacity=opacity.reshape(G, 1), features_dc=dc.reshape(G, 1, 3),
+                    rgb=(SH_C0 * dc.reshape(G, 3) + 0.5).clamp_min(0))
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_path, config_path=None):
+        """Load Apple's Gaussian decoder by name ('3d_decode_gs': downloaded once into $ATOKEN_CACHE,
+        architecture from PRETRAINED), or 3d_decode_gs.pt with its YAML (`model:` block). `lpips_loss.*` keys
+        are dropped. An existing path wins over a name."""
+        import os
+        m = None
+        if isinstance(checkpoint_path, str) and checkpoint_path in PRETRAINED and not os.path.exists(checkpoint_path):
+            checkpoint_path, m = _pretrained(checkpoint_path, 'gaussian')
+        for p in (checkpoint_path, config_path):
+            if p is not None and not os.path.exists(p):
+                raise FileNotFoundError(f"not found: {p}" + (f" (released names: {_names('gaussian')})"
+                                                             if p is checkpoint_path else ''))
+        if config_path is not None:
+            import yaml
+            with open(config_path) as f:
+                y = yaml.safe_load(f)
+            m = y.get('model', y) if isinstance(y, dict) else None
+            if not isinstance(m, dict) or 'model_channels' not in m:
+                raise ValueError(f"{config_path}: no `model:` block with model_channels (not a 3d_decode_gs YAML)")
+        elif m is None:
+            raise ValueError(f"{checkpoint_path}: an official Gaussian decoder checkpoint needs its YAML "
+                             f"(config_path), or give a released name: {_names('gaussian')}")
+        cfg = _official_gs_config(m)
+        sd = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
+        sd = {k: v for k, v in sd.items() if not k.startswith('lpips_loss.')}
+        with torch.device('meta'):
+            model = cls(cfg)
+        model.load_checkpoint_state(sd, source=str(checkpoint_path))
+        return model.eval()
+
+    def load_checkpoint_state(self, sd, source='state dict'):
+        load_strict(self, sd, source)
+
+
+# -----------------------------------------------------------------------------
+# loading weights: official checkpoints and YAMLs, SigLIP2 towers, released checkpoints by name
+
+
+def load_strict(module, sd, source='state dict'):
+    """Load state dict sd into module (AToken or GaussianDecoder, possibly on the meta device: tensors are
+    assigned, not copied), naming every missing, unexpected and mis-shaped key in one error."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{source} does not match the model config:\n  missing: {missing}\n"
+                         f"  unexpected: {unexpected}\n  shape mismatch: {shapes}")
+    module.load_state_dict(sd, strict=True, assign=True)
+
+
+def official_config(arch):
+    """Official YAML `arch_cfg` dict -> ModelConfig, refusing settings this implementation does not have."""
+    fixed = dict(encoder_attn_mode='full', decoder_attn_mode='full', encoder_pe_mode='joint',
+                 decoder_pe_mode='joint', encoder_qk_rms_norm=False, decoder_qk_rms_norm=True,
+                 encoder_use_bias=True, decoder_use_bias=False, encoder_use_rms_norm=False,
+                 decoder_use_rms_norm=True, use_decoder=True, quantizer_type='fsq', quantizer_chunk_size=1)
+    bad = {k: arch[k] for k, v in fixed.items() if k in arch and arch[k] != v}
+    if bad:
+        raise ValueError(f"arch_cfg settings not supported (expected {dict((k, fixed[k]) for k in bad)}): {bad}")
+    pt, ph, pw = arch.get('patch_size', [4, 16, 16])
+    c = ModelConfig(patch_size=(pt, ph, pw))
+    names = dict(encoder_model_channels='encoder_width', encoder_num_blocks='encoder_depth',
+                 encoder_num_heads='encoder_heads', encoder_mlp_channels='encoder_mlp',
+                 decoder_model_channels='decoder_width', decoder_num_blocks='decoder_depth',
+                 decoder_num_heads='decoder_heads', decoder_mlp_channels='decoder_mlp',
+                 latent_channels='latent_channels', use_quantizer='use_quantizer',
+                 quantizer_num_codebooks='fsq_groups')
+    for k, ours in names.items():
+        if k in arch:
+            setattr(c, ours, type(getattr(c, ours))(arch[k]))
+    for k in ('in_channels', 'out_channels'):
+        if k in arch and arch[k] != c.in_channels:
+            raise ValueError(f"arch_cfg {k}={arch[k]} does not match patch_size {c.patch_size} ({c.in_channels})")
+    if c.use_quantizer:
+        dims = c.latent_channels // c.fsq_groups
+        size, feat = arch.get('quantizer_codebook_size', 4096), arch.get('quantizer_feature_dim', 48)
+        if feat != c.latent_channels or c.fsq_levels ** dims != size:
+            raise ValueError(f"FSQ with codebook size {size} and feature dim {feat} is not supported: "
+                             f"expected {c.fsq_levels}^{dims} codes over all {c.latent_channels} latents")
+    return c
+
+
+def _official_gs_config(m):
+    """Official 3d_decode_gs.yaml `model:` dict -> ModelConfig (gs_* fields), refusing unsupported settings."""
+    rep = m.get('representation_config', {})
+    expect = {'voxel_size': GS_VOXEL_SIZE, 'scaling_bias': GS_SCALE_BIAS, 'opacity_bias': GS_OPACITY_BIAS,
+              '3d_filter_kernel_size': GS_MIN_SCALE, 'scaling_activation': 'softplus', 'perturb_offset': True}
+    bad = {k: rep[k] for k, v in expect.items() if k in rep and rep[k] != v}
+    lr = rep.get('lr', {})
+    official_lr = {'_xyz': 1.0, '_features_dc': 1.0, '_opacity': 1.0, '_scaling': 1.0, '_rotation': 0.1}
+    bad.update({f'lr.{k}': v for k, v in lr.items() if official_lr.get(k) != v})
+    if m.get('attn_mode', 'swin') != 'swin':
+        bad['attn_mode'] = m['attn_mode']
+    if bad:
+        raise ValueError(f"Gaussian decoder settings not supported (official values expected): {bad}")
+    side = math.isqrt(m.get('latent_channels', 768) // 3)
+    if side * side * 3 != m.get('latent_channels', 768):
+        raise ValueError(f"latent_channels {m['latent_channels']} is not a square RGB patch")
+    return ModelConfig(patch_size=(4, side, side), gs_width=m['model_channels'], gs_depth=m['num_blocks'],
+                       gs_heads=m['num_heads'], gs_mlp=m['mlp_channels'], gs_window=m.get('window_size', 8),
+                       gs_per_voxel=rep.get('num_gaussians', 32), gs_resolution=m.get('resolution', 64))
+
+
+# -----------------------------------------------------------------------------
+# SigLIP2 -> encoder (paper 3.4: the encoder starts from SigLIP2-So400m/16; the decoder from scratch)
 
 
 def load_siglip2_tower(source):
@@ -1145,434 +1585,3 @@ def _pretrained(name, kind):
 
 def _names(kind):
     return ', '.join(n for n, e in PRETRAINED.items() if e['kind'] == kind)
-
-
-# -----------------------------------------------------------------------------
-# the tokenizer
-
-
-def load_strict(module, sd, source='state dict'):
-    """Load state dict sd into module (AToken or GaussianDecoder, possibly on the meta device: tensors are
-    assigned, not copied), naming every missing, unexpected and mis-shaped key in one error."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{source} does not match the model config:\n  missing: {missing}\n"
-                         f"  unexpected: {unexpected}\n  shape mismatch: {shapes}")
-    module.load_state_dict(sd, strict=True, assign=True)
-
-
-def official_config(arch):
-    """Official YAML `arch_cfg` dict -> ModelConfig, refusing settings this implementation does not have."""
-    fixed = dict(encoder_attn_mode='full', decoder_attn_mode='full', encoder_pe_mode='joint',
-                 decoder_pe_mode='joint', encoder_qk_rms_norm=False, decoder_qk_rms_norm=True,
-                 encoder_use_bias=True, decoder_use_bias=False, encoder_use_rms_norm=False,
-                 decoder_use_rms_norm=True, use_decoder=True, quantizer_type='fsq', quantizer_chunk_size=1)
-    bad = {k: arch[k] for k, v in fixed.items() if k in arch and arch[k] != v}
-    if bad:
-        raise ValueError(f"arch_cfg settings not supported (expected {dict((k, fixed[k]) for k in bad)}): {bad}")
-    pt, ph, pw = arch.get('patch_size', [4, 16, 16])
-    c = ModelConfig(patch_size=(pt, ph, pw))
-    names = dict(encoder_model_channels='encoder_width', encoder_num_blocks='encoder_depth',
-                 encoder_num_heads='encoder_heads', encoder_mlp_channels='encoder_mlp',
-                 decoder_model_channels='decoder_width', decoder_num_blocks='decoder_depth',
-                 decoder_num_heads='decoder_heads', decoder_mlp_channels='decoder_mlp',
-                 latent_channels='latent_channels', use_quantizer='use_quantizer',
-                 quantizer_num_codebooks='fsq_groups')
-    for k, ours in names.items():
-        if k in arch:
-            setattr(c, ours, type(getattr(c, ours))(arch[k]))
-    for k in ('in_channels', 'out_channels'):
-        if k in arch and arch[k] != c.in_channels:
-            raise ValueError(f"arch_cfg {k}={arch[k]} does not match patch_size {c.patch_size} ({c.in_channels})")
-    if c.use_quantizer:
-        dims = c.latent_channels // c.fsq_groups
-        size, feat = arch.get('quantizer_codebook_size', 4096), arch.get('quantizer_feature_dim', 48)
-        if feat != c.latent_channels or c.fsq_levels ** dims != size:
-            raise ValueError(f"FSQ with codebook size {size} and feature dim {feat} is not supported: "
-                             f"expected {c.fsq_levels}^{dims} codes over all {c.latent_channels} latents")
-    return c
-
-
-class Latents(NamedTuple):
-    """What AToken.bottleneck returns."""
-    z: torch.Tensor             # [N, L] the decoder's input: a posterior sample, the mean, or the FSQ codes
-    mean: torch.Tensor          # [N, L]
-    logvar: torch.Tensor        # [N, L]
-    indices: torch.Tensor       # [N, G] int32 FSQ codes, or None without a quantizer
-
-
-class AToken(nn.Module):
-    """The unified tokenizer. Sub-module names equal the official checkpoint keys (encoder., proj., decoder.)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        if config.latent_channels % config.fsq_groups and config.use_quantizer:
-            raise ValueError(f"latent_channels {config.latent_channels} not divisible by fsq_groups")
-        self.encoder = Encoder(config)
-        self.proj = nn.Linear(config.encoder_width, 2 * config.latent_channels, bias=False)  # mean | logvar
-        self.decoder = Decoder(config)
-
-    # --- weights -------------------------------------------------------------
-
-    @torch.no_grad()
-    def init_weights(self, zero_residual=True):
-        """Fresh initialisation (decoder from scratch; encoder too unless init_from_siglip2 follows).
-        zero_residual=False keeps xavier weights in the residual branches too (every path active at init:
-        the model tests use it, so that token mixing shows in their comparisons)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
-                nn.init.ones_(m.weight)
-                if getattr(m, 'bias', None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, HeadRMSNorm):
-                nn.init.ones_(m.gamma)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
-        nn.init.normal_(self.encoder.head.probe, std=0.02)
-        nn.init.normal_(self.proj.weight, std=0.02)
-        # Residual branches start at zero (as ReZero / DiT's adaLN-zero): a fresh tokenizer is then a per-token
-        # linear autoencoder through the norms, and attention / MLPs grow in from there. With xavier-initialised
-        # branches the tiny CPU model sat at ~22 dB for hundreds of steps (random token mixing at init);
-        # zeroed it reached 25.5 dB in the same 400 image steps. (Not the pooling head: it is no residual.)
-        for m in self.modules() if zero_residual else ():
-            if isinstance(m, Block):
-                nn.init.zeros_(m.attn.to_out.weight)
-                nn.init.zeros_(m.mlp.mlp[2].weight)
-        return self
-
-    @torch.no_grad()
-    def init_from_siglip2(self, source=SIGLIP2_DEFAULT):
-        """Copy a SigLIP2 vision tower into the encoder (blocks, patch embedding, position table, head).
-        Every encoder tensor must come from the tower; the decoder and proj are left as they are."""
-        enc = siglip2_to_encoder(load_siglip2_tower(source), self.config)
-        own = {k: v for k, v in self.state_dict().items() if k.startswith('encoder.')}
-        if set(enc) != set(own):
-            raise ValueError(f"SigLIP tower does not fit the encoder: missing {sorted(set(own) - set(enc))}, "
-                             f"unexpected {sorted(set(enc) - set(own))}")
-        for k, v in enc.items():
-            if v.shape != own[k].shape:
-                raise ValueError(f"SigLIP tower {k}: shape {tuple(v.shape)} vs encoder {tuple(own[k].shape)}")
-            own[k].copy_(v)
-        return self
-
-    def estimate_flops(self, x):
-        """Training FLOPs (forward + backward = 3 x forward) of one packed batch x: 6 x parameters x tokens for
-        the matmuls, plus attention: 12 x width x sum over (sample, tile) segments of length^2, per layer
-        (the PaLM appendix-B count nanoGPT uses, with packed segments instead of one sequence length)."""
-        c = self.config
-        s2 = int((np.diff(structure_of(x, c).seg.cu_q_host.numpy().astype(np.int64)) ** 2).sum())  # host lengths
-        attn = 12 * s2 * (c.encoder_width * c.encoder_depth + c.decoder_width * c.decoder_depth)
-        return 6 * self.num_params() * sum(x.seqlens) + attn
-
-    def num_params(self, prefix=''):
-        return sum(p.numel() for n, p in self.named_parameters() if n.startswith(prefix))
-
-    @classmethod
-    def from_pretrained(cls, checkpoint_path, config_path=None):
-        """Load Apple's released tokenizer by name ('atoken-sod', 'atoken-soc', 'atoken-soc-s1', 'atoken-soc-s2':
-        downloaded once into $ATOKEN_CACHE, architecture from PRETRAINED), an official checkpoint file (flat
-        state dict, .pt or .safetensors) with its official YAML, or a tokenizer exported by train.py
-        ({'model_config': dict, 'model': state dict}) with no YAML. An existing path wins over a name."""
-        import os
-        arch = None
-        if isinstance(checkpoint_path, str) and checkpoint_path in PRETRAINED and not os.path.exists(checkpoint_path):
-            checkpoint_path, arch = _pretrained(checkpoint_path, 'tokenizer')
-        if not os.path.exists(checkpoint_path):
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint_path} (released names: {_names('tokenizer')})")
-        if str(checkpoint_path).endswith('.safetensors'):
-            from safetensors.torch import load_file
-            sd = load_file(checkpoint_path)
-        else:
-            sd = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
-        if config_path is not None:
-            import yaml
-            with open(config_path) as f:
-                y = yaml.safe_load(f)
-            try:
-                arch = y['model']['model_cfg']['arch_cfg']
-            except (KeyError, TypeError):
-                raise ValueError(f"{config_path}: no model.model_cfg.arch_cfg block (not an official AToken YAML)")
-        if arch is not None:                    # the YAML's, else the released name's embedded preset
-            config = official_config(arch)
-        elif isinstance(sd, dict) and 'model_config' in sd:
-            config, sd = ModelConfig.from_dict(sd['model_config'], f"{checkpoint_path} ['model_config']"), sd['model']
-        else:
-            raise ValueError(f"{checkpoint_path}: a flat official state dict needs its YAML (config_path)")
-        with torch.device('meta'):
-            model = cls(config)
-        model.load_checkpoint_state(sd, source=str(checkpoint_path))
-        return model.eval()
-
-    def load_checkpoint_state(self, sd, source='state dict'):
-        load_strict(self, sd, source)
-
-    def export(self):
-        """Tokenizer weights alone, loadable by AToken.from_pretrained(path)."""
-        cfg = asdict(self.config)
-        return {'model_config': cfg, 'model': {k: v.detach().cpu() for k, v in self.state_dict().items()}}
-
-    # --- the model -----------------------------------------------------------
-
-    def encode(self, x):
-        """Packed pixels -> post-LayerNorm encoder features h [N, C_enc] (tiles encoded independently)."""
-        if x.feats.dtype == torch.uint8:
-            raise ValueError("Packed.feats is uint8 (a batch from data.collate): move it with batch.packed.to(device), "
-                             "which turns the pixels into floats in [-1, 1]")
-        return self.encoder(x.feats, structure=structure_of(x, self.config))
-
-    def embed_features(self, h, x):
-        """h [N, C] of packed batch x -> L2-normalised text-aligned embeddings [B, C] (pools over all tiles)."""
-        return F.normalize(self.encoder.head(h, structure_of(x, self.config).pool), dim=-1)
-
-    def bottleneck(self, h, sample=False):
-        """h -> Latents(z, mean, logvar, indices). z ~ N(mean, exp(logvar)) if sample, else the mean; with the
-        quantizer, z is the FSQ code of the mean (straight-through) and indices its codes, else None."""
-        mean, logvar = self.proj(h).chunk(2, dim=-1)                            # [N, L] each
-        if self.config.use_quantizer:
-            z, idx = fsq_quantize(mean, self.config.fsq_groups, self.config.fsq_levels)
-            return Latents(z, mean, logvar, idx)
-        if sample:   # diagonal Gaussian posterior in fp32; logvar is not clamped (official)
-            std = torch.exp(0.5 * logvar.float())
-            z = (mean.float() + std * torch.randn_like(std)).to(mean.dtype)
-            return Latents(z, mean, logvar, None)
-        return Latents(mean, mean, logvar, None)
-
-    def decode(self, z, coords, seqlens=None):
-        """Latents z [N, L] at coords -> pixel patches [N, pt*ph*pw*3] in [-1, 1] (not clamped). coords: the
-        Packed batch z belongs to (its structure is reused; one-frame batches give [N, ph*pw*3]), or integer
-        coords [N, 4] with seqlens."""
-        if isinstance(coords, Packed):
-            return self.decoder(z, structure=structure_of(coords, self.config))
-        return self.decoder(z, coords, seqlens)
-
-    def forward(self, x, sample=None, decode=True):
-        """Training pass on a Packed batch. Samples the posterior when training (unless sample=False).
-        decode=False (understanding-only batches) skips the bottleneck and the pixel decoder."""
-        sample = self.training if sample is None else sample
-        h = self.encode(x)
-        out = dict(h=h, embedding=self.embed_features(h, x))
-        if decode:
-            lat = self.bottleneck(h, sample)
-            out.update(rec=self.decode(lat.z, x), mean=lat.mean, logvar=lat.logvar, indices=lat.indices)
-        return out
-
-    # --- media in, media out -------------------------------------------------
-
-    def pack(self, media):
-        p = next(self.parameters())
-        return pack(media, self.config.patch_size, self.config).to(p.device, p.dtype)
-
-    @torch.no_grad()
-    def reconstruct(self, media):
-        """Images (H, W, 3) / videos (T, H, W, 3) in [-1, 1] -> reconstructions (H', W', 3) / (T', H', W', 3):
-        H', W' centre-cropped to patch multiples, T' a multiple of pt. 3D assets ({'feats', 'coords'}) ->
-        reconstructed voxel features [N, ph*pw*3] (feed them to GaussianDecoder). Deterministic:
-        posterior mean, or the FSQ codes when the config has a quantizer."""
-        x = self.pack(media)
-        z = self.bottleneck(self.encode(x)).z
-        return unpack(self.decode(z, x), x, self.config.patch_size)
-
-    @torch.no_grad()
-    def embed(self, media):
-        """Media list -> [B, C] L2-normalised embeddings (the SigLIP2 text space for trained weights)."""
-        x = self.pack(media)
-        return self.embed_features(self.encode(x), x)
-
-    @torch.no_grad()
-    def tokenize(self, media):
-        """Media list -> per-sample FSQ indices [N_i, G] (int32, raster order t, row, column)."""
-        if not self.config.use_quantizer:
-            raise ValueError("tokenize needs a quantizer: use a config with use_quantizer=True (So/D)")
-        x = self.pack(media)
-        return list(self.bottleneck(self.encode(x)).indices.split(x.seqlens))
-
-    @torch.no_grad()
-    def detokenize(self, indices, shapes):
-        """Inverse of tokenize: indices [N_i, G] and each output's shape, as reconstruct returns it
-        ((H, W, 3) image, (T, H, W, 3) video; the channel axis may be left out) -> media list."""
-        pt, ph, pw = self.config.patch_size
-        dims = self.config.latent_channels // self.config.fsq_groups
-        grids, kinds, coords = [], [], []
-        for idx, s in zip(indices, shapes):
-            s = tuple(s)
-            if len(s) == 4 or (len(s) == 3 and s[-1] == 3):    # drop the channel axis (W = 3 < any patch)
-                s = s[:-1]
-            kind = 'image' if len(s) == 2 else 'video'
-            T, H, W = (pt, *s) if kind == 'image' else s
-            grid = (T // pt, H // ph, W // pw)
-            if grid[0] * grid[1] * grid[2] != len(idx):
-                raise ValueError(f"{len(idx)} tokens do not fill a {kind} of shape {tuple(s)} (grid {grid})")
-            coords.append(patchify(torch.zeros(T, H, W, 3), self.config.patch_size)[1])
-            grids.append(grid), kinds.append(kind)
-        p = next(self.parameters())
-        z = fsq_codes_from_indices(torch.cat(indices).to(p.device), dims, self.config.fsq_levels).to(p.dtype)
-        coords, seqlens = torch.cat(coords), [len(i) for i in indices]
-        x = Packed(z, coords, seqlens, kinds, grids, self.config.patch_size,
-                   build_structure(coords, seqlens, kinds, self.config)).to(p.device)
-        return unpack(self.decode(z, x), x, self.config.patch_size)
-
-
-# -----------------------------------------------------------------------------
-# 3D: Gaussian decoder (official SLatGaussianDecoder, TRELLIS-derived; paper 3.1)
-
-SH_C0 = 0.28209479177387814     # degree-0 spherical harmonic: rgb = SH_C0 * dc + 0.5
-GS_VOXEL_SIZE = 1.5             # a Gaussian may move +-0.75 voxel from its voxel centre
-GS_SCALE_BIAS, GS_OPACITY_BIAS, GS_MIN_SCALE = 0.004, 0.1, 9e-4   # official representation_config
-GS_LR = dict(xyz=1.0, dc=1.0, scale=1.0, rotation=0.1, opacity=1.0)  # multipliers on the raw outputs
-
-
-def radical_inverse(base, n):
-    """Van der Corput radical inverse of integer n in `base`."""
-    inv, f = 0.0, 1.0 / base
-    while n > 0:
-        inv, n, f = inv + f * (n % base), n // base, f / base
-    return inv
-
-
-def offset_perturbation(n):
-    """Fixed per-Gaussian offsets [n, 3] = atanh((2 h_k - 1) / 1.5), h_k = Hammersley point (k/n, r2(k), r3(k)),
-    so the n Gaussians of a voxel start spread over it instead of on its centre."""
-    h = torch.tensor([[k / n, radical_inverse(2, k), radical_inverse(3, k)] for k in range(n)])
-    return torch.atanh((2 * h - 1) / GS_VOXEL_SIZE)
-
-
-def sincos_embedding(coords, dim):
-    """TRELLIS absolute position embedding of integer coords [N, 3] -> [N, dim]: per axis
-    [sin(x f), cos(x f)] with f_i = 10000^(-i/F), F = dim // 6, zero-padded to dim."""
-    F_ = dim // coords.shape[1] // 2
-    freqs = 1.0 / 10000 ** (torch.arange(F_, device=coords.device, dtype=torch.float32) / F_)    # [F]
-    a = coords.float()[:, :, None] * freqs                                      # [N, 3, F]
-    emb = torch.cat([a.sin(), a.cos()], -1).reshape(len(coords), -1)            # [N, 3*2F]
-    return F.pad(emb, (0, dim - emb.shape[1]))
-
-
-class GaussianDecoder(nn.Module):
-    """Voxel features -> 32 Gaussians per voxel (official `SLatGaussianDecoder`; keys match 3d_decode_gs.pt).
-
-    input linear (no bias) + sinusoidal 3D position embedding, blocks with 8^3 windowed attention (shifted
-    by 4 on odd blocks, scores soft-capped at 30 as on the official flash-attn path), RMSNorm, no biases;
-    then a LayerNorm without affine (eps 1e-5) and a biased linear to 32 x (xyz 3, dc 3, scale 3, rot 4,
-    opacity 1) raw values, activated as in TRELLIS' Gaussian model.
-    """
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        pt, ph, pw = cfg.patch_size
-        self.input_layer = nn.Linear(ph * pw * 3, cfg.gs_width, bias=False)
-        self.blocks = nn.ModuleList([Block(cfg.gs_width, cfg.gs_heads, cfg.gs_mlp, decoder=True, qk_norm=False,
-                                           softcap=30.0) for _ in range(cfg.gs_depth)])
-        self.out_layer = nn.Linear(cfg.gs_width, cfg.gs_per_voxel * 14)
-        self.register_buffer('offset_perturbation', offset_perturbation(cfg.gs_per_voxel))
-
-    @torch.no_grad()
-    def init_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-        nn.init.zeros_(self.out_layer.weight)   # official: zero head, so training starts from the prior
-        nn.init.zeros_(self.out_layer.bias)
-        self.offset_perturbation.copy_(offset_perturbation(self.cfg.gs_per_voxel))
-        return self
-
-    def forward(self, feats, coords, seqlens=None, windows=None):
-        """feats [N, ph*pw*3] (first channels of the reconstruction, in [-1, 1]), coords [N, 3] voxel
-        indices (i, j, k), seqlens voxels per sample -> activated Gaussians, 32 per voxel, Gaussian k of
-        voxel i at row 32 i + k: xyz [G, 3] world in [-0.5, 0.5]^3, scale [G, 3], rotation [G, 4] (unit
-        quaternion, real first), opacity [G, 1], rgb [G, 3] (>= 0), features_dc [G, 1, 3] (raw SH).
-        windows: the batch's shifted windows (Structure.gs, built on the host by data.collate / model.pack);
-        without them they are built here from a host copy of coords."""
-        seqlens = [len(feats)] if seqlens is None else seqlens
-        coords = coords.long()
-        if windows is None:
-            windows = {k: w.to(feats.device) for k, w in gs_windows(coords.cpu(), seqlens, self.cfg.gs_window).items()}
-        h = self.input_layer(feats) + sincos_embedding(coords, self.cfg.gs_width).to(feats.dtype)
-        for i, block in enumerate(self.blocks):
-            w = windows[self.cfg.gs_window // 2 * (i % 2)]
-            h = block(h.index_select(0, w.order), None, w.layout).index_select(0, w.inverse)
-        h = F.layer_norm(h, h.shape[-1:], eps=1e-5)
-        return self.activate(self.out_layer(h), coords)
-
-    def activate(self, raw, coords):
-        """raw [N, 32*14] -> Gaussian parameters (official to_representation + TRELLIS activations, fp32)."""
-        n, K, R = len(raw), self.cfg.gs_per_voxel, self.cfg.gs_resolution
-        raw = raw.float()
-        xyz, dc, s, rot, op = raw.split([3 * K, 3 * K, 3 * K, 4 * K, K], dim=1)
-        centre = (coords.float() + 0.5) / R                                     # [N, 3] in [0, 1]
-        off = torch.tanh(xyz.view(n, K, 3) * GS_LR['xyz'] + self.offset_perturbation.float())
-        xyz = centre[:, None] + off * (GS_VOXEL_SIZE * 0.5 / R) - 0.5           # [N, K, 3] world
-        scale_bias = GS_SCALE_BIAS + math.log(-math.expm1(-GS_SCALE_BIAS))     # softplus^-1(0.004)
-        scale = F.softplus(s.view(n, K, 3) * GS_LR['scale'] + scale_bias)
-        scale = torch.sqrt(scale.square() + GS_MIN_SCALE ** 2)
-        q = rot.view(n, K, 4) * GS_LR['rotation'] + torch.tensor([1.0, 0, 0, 0], device=raw.device)
-        opacity = torch.sigmoid(op.view(n, K, 1) * GS_LR['opacity'] + math.log(GS_OPACITY_BIAS / (1 - GS_OPACITY_BIAS)))
-        dc = dc.view(n, K, 1, 3) * GS_LR['dc']
-        G = n * K
-        return dict(xyz=xyz.reshape(G, 3), scale=scale.reshape(G, 3), rotation=F.normalize(q, dim=-1).reshape(G, 4),
-                    opacity=opacity.reshape(G, 1), features_dc=dc.reshape(G, 1, 3),
-                    rgb=(SH_C0 * dc.reshape(G, 3) + 0.5).clamp_min(0))
-
-    @classmethod
-    def from_pretrained(cls, checkpoint_path, config_path=None):
-        """Load Apple's Gaussian decoder by name ('3d_decode_gs': downloaded once into $ATOKEN_CACHE,
-        architecture from PRETRAINED), or 3d_decode_gs.pt with its YAML (`model:` block). `lpips_loss.*` keys
-        are dropped. An existing path wins over a name."""
-        import os
-        m = None
-        if isinstance(checkpoint_path, str) and checkpoint_path in PRETRAINED and not os.path.exists(checkpoint_path):
-            checkpoint_path, m = _pretrained(checkpoint_path, 'gaussian')
-        for p in (checkpoint_path, config_path):
-            if p is not None and not os.path.exists(p):
-                raise FileNotFoundError(f"not found: {p}" + (f" (released names: {_names('gaussian')})"
-                                                             if p is checkpoint_path else ''))
-        if config_path is not None:
-            import yaml
-            with open(config_path) as f:
-                y = yaml.safe_load(f)
-            m = y.get('model', y) if isinstance(y, dict) else None
-            if not isinstance(m, dict) or 'model_channels' not in m:
-                raise ValueError(f"{config_path}: no `model:` block with model_channels (not a 3d_decode_gs YAML)")
-        elif m is None:
-            raise ValueError(f"{checkpoint_path}: an official Gaussian decoder checkpoint needs its YAML "
-                             f"(config_path), or give a released name: {_names('gaussian')}")
-        cfg = _official_gs_config(m)
-        sd = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
-        sd = {k: v for k, v in sd.items() if not k.startswith('lpips_loss.')}
-        with torch.device('meta'):
-            model = cls(cfg)
-        model.load_checkpoint_state(sd, source=str(checkpoint_path))
-        return model.eval()
-
-    def load_checkpoint_state(self, sd, source='state dict'):
-        load_strict(self, sd, source)
-
-
-def _official_gs_config(m):
-    """Official 3d_decode_gs.yaml `model:` dict -> ModelConfig (gs_* fields), refusing unsupported settings."""
-    rep = m.get('representation_config', {})
-    expect = {'voxel_size': GS_VOXEL_SIZE, 'scaling_bias': GS_SCALE_BIAS, 'opacity_bias': GS_OPACITY_BIAS,
-              '3d_filter_kernel_size': GS_MIN_SCALE, 'scaling_activation': 'softplus', 'perturb_offset': True}
-    bad = {k: rep[k] for k, v in expect.items() if k in rep and rep[k] != v}
-    lr = rep.get('lr', {})
-    official_lr = {'_xyz': 1.0, '_features_dc': 1.0, '_opacity': 1.0, '_scaling': 1.0, '_rotation': 0.1}
-    bad.update({f'lr.{k}': v for k, v in lr.items() if official_lr.get(k) != v})
-    if m.get('attn_mode', 'swin') != 'swin':
-        bad['attn_mode'] = m['attn_mode']
-    if bad:
-        raise ValueError(f"Gaussian decoder settings not supported (official values expected): {bad}")
-    side = math.isqrt(m.get('latent_channels', 768) // 3)
-    if side * side * 3 != m.get('latent_channels', 768):
-        raise ValueError(f"latent_channels {m['latent_channels']} is not a square RGB patch")
-    return ModelConfig(patch_size=(4, side, side), gs_width=m['model_channels'], gs_depth=m['num_blocks'],
-                       gs_heads=m['num_heads'], gs_mlp=m['mlp_channels'], gs_window=m.get('window_size', 8),
-                       gs_per_voxel=rep.get('num_gaussians', 32), gs_resolution=m.get('resolution', 64))

@@ -22,8 +22,8 @@ Sources (ideas and conventions; no code copied):
     projection J W Sigma W^T J^T, front-to-back alpha compositing, alpha <= 0.99, skip alpha < 1/255.
   Mip-Splatting (Yu et al. 2024): 2D filter cov2d + k I with opacity * sqrt(det(cov2d) / det(cov2d + k I)),
     kernel k = 0.1 px as the official (TRELLIS) renderer uses.
-  apple/ml-atoken atoken_inference/scripts/pack_multiview_feat.py: the multiview voxel packing, described in
-    shared/reference/official-atoken.md section 2.3.
+  apple/ml-atoken atoken_inference/scripts/pack_multiview_feat.py: the multiview voxel packing (section
+    'multiview voxel packing' below).
 
 Differences from the official data, worth knowing before mixing with official checkpoints:
   - views are unlit (colour = base colour x texture x vertex colour, one sample per pixel centre), where TRELLIS
@@ -790,7 +790,7 @@ def render_mesh(mesh, camera, resolution=None):
 
 
 # -----------------------------------------------------------------------------
-# multiview voxel packing (official pack_multiview_feat.py, shared/reference/official-atoken.md section 2.3)
+# multiview voxel packing (official atoken_inference/scripts/pack_multiview_feat.py)
 
 
 def voxelize(depths, cameras, resolution=GRID, max_points=500_000, generator=None):
