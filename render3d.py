@@ -94,7 +94,7 @@ class Mesh:
     vertex_colors: torch.Tensor = None  # [V, 3] float32 in [0, 1], or None
 
 
-def _make_mesh(vertices, faces, uv, face_material, materials, vertex_colors=None):
+def make_mesh(vertices, faces, uv, face_material, materials, vertex_colors=None):
     """numpy -> Mesh with the dtypes above."""
     return Mesh(torch.as_tensor(np.asarray(vertices, np.float32)),
                 torch.as_tensor(np.asarray(faces, np.int64)),
@@ -321,7 +321,7 @@ def _load_gltf(path):
             n_vert += len(pos)
     if not faces:
         raise AssetError('no triangle primitives')
-    return _make_mesh(np.concatenate(verts), np.concatenate(faces), np.concatenate(uvs),
+    return make_mesh(np.concatenate(verts), np.concatenate(faces), np.concatenate(uvs),
                       np.concatenate(face_mat), materials, np.concatenate(colors) if any_color else None)
 
 
@@ -406,7 +406,7 @@ def _load_obj(path):
     has_color = bool((vcols != 1.0).any())
     if has_color and vcols.max() > 1.0:
         vcols = vcols / 255.0
-    return _make_mesh(np.array(verts), faces, table[uv_idx], face_mat, materials, vcols if has_color else None)
+    return make_mesh(np.array(verts), faces, table[uv_idx], face_mat, materials, vcols if has_color else None)
 
 
 # -----------------------------------------------------------------------------
@@ -455,7 +455,7 @@ def _merge(*parts):
     return np.concatenate(verts), np.concatenate(faces), np.concatenate(uvs)
 
 
-def _primitive(shape, n=32):
+def primitive(shape, n=32):
     """Geometry of a unit primitive centred at the origin -> (verts [V,3], faces [F,3], uv [F,3,2])."""
     tau = 2 * np.pi
     if shape == 'cube':
@@ -503,7 +503,7 @@ def procedural_mesh(seed):
     name = list(COLORS)[rng.integers(len(COLORS))]
     c1 = COLORS[name]
     c2 = (0.08, 0.08, 0.08) if name == 'white' else (0.95, 0.95, 0.95)
-    verts, faces, uv = _primitive(shape)
+    verts, faces, uv = primitive(shape)
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))                      # random rotation (Haar via QR)
     q = q * np.sign(np.diag(r))[None, :]
     q = q if np.linalg.det(q) > 0 else -q
@@ -512,7 +512,7 @@ def procedural_mesh(seed):
     texture = None if pattern == 'plain' else _pattern_texture(pattern, c1, c2, cells)
     vcol = np.broadcast_to(np.array(c1), verts.shape) if pattern == 'plain' else None
     material = Material(torch.ones(4), texture)
-    mesh = _make_mesh(verts, faces, uv, np.zeros(len(faces)), [material], vcol)
+    mesh = make_mesh(verts, faces, uv, np.zeros(len(faces)), [material], vcol)
     article = 'an' if name[0] in 'aeiou' else 'a'
     caption = f'{article} {name} {shape}' if pattern == 'plain' else f'{article} {name} {pattern} {shape}'
     return normalize_mesh(mesh), shape, caption
@@ -884,7 +884,7 @@ def pack_asset(mesh, n_views=16, resolution=256, patch_size=(4, 16, 16), offset=
 ASSET_EXTS = ('.glb', '.gltf', '.obj')
 
 
-def _asset_offset(name):
+def asset_offset(name):
     """A per-asset camera offset in [0,1)^2, fixed by the name (TRELLIS draws it at random per object)."""
     return tuple(np.random.default_rng(zlib.crc32(name.encode())).random(2).tolist())
 
@@ -922,10 +922,10 @@ def prepare(assets_dir, out_dir, views=16, resolution=256, patch_size=(4, 16, 16
             skipped.append((path, str(e)))
             continue
         names.add(name)
-        pack = pack_asset(mesh, views, resolution, patch_size, offset=_asset_offset(name))
+        pack = pack_asset(mesh, views, resolution, patch_size, offset=asset_offset(name))
         meta = dict(source=os.path.abspath(path), caption='a 3D model of ' + os.path.basename(rel).replace('_', ' '),
                     views=views, resolution=resolution, patch=list(patch_size[1:]), voxels=len(pack['coords']),
-                    triangles=int(mesh.faces.shape[0]), offset=list(_asset_offset(name)))
+                    triangles=int(mesh.faces.shape[0]), offset=list(asset_offset(name)))
         write_prepared(os.path.join(out_dir, name), pack, meta)
         done.append(name)
         print(f'{name}: {len(mesh.faces)} triangles, {views} views, {len(pack["coords"])} voxels, '

@@ -197,7 +197,7 @@ def test_single_triangle_coverage_and_depth():
     cam = identity_camera()
     px = [(10.2, 8.7), (52.3, 15.1), (20.4, 55.9)]
     verts = torch.stack([world_at_pixel(cam, u, v, 2.0) for u, v in px]).float()
-    mesh = r3._make_mesh(verts.numpy(), [[0, 1, 2]], np.zeros((1, 3, 2)), [0], [r3.Material(torch.ones(4))])
+    mesh = r3.make_mesh(verts.numpy(), [[0, 1, 2]], np.zeros((1, 3, 2)), [0], [r3.Material(torch.ones(4))])
     rgb, alpha, depth = r3.render_mesh(mesh, cam)
     # independent inside test at pixel centres, with a margin for points on an edge
     ys, xs = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing='ij')
@@ -403,8 +403,8 @@ def test_bad_files_raise_or_warn(tmp_path):
 
 
 def test_voxelize_sphere_gives_a_shell():
-    v, f, uv = r3._primitive('sphere', n=48)
-    mesh = r3.normalize_mesh(r3._make_mesh(v, f, uv, np.zeros(len(f)), [r3.Material(torch.ones(4))]))
+    v, f, uv = r3.primitive('sphere', n=48)
+    mesh = r3.normalize_mesh(r3.make_mesh(v, f, uv, np.zeros(len(f)), [r3.Material(torch.ones(4))]))
     cams = r3.sphere_cameras(24, offset=(0.5, 0.5), resolution=128)
     depth = torch.stack([r3.render_mesh(mesh, c)[2] for c in cams])
     coords = r3.voxelize(depth, cams)
@@ -501,7 +501,7 @@ def test_prepare_and_load_prepared(tmp_path, capsys):
     assert (d['views'][d['alphas'] == 0] == -1).all()                # black background
     assert d['meta']['caption'] == 'a 3D model of cube b' and d['meta']['voxels'] == len(d['coords'])
     # the stored data equal a fresh in-memory pack of the same asset
-    pack = r3.pack_asset(r3.load_mesh(str(assets / 'cube_b.glb')), 4, 64, offset=r3._asset_offset('cube_b'))
+    pack = r3.pack_asset(r3.load_mesh(str(assets / 'cube_b.glb')), 4, 64, offset=r3.asset_offset('cube_b'))
     assert torch.equal(d['coords'], pack['coords'])
     assert torch.allclose(d['feats'], pack['feats'], atol=1e-6)
     assert torch.allclose(d['cameras'][2].w2c, pack['cameras'][2].w2c)
