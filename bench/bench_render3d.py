@@ -65,10 +65,10 @@ def bench_splats(backend, device, sizes, resolutions, repeat):
 
 
 def bench_meshes(device, repeat):
-    cube = r3._make_mesh(*r3._primitive('cube'), np.zeros(12), [r3.Material(torch.ones(4), r3._pattern_texture(
+    cube = r3.make_mesh(*r3.primitive('cube'), np.zeros(12), [r3.Material(torch.ones(4), r3._pattern_texture(
         'checkered', (1, 0, 0), (1, 1, 1), 4))])
-    sphere_geo = r3._primitive('sphere', n=100)
-    sphere = r3._make_mesh(*sphere_geo, np.zeros(len(sphere_geo[1])), [r3.Material(torch.ones(4), r3._pattern_texture(
+    sphere_geo = r3.primitive('sphere', n=100)
+    sphere = r3.make_mesh(*sphere_geo, np.zeros(len(sphere_geo[1])), [r3.Material(torch.ones(4), r3._pattern_texture(
         'striped', (0, 0, 1), (1, 1, 1), 8))])
     sphere = r3.normalize_mesh(sphere)
     cam = r3.sphere_cameras(4, offset=(0.3, 0.6), resolution=256)[1]
