@@ -294,8 +294,8 @@ class TaskStream:
     DataLoader serves every epoch (its key lists run on from epoch to epoch), so its workers, and the
     built-in datasets' render caches inside them, live for the whole stage."""
 
-    def __init__(self, dataset, budget, config, seed, rank, world, workers, grouped=True, pin=False):
-        self.sampler = data.TokenBudgetSampler(dataset, budget, seed, rank, world)
+    def __init__(self, dataset, budget, config, seed, rank, world, workers, grouped=True, pin=False, max_samples=0):
+        self.sampler = data.TokenBudgetSampler(dataset, budget, seed, rank, world, max_samples)
         self.dataset, self.config, self.workers, self.grouped, self.pin = dataset, config, workers, grouped, pin
         self.epoch, self.pos, self._it, self.skipped = 0, 0, None, []
 
@@ -311,8 +311,7 @@ class TaskStream:
 
     def _keys(self, epoch, pos):
         while True:                             # endless: the loader's workers persist across epochs
-            for b in self.mine(epoch)[pos:]:
-                yield [(i, epoch) for i in b]
+            yield from self.sampler.keys(epoch)[self.sampler.rank::self.sampler.world_size][pos:]
             epoch, pos = epoch + 1, 0
 
     def _open(self):
@@ -327,12 +326,14 @@ class TaskStream:
         if self._it is None:
             self._open()
         batch = next(self._it)
+        w = self.sampler.world_size         # every rank's batch at this position, from the plan: no communication
+        batch.rows = max(len(b) for b in self.sampler.plan(self.epoch)[self.pos * w:(self.pos + 1) * w])
         self.pos += 1
         self.skipped += batch.skipped
         if self.pos == len(self.mine(self.epoch)):      # the epoch's last batch: report, move on
-            report = data.skip_report(self.dataset, self.skipped)
-            if report:
-                print0(report)
+            for report in (data.skip_report(self.dataset, self.skipped), self.sampler.report(self.epoch)):
+                if report:
+                    print0(report)
             self.epoch, self.pos, self.skipped = self.epoch + 1, 0, []
         return batch
 
@@ -440,8 +441,10 @@ class Trainable(torch.nn.Module):
         rec = task.endswith('rec')
         out = self.tok(p, sample=self.loss_cfg.sample_posterior and self.training, decode=rec)
         views = self.render_3d(out['rec'], batch) if task == '3d_rec' else None
+        # understanding under torchrun: the semantic loss over every rank's micro-batch (LossConfig.global_batch)
+        gather = batch.rows if not rec and self.loss_cfg.global_batch and losses.dist_world()[1] > 1 else 0
         return losses.compute_losses(out, p, self.frozen[0], self.loss_cfg, ['rec' if rec else 'und'] * len(p.seqlens),
-                                     batch.captions, views, self.temperature, self.text)
+                                     batch.captions, views, self.temperature, self.text, gather)
 
     def render_3d(self, rec, batch):
         """Decoded voxels of every 3D sample -> one Gaussian decoder call (packed, windows from the batch's

@@ -236,6 +236,20 @@ def test_fsdp_trains_and_exports(tmp_path):
     assert tok.reconstruct([x])[0].shape == (32, 32, 3)
 
 
+def test_ddp_global_semantic_losses_train(tmp_path):
+    """Understanding tasks under 2 DDP ranks run the global-batch semantic losses (every rank's micro-batch gathered
+    with gradients, losses.global_semantic_terms) inside the training step (collectives in forward and backward
+    next to DDP's own) and finish with finite weights and positive semantic losses."""
+    stages = [dict(name='s', steps=2, mix={'image_und': 1, 'video_und': 1}, grad_accum=2, tokens=96,
+                   image_res=(32, 32), video_res=(32, 32))]
+    make_cfg(tmp_path, stages)
+    torchrun(tmp_path / 'run.py', tmp_path / 'ddp', '--parallel=ddp')
+    p, ck = params(tmp_path / 'ddp')
+    assert ck['step'] == 2 and all(torch.isfinite(v).all() for v in p.values())
+    log = [json.loads(s) for s in open(tmp_path / 'ddp' / 'log.jsonl')]
+    assert all(r['image_und/distill'] > 0 and r['video_und/sigmoid'] > 0 for r in log)
+
+
 def test_train_text_is_trained_exported_and_loaded_by_eval(tmp_path):
     """train_text + image_und='sigmoid' (the offline demo): the text tower is optimised with the tokenizer,
     exported as 'text_tower', and eval.py's text tower is exactly that model (ema_decay 0: EMA = weights)."""
