@@ -38,6 +38,10 @@ class LossConfig:
     clip: float = 1.0
     tau: float = 2.0            # distillation temperature (Eq. 7)
     perceptual_size: int = 224  # LPIPS and Gram see 224x224 resized copies (paper 3.5)
+    # CLIP-perceptual runs at the SigLIP2 tower's own input size (FrozenNets.image_size: 256 for the open_clip
+    # ViT-SO400M-16-SigLIP2-256), not the paper's 224: the paper's NaFlex tower takes any size as it is, while this
+    # fixed-size tower would need its 16x16 position table resampled to 14x14, which changes the very features the
+    # loss compares (and the Eq. 7 teacher's embeddings, computed in the same pass).
     siglip_model: str = 'ViT-SO400M-16-SigLIP2-256'  # open_clip name, or 'tiny' (random, tests/CPU demo)
     siglip_weights: str = ''    # local open_clip checkpoint file; '' downloads the 'webli' weights
     vgg_weights: str = ''       # local torchvision vgg16 state dict; '' uses torchvision's download/cache
