@@ -771,13 +771,34 @@ class VideoFolder(Dataset):
         return Sample(media, 'video', caption, self.classes.index(name) if name else -1, name, file)
 
 
+def read_captions(path):
+    """A captions file, asset id -> caption: Cap3D-style CSV (rows `id,caption`, no header or a header row
+    `uid,caption` / `id,caption`) or JSON ({"id": "caption", ...})."""
+    with open(path, newline='') as f:
+        if path.endswith('.json'):
+            table = json.load(f)
+            if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+                raise ValueError(f"{path}: expected a JSON object {{asset id: caption}}")
+            return table
+        rows = [r for r in csv.reader(f) if r]
+    if rows and [c.strip().lower() for c in rows[0]] in (['uid', 'caption'], ['id', 'caption']):
+        rows = rows[1:]
+    for n, r in enumerate(rows, 1):
+        if len(r) != 2:
+            raise ValueError(f"{path}: row {n} has {len(r)} fields, expected `id,caption` (quote captions with commas)")
+    return dict(rows)
+
+
 class AssetFolder(Dataset):
     """3D assets prepared by `python render3d.py prepare <assets> <root>`: one sub-folder per asset (views,
     cameras.json, voxels.npz, meta.json). Token counts come from meta.json; a folder missing its files is
-    skipped (or an error with strict=True). Caption from meta.json; no labels."""
+    skipped (or an error with strict=True). Caption from `captions` (read_captions: the paper's Objaverse
+    captions come from Cap3D, keyed by asset id = the sub-folder's name, or the asset file's stem) when it
+    has the asset, else from meta.json; no labels."""
 
-    def __init__(self, root, patch_size=(4, 16, 16), strict=False):
+    def __init__(self, root, patch_size=(4, 16, 16), strict=False, captions=''):
         self.root, self.patch_size, self.strict, self.classes, self.skipped = root, patch_size, strict, [], []
+        self.captions = read_captions(captions) if captions else {}
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{root}: no such folder of prepared 3D assets")
         self.folders, self.voxels = [], []
@@ -813,7 +834,9 @@ class AssetFolder(Dataset):
         except (OSError, ValueError, KeyError) as e:
             return Skipped(*_skip(folder, e, self.strict))
         media = dict(feats=a['feats'] * 2 - 1, coords=a['coords'], views=a['views'], cameras=a['cameras'])
-        return Sample(media, '3d', a['meta'].get('caption', ''), -1, '', folder)
+        name = os.path.basename(folder)          # prepare names a nested file dir__sub__<stem>: Objaverse's uid is the stem
+        caption = self.captions.get(name) or self.captions.get(name.rsplit('__', 1)[-1]) or a['meta'].get('caption', '')
+        return Sample(media, '3d', caption, -1, '', folder)
 
 
 class Concat(Dataset):

@@ -55,6 +55,7 @@ class TrainConfig:
     image_dir: str = ''
     video_dir: str = ''
     asset_dir: str = ''             # 3D assets prepared by `python render3d.py prepare`
+    captions_3d: str = ''           # Cap3D-style captions for asset_dir (CSV / JSON: asset id -> caption; data.read_captions)
     n_images: int = 4096            # built-in dataset sizes (train split)
     n_videos: int = 1024
     n_3d: int = 64
@@ -407,7 +408,7 @@ def build_datasets(cfg, stage, mcfg, split='train', n_scale=1.0):
                       data.SyntheticVideos(max(int(cfg.n_videos * n_scale), 2), split, cfg.seed, res=res,
                                            patch_size=ps, frames=cfg.video_frames))
     if need & {'3d_rec', '3d_und'}:
-        ds = (data.AssetFolder(cfg.asset_dir, patch_size=ps) if cfg.asset_dir else
+        ds = (data.AssetFolder(cfg.asset_dir, patch_size=ps, captions=cfg.captions_3d) if cfg.asset_dir else
               data.Synthetic3D(max(int(cfg.n_3d * n_scale), 2), split, cfg.seed, views=cfg.views_3d,
                                view_res=cfg.view_res_3d, grid=mcfg.gs_resolution, patch_size=ps))
         out.update({t: ds for t in ('3d_rec', '3d_und') if t in need})

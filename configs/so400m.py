@@ -10,6 +10,7 @@ compile = True
 num_workers = 8
 # real data: folders of images, videos (mp4) and prepared 3D assets (python render3d.py prepare ...)
 image_dir, video_dir, asset_dir = 'data/images', 'data/videos', 'data/assets3d'
+captions_3d = 'data/Cap3D_automated_Objaverse_full.csv'   # Cap3D's captions (paper Sec. 3.5), by asset id
 loss = dict(siglip_model='ViT-SO400M-16-SigLIP2-256')   # paper weights: 0.2 rec, 1 sem, 1e-8 KL, ...
 lr, min_lr, warmup_steps = 3e-4, 3e-5, 2000
 encoder_lr_mult, ema_decay, weight_decay = 0.1, 0.9999, 0.1

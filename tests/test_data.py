@@ -592,3 +592,24 @@ def test_collate_ships_built_in_pixels_as_they_are(video):
     b = data.collate([dataclasses.replace(s, pixels=None) for s in items], model.PRESETS['tiny'])
     assert a.packed.feats.dtype == b.packed.feats.dtype == torch.uint8
     assert torch.equal(a.packed.feats, b.packed.feats) and torch.equal(a.packed.coords, b.packed.coords)
+
+
+def test_asset_captions_from_a_cap3d_style_file(tmp_path):
+    """Captions by asset id from a CSV (Cap3D: `uid,caption` rows, commas quoted) or a JSON object; the folder name
+    or, for nested files, the stem `prepare` puts last; assets the file lacks keep meta.json's caption."""
+    import render3d
+    mesh, _, caption = render3d.procedural_mesh(7)
+    pack = render3d.pack_asset(mesh, n_views=2, resolution=16, patch_size=PS, grid=8)
+    for name in ('uid1', 'glbs__000-023__uid2', 'other'):
+        render3d.write_prepared(str(tmp_path / 'assets' / name), pack, dict(caption=caption, patch=[8, 8],
+                                                                           voxels=len(pack['coords'])))
+    (tmp_path / 'caps.csv').write_text('uid1,"a wooden chair, painted red"\nuid2,a small boat\n')
+    (tmp_path / 'caps.json').write_text(json.dumps({'uid1': 'a chair', 'glbs__000-023__uid2': 'a boat'}))
+    for file, want in (('caps.csv', ['a wooden chair, painted red', 'a small boat', caption]),
+                       ('caps.json', ['a chair', 'a boat', caption])):
+        ds = data.AssetFolder(str(tmp_path / 'assets'), patch_size=PS, captions=str(tmp_path / file))
+        got = {os.path.basename(ds.source(i)): ds[i].caption for i in range(len(ds))}
+        assert [got['uid1'], got['glbs__000-023__uid2'], got['other']] == want
+    (tmp_path / 'bad.csv').write_text('uid1,a,b\n')
+    with pytest.raises(ValueError, match=r'bad\.csv: row 1 has 3 fields'):
+        data.AssetFolder(str(tmp_path / 'assets'), patch_size=PS, captions=str(tmp_path / 'bad.csv'))
