@@ -12,7 +12,7 @@ Pairs: a photo against a 4x bicubic down-and-up copy of itself (a blurry "recons
     options: --vgg_weights <torchvision vgg16 .pth> (without it VGG16 is RANDOM: the figures then describe
              random features, not the pretrained ones the paper's lambdas were set for)
 
-Measured (commit of this file, 2-core CPU, seed 0, scikit-image 0.26's astronaut.png vs coffee.png and chelsea.png;
+Measured (2-core CPU, seed 0, scikit-image 0.26's astronaut.png vs coffee.png and chelsea.png;
 no pretrained VGG16 can be downloaded here, so VGG16 was RANDOM):
   astronaut vs 4x bicubic: L1 0.054, 10*LPIPS 0.027, 1e3*Gram 8.6e-7; vs JPEG q10: 0.061, 0.029, 4.0e-7;
   vs coffee: 0.60, 2.05, 7.2e-4. Random VGG features are small and Gram is fourth order in them, so the term

@@ -496,21 +496,21 @@ def test_gram_loss_is_4_over_c2_of_gatys():
 # -----------------------------------------------------------------------------
 # global-batch semantic losses: 2 gloo ranks vs one process with both ranks' batches
 
-CAPTIONS = [['a red circle', 'a blue star', 'a red circle'], ['a blue star', 'a green ring']]   # rank 0, rank 1
-OTHER = [['a video', 'b video'], ['c video']]
-D, PAD = 8, 3
+RANK_CAPTIONS = [['a red circle', 'a blue star', 'a red circle'], ['a blue star', 'a green ring']]   # rank 0, rank 1
+RANK_OTHER = [['a video', 'b video'], ['c video']]
+EMB, RANK_PAD = 8, 3
 
 
 def _semantic_setup():
     """Shared parameters (student encoder, trainable text table, sigmoid temperature) and each rank's inputs."""
     torch.manual_seed(0)
-    enc = torch.nn.Linear(5, D)
-    vocab = sorted({c for r in CAPTIONS + OTHER for c in r})
-    text = torch.nn.Embedding(len(vocab), D)
+    enc = torch.nn.Linear(5, EMB)
+    vocab = sorted({c for r in RANK_CAPTIONS + RANK_OTHER for c in r})
+    text = torch.nn.Embedding(len(vocab), EMB)
     temp = losses.SigmoidTemperature(-2.0)
-    x = [torch.randn(len(c), 5) for c in CAPTIONS]                 # images
-    v = [torch.randn(len(c), 5) for c in OTHER]                    # videos
-    teacher = [torch.nn.functional.normalize(torch.randn(len(c), D), dim=-1) for c in CAPTIONS]
+    x = [torch.randn(len(c), 5) for c in RANK_CAPTIONS]                 # images
+    v = [torch.randn(len(c), 5) for c in RANK_OTHER]                    # videos
+    teacher = [torch.nn.functional.normalize(torch.randn(len(c), EMB), dim=-1) for c in RANK_CAPTIONS]
     return enc, text, temp, vocab, x, v, teacher
 
 
@@ -527,7 +527,7 @@ def _semantic_rank(rank, world, path):
     dist.init_process_group('gloo', init_method=f'file://{path}.init', rank=rank, world_size=world)
     enc, text, temp, vocab, x, v, teacher = _semantic_setup()
     terms, params = _terms(losses.global_semantic_terms, enc, text, temp, vocab, x[rank], v[rank], teacher[rank],
-                           CAPTIONS[rank], OTHER[rank], pad=PAD)
+                           RANK_CAPTIONS[rank], RANK_OTHER[rank], pad=RANK_PAD)
     sum(terms.values()).backward()
     grads = []
     for p in params:                                               # what DDP / FSDP do: average over ranks
@@ -548,7 +548,7 @@ def test_global_semantic_losses_two_gloo_ranks_equal_one_process(tmp_path):
     mp.spawn(_semantic_rank, args=(2, path), nprocs=2, join=True)
     enc, text, temp, vocab, x, v, teacher = _semantic_setup()
     ref, params = _terms(losses.semantic_terms, enc, text, temp, vocab, torch.cat(x), torch.cat(v),
-                         torch.cat(teacher), CAPTIONS[0] + CAPTIONS[1], OTHER[0] + OTHER[1])
+                         torch.cat(teacher), RANK_CAPTIONS[0] + RANK_CAPTIONS[1], RANK_OTHER[0] + RANK_OTHER[1])
     sum(ref.values()).backward()
     assert set(ref) == {'distill', 'sigmoid'} and all(r > 0 for r in ref.values())
     for rank in range(2):
@@ -558,5 +558,5 @@ def test_global_semantic_losses_two_gloo_ranks_equal_one_process(tmp_path):
         for g, p in zip(got['grads'], params):
             torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-5)
     # the local-only loss (global_batch=False) is a different number: the gather does change the loss
-    local, _ = _terms(losses.semantic_terms, enc, text, temp, vocab, x[0], v[0], teacher[0], CAPTIONS[0], OTHER[0])
+    local, _ = _terms(losses.semantic_terms, enc, text, temp, vocab, x[0], v[0], teacher[0], RANK_CAPTIONS[0], RANK_OTHER[0])
     assert abs(local['sigmoid'].item() - ref['sigmoid'].item()) > 1e-3
