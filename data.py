@@ -14,8 +14,9 @@ resolution sampling, and packing samples of mixed sizes and modalities into a to
                (Sec. 3.5, stage 2): stride 1-3 for reconstruction, ~1 fps up to 64 frames for understanding.
   resolution   sample_resolution: the longer side drawn in a stage's [min, max] (Table 2), aspect kept.
   packing      TokenBudgetSampler groups samples so that one step holds at most `budget` tokens on each
-               rank; collate turns them into one model.Packed token set (DESIGN §2; NaViT's "patch n'
-               pack", Dehghani et al. 2023) plus captions and labels. make_loader wires up a DataLoader.
+               rank (a sample over it is drawn smaller, or left out and reported); collate turns them into
+               one model.Packed token set (DESIGN §2; NaViT's "patch n' pack", Dehghani et al. 2023) plus
+               captions and labels. make_loader wires up a DataLoader.
   bad input    unreadable, truncated or empty files, videos without frames and manifest rows pointing to
                missing files are skipped with one warning "skipped <file>: <reason>" and counted
                (dataset.skipped when found by scanning, Batch.skipped when found by decoding; see
@@ -99,11 +100,18 @@ def _rng(seed, stream, split, index, epoch):
 
 
 def _key(key, n):
-    """Dataset key -> (index, epoch): keys are (index, epoch) from TokenBudgetSampler, or an index (epoch 0)."""
-    i, epoch = key if isinstance(key, tuple) else (key, 0)
+    """Dataset key -> (index, epoch): keys are (index, epoch) or (index, epoch, budget) from TokenBudgetSampler,
+    or an index (epoch 0)."""
+    i, epoch = key[:2] if isinstance(key, tuple) else (key, 0)
     if not 0 <= i < n:
         raise IndexError(f"index {i} out of range for a dataset of {n}")
     return int(i), int(epoch)
+
+
+def _budget(key):
+    """The token budget a key asks its sample to fit (TokenBudgetSampler adds it to the key of a sample that was
+    over it at its drawn size); 0 = none."""
+    return key[2] if isinstance(key, tuple) and len(key) > 2 else 0
 
 
 def num_tokens(kind, thw, patch_size):
@@ -135,11 +143,15 @@ def sample_resolution(rng, hw, res, patch):
 def sample_clip(rng, n_frames, fps, mode, max_frames, multiple):
     """Frame indices of one clip, as range(start, stop, stride), its length a multiple of `multiple` (pt).
 
-    mode 'recon': a random stride in 1..3 (the paper's "stride 1-3 for temporal consistency");
-    'understand': one frame per second ("1 FPS up to 64 frames"). Up to max_frames frames from a random
-    start. When the video is too short for `multiple` frames at that stride, the stride shrinks.
+    mode 'recon': the paper's "stride 1-3 for temporal consistency or 4-12 for diversity", one branch or the
+    other with equal odds (the paper gives no ratio), the stride uniform within it; 'understand': one frame per
+    second ("1 FPS up to 64 frames"). Up to max_frames frames from a random start. When the video is too
+    short for `multiple` frames at that stride, the stride shrinks.
     """
-    stride = int(rng.integers(1, 4)) if mode == 'recon' else max(1, round(fps))
+    if mode == 'recon':
+        stride = int(rng.integers(1, 4)) if rng.random() < 0.5 else int(rng.integers(4, 13))
+    else:
+        stride = max(1, round(fps))
     while stride > 1 and (n_frames - 1) // stride + 1 < multiple:
         stride -= 1
     length = min(max_frames, (n_frames - 1) // stride + 1) // multiple * multiple
@@ -147,6 +159,35 @@ def sample_clip(rng, n_frames, fps, mode, max_frames, multiple):
         raise ValueError(f"{n_frames} frames, a clip needs at least {multiple}")
     start = int(rng.integers(0, n_frames - (length - 1) * stride))
     return range(start, start + (length - 1) * stride + 1, stride)
+
+
+def fit_resolution(rng, hw, res, patch, fits):
+    """A smaller training size for a sample over its token budget, as the stage's data could have drawn it: the
+    longer side drawn again, uniformly in [res[0], the largest longer side at which fits(size) holds], the aspect
+    of the native hw kept and sides rounded as in sample_resolution. None when even res[0] does not fit."""
+    H, W = hw
+    long = max(H, W)
+    size = lambda target: tuple(max(p, round(x * target / long / p) * p) for x, p in zip((H, W), patch))
+    top = max(res[0], min(res[1], long))                 # sample_resolution's largest target
+    step = min(patch)                                    # sizes only change at patch multiples
+    best = next((t for t in range(top, res[0] - 1, -step) if fits(size(t))), None)
+    if best is None:
+        return None
+    return size(rng.uniform(res[0], best))               # sizes grow with the target: <= size(best), so it fits
+
+
+def fit_clip(rng, clip, hw, native, res, patch_size, budget, min_frames=16):
+    """A clip (range of frame indices) at size hw over `budget` tokens -> (clip, hw) that fits: the same start and
+    stride, fewer frames (down to one 16-frame temporal tile, 4 latent frames; shorter clips stay as they are),
+    then, if 16 frames are still too many, a smaller size from fit_resolution. None when nothing fits."""
+    pt, ph, pw = patch_size
+    per_latent = lambda s: (s[0] // ph) * (s[1] // pw)   # tokens of one latent frame (pt video frames)
+    keep = min(len(clip), max(pt, min_frames // pt * pt))
+    n = budget // per_latent(hw) * pt                    # frames that fit at this size, a multiple of pt
+    if n >= keep:
+        return clip[:min(len(clip), n)], hw
+    hw = fit_resolution(rng, native, res, patch_size[1:], lambda s: keep // pt * per_latent(s) <= budget)
+    return None if hw is None else (clip[:keep], hw)
 
 
 def _check_res(res, patch_size):
@@ -657,9 +698,14 @@ class ImageFolder(Dataset):
         return self.entries[i][0]
 
     def _plan(self, key):
+        """key -> (index, (H, W)); a key with a budget (TokenBudgetSampler) gets a size that fits it if one does."""
         i, epoch = _key(key, len(self))
-        return i, sample_resolution(_rng(self.seed, SIZE, 0, i, epoch), self.entries[i][3], self.res,
-                                    self.patch_size[1:])
+        rng, native, budget = _rng(self.seed, SIZE, 0, i, epoch), self.entries[i][3], _budget(key)
+        hw = sample_resolution(rng, native, self.res, self.patch_size[1:])
+        if budget and num_tokens('image', (1, *hw), self.patch_size) > budget:
+            fits = lambda s: num_tokens('image', (1, *s), self.patch_size) <= budget
+            hw = fit_resolution(rng, native, self.res, self.patch_size[1:], fits) or hw   # else: skipped by the sampler
+        return i, hw
 
     def num_tokens(self, key):
         return num_tokens('image', (1, *self._plan(key)[1]), self.patch_size)
@@ -700,12 +746,16 @@ class VideoFolder(Dataset):
         return self.entries[i][0]
 
     def _plan(self, key):
-        """key -> (index, (H, W), clip range); from the header alone."""
+        """key -> (index, (H, W), clip range); from the header alone. A key with a budget (TokenBudgetSampler)
+        gets a shorter clip, then a smaller size, that fits it if one does (fit_clip)."""
         i, epoch = _key(key, len(self))
         n_frames, fps, native = self.entries[i][3]
         rng = _rng(self.seed, CLIP, 0, i, epoch)
         hw = sample_resolution(rng, native, self.res, self.patch_size[1:])
-        return i, hw, sample_clip(rng, n_frames, fps, self.mode, self.max_frames, self.patch_size[0])
+        clip, budget = sample_clip(rng, n_frames, fps, self.mode, self.max_frames, self.patch_size[0]), _budget(key)
+        if budget and num_tokens('video', (len(clip), *hw), self.patch_size) > budget:
+            clip, hw = fit_clip(rng, clip, hw, native, self.res, self.patch_size, budget) or (clip, hw)
+        return i, hw, clip
 
     def num_tokens(self, key):
         _, hw, clip = self._plan(key)
@@ -721,13 +771,34 @@ class VideoFolder(Dataset):
         return Sample(media, 'video', caption, self.classes.index(name) if name else -1, name, file)
 
 
+def read_captions(path):
+    """A captions file, asset id -> caption: Cap3D-style CSV (rows `id,caption`, no header or a header row
+    `uid,caption` / `id,caption`) or JSON ({"id": "caption", ...})."""
+    with open(path, newline='') as f:
+        if path.endswith('.json'):
+            table = json.load(f)
+            if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+                raise ValueError(f"{path}: expected a JSON object {{asset id: caption}}")
+            return table
+        rows = [r for r in csv.reader(f) if r]
+    if rows and [c.strip().lower() for c in rows[0]] in (['uid', 'caption'], ['id', 'caption']):
+        rows = rows[1:]
+    for n, r in enumerate(rows, 1):
+        if len(r) != 2:
+            raise ValueError(f"{path}: row {n} has {len(r)} fields, expected `id,caption` (quote captions with commas)")
+    return dict(rows)
+
+
 class AssetFolder(Dataset):
     """3D assets prepared by `python render3d.py prepare <assets> <root>`: one sub-folder per asset (views,
     cameras.json, voxels.npz, meta.json). Token counts come from meta.json; a folder missing its files is
-    skipped (or an error with strict=True). Caption from meta.json; no labels."""
+    skipped (or an error with strict=True). Caption from `captions` (read_captions: the paper's Objaverse
+    captions come from Cap3D, keyed by asset id = the sub-folder's name, or the asset file's stem) when it
+    has the asset, else from meta.json; no labels."""
 
-    def __init__(self, root, patch_size=(4, 16, 16), strict=False):
+    def __init__(self, root, patch_size=(4, 16, 16), strict=False, captions=''):
         self.root, self.patch_size, self.strict, self.classes, self.skipped = root, patch_size, strict, [], []
+        self.captions = read_captions(captions) if captions else {}
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{root}: no such folder of prepared 3D assets")
         self.folders, self.voxels = [], []
@@ -763,7 +834,9 @@ class AssetFolder(Dataset):
         except (OSError, ValueError, KeyError) as e:
             return Skipped(*_skip(folder, e, self.strict))
         media = dict(feats=a['feats'] * 2 - 1, coords=a['coords'], views=a['views'], cameras=a['cameras'])
-        return Sample(media, '3d', a['meta'].get('caption', ''), -1, '', folder)
+        name = os.path.basename(folder)          # prepare names a nested file dir__sub__<stem>: Objaverse's uid is the stem
+        caption = self.captions.get(name) or self.captions.get(name.rsplit('__', 1)[-1]) or a['meta'].get('caption', '')
+        return Sample(media, '3d', caption, -1, '', folder)
 
 
 class Concat(Dataset):
@@ -781,10 +854,10 @@ class Concat(Dataset):
     def _locate(self, key):
         i, epoch = _key(key, len(self))
         j = bisect.bisect_right(self.offsets, i) - 1                     # skips empty datasets
-        return self.datasets[j], (i - self.offsets[j], epoch)
+        return self.datasets[j], (i - self.offsets[j], epoch, _budget(key))
 
     def source(self, i):
-        d, (k, _) = self._locate(i)
+        d, (k, *_) = self._locate(i)
         return d.source(k)
 
     def num_tokens(self, key):
@@ -818,50 +891,95 @@ def _even_out(batches, world_size):
 
 
 class TokenBudgetSampler(Sampler):
-    """Batches of dataset keys [(index, epoch), ...] holding at most `budget` tokens: one step of one rank.
+    """Batches of dataset keys [(index, epoch), ...] holding at most `budget` tokens (and, with max_samples, at
+    most that many samples): one micro-batch of one rank.
 
     Per epoch: shuffle all indices (seeded by seed and epoch), pack them greedily in that order (a batch
-    closes when the next sample would overflow it), even the batch count out to a multiple of world_size
-    (_even_out), and give batch b to rank b % world_size. Ranks see disjoint samples, run the same number
-    of steps, and together see every sample exactly once. Token counts come from dataset.num_tokens,
-    which decodes nothing. A sample larger than the budget is an error naming it. Call set_epoch(e) before
-    each epoch (as with DistributedSampler).
+    closes when the next sample would overflow it or it holds max_samples), even the batch count out to a
+    multiple of world_size (_even_out), and give batch b to rank b % world_size. Ranks see disjoint samples, run
+    the same number of steps, and together see every sample exactly once. Token counts come from
+    dataset.num_tokens, which decodes nothing. Call set_epoch(e) before each epoch (as with DistributedSampler).
+
+    No sample stops an epoch. One over the budget at its drawn size gets the key (index, epoch, budget): the
+    folder datasets answer it as the stage's data could have been drawn, with a smaller size inside the stage's
+    range (images, videos) or a shorter clip (videos), see fit_resolution / fit_clip. A sample that still does
+    not fit (a 3D asset has one size: raise that task's budget, stage key task_tokens; splitting its voxels would
+    leave renders and caption describing the whole object) is left out of the epoch. Both are counted and named in
+    report(epoch). An epoch in which no sample fits is an error (the budget or the stage's sizes are wrong).
     """
 
-    def __init__(self, dataset, budget, seed=0, rank=0, world_size=1):
+    def __init__(self, dataset, budget, seed=0, rank=0, world_size=1, max_samples=0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if len(dataset) < world_size:
             raise ValueError(f"{len(dataset)} samples cannot feed {world_size} ranks")
         self.dataset, self.budget, self.seed, self.rank, self.world_size = dataset, budget, seed, rank, world_size
-        self.epoch, self._cache = 0, (None, None)
+        self.max_samples = max_samples          # 0 = only the token budget closes a batch
+        self.epoch, self._cache = 0, (None, None, None, None)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
+    def _epoch(self, epoch):
+        """-> (batches of keys, fitted [(source, tokens, tokens after)], left out [(source, reason)]), cached."""
+        if self._cache[0] != epoch:
+            keys, fitted, dropped = self._pack(epoch)
+            keys = _even_out(keys, self.world_size)
+            self._cache = (epoch, keys, [[k[0] for k in b] for b in keys], (fitted, dropped))
+        return self._cache
+
     def plan(self, epoch):
         """Every rank's batches of one epoch as lists of indices; batch b belongs to rank b % world_size."""
-        if self._cache[0] != epoch:
-            self._cache = (epoch, _even_out(self._pack(epoch), self.world_size))
-        return self._cache[1]
+        return self._epoch(epoch)[2]
+
+    def keys(self, epoch):
+        """The same batches as dataset keys: (index, epoch), or (index, epoch, budget) for a sample made to fit."""
+        return self._epoch(epoch)[1]
+
+    def _fit(self, i, epoch):
+        """-> (tokens, key) of sample i in this epoch, the key asking for a smaller sample when the drawn one is over
+        the budget; (tokens, None) when it cannot be made to fit."""
+        n = self.dataset.num_tokens((i, epoch))
+        if n <= self.budget:
+            return n, (i, epoch)
+        key = (i, epoch, self.budget)
+        m = self.dataset.num_tokens(key)
+        return (m, key) if m <= self.budget else (n, None)
 
     def _pack(self, epoch):
         order = _rng(self.seed, SHUFFLE, 0, 0, epoch).permutation(len(self.dataset)).tolist()
-        batches, used = [[]], 0
+        batches, used, fitted, dropped = [[]], 0, [], []
         for i in order:
-            n = self.dataset.num_tokens((i, epoch))
-            if n > self.budget:
-                raise ValueError(f"{self.dataset.source(i)}: {n} tokens, more than the budget of {self.budget} "
-                                 f"per step; raise the budget or lower res / max_frames")
-            if used + n > self.budget:
+            n, key = self._fit(i, epoch)
+            if key is None:
+                dropped.append((self.dataset.source(i), f"{n} tokens at its smallest size, over the budget of "
+                                                        f"{self.budget}"))
+                continue
+            if len(key) > 2:
+                fitted.append((self.dataset.source(i), self.dataset.num_tokens((i, epoch)), n))
+            if used + n > self.budget or (self.max_samples and len(batches[-1]) == self.max_samples):
                 batches, used = batches + [[]], 0
-            batches[-1].append(i)
+            batches[-1].append(key)
             used += n
-        return batches
+        if not batches[-1]:
+            raise ValueError(f"no sample of {type(self.dataset).__name__} ({len(order)}, e.g. {dropped[0][0]}) fits "
+                             f"the budget of {self.budget} tokens per micro-batch: raise the budget or lower the "
+                             f"resolution range / max_frames")
+        return batches, fitted, dropped
+
+    def report(self, epoch):
+        """What the budget did to one epoch: samples made smaller and samples left out, named. '' when none."""
+        fitted, dropped = self._epoch(epoch)[3]
+        if not fitted and not dropped:
+            return ''
+        lines = [f"epoch {epoch}: {len(fitted) + len(dropped)} samples over the budget of {self.budget} tokens: "
+                 f"{len(fitted)} made smaller (lower resolution / shorter clip), {len(dropped)} left out"]
+        lines += [f"  {src}: {a} -> {b} tokens" for src, a, b in fitted]
+        lines += [f"  {src}: left out, {reason}" for src, reason in dropped]
+        return '\n'.join(lines)
 
     def __iter__(self):
-        for b in self.plan(self.epoch)[self.rank::self.world_size]:
-            yield [(i, self.epoch) for i in b]
+        yield from self.keys(self.epoch)[self.rank::self.world_size]
 
     def __len__(self):
         return len(self.plan(self.epoch)) // self.world_size
@@ -877,6 +995,8 @@ class Batch:
     sources: list
     skipped: list           # [(source, reason)] of this batch's items that failed to decode
     views: list = None      # per sample: (views [V, H, W, 3] uint8, cameras) for 3D, else None
+    rows: int = 0           # the most samples any rank's batch holds at this step (train.TaskStream sets it from
+                            # the sampler's plan): the global-batch semantic losses pad every rank to it
 
     def pin_memory(self):   # DataLoader(pin_memory=True): pixels and the structure to page-locked memory
         return Batch(self.packed.pin_memory() if self.packed is not None else None, self.captions, self.labels,

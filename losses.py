@@ -38,6 +38,10 @@ class LossConfig:
     clip: float = 1.0
     tau: float = 2.0            # distillation temperature (Eq. 7)
     perceptual_size: int = 224  # LPIPS and Gram see 224x224 resized copies (paper 3.5)
+    # CLIP-perceptual runs at the SigLIP2 tower's own input size (FrozenNets.image_size: 256 for the open_clip
+    # ViT-SO400M-16-SigLIP2-256), not the paper's 224: the paper's NaFlex tower takes any size as it is, while this
+    # fixed-size tower would need its 16x16 position table resampled to 14x14, which changes the very features the
+    # loss compares (and the Eq. 7 teacher's embeddings, computed in the same pass).
     siglip_model: str = 'ViT-SO400M-16-SigLIP2-256'  # open_clip name, or 'tiny' (random, tests/CPU demo)
     siglip_weights: str = ''    # local open_clip checkpoint file; '' downloads the 'webli' weights
     vgg_weights: str = ''       # local torchvision vgg16 state dict; '' uses torchvision's download/cache
@@ -57,6 +61,10 @@ class LossConfig:
     # 1e-8 KL weight lets it shrink only slowly, so very short runs (the CPU demo) lose ~3 dB to the noise.
     sample_posterior: bool = True
     train_text: bool = False    # train the text tower with the tokenizer; exported with it for eval.py
+    # Under torchrun, the semantic losses (Eq. 7 softmax over texts, SigLIP's sigmoid over all pairs) run over
+    # the global batch: every rank's micro-batch of the task, gathered with gradients (global_semantic_terms).
+    # False: each rank's own micro-batch only (no collective in the loss; weaker negatives).
+    global_batch: bool = True
 
     def __post_init__(self):
         if self.image_und not in ('distill', 'sigmoid'):
@@ -79,16 +87,22 @@ def kl_loss(mean, logvar):
 
 
 def gram_matrix(f):
-    """f [B, C, H, W] -> [B, C, C] = F F^T / (C H W): an average over positions, so it does not grow with
-    resolution (Gatys et al. 2016 normalisation)."""
+    """f [B, C, H, W] -> [B, C, C] = F F^T / (C H W), F the features as [C, HW]. Dividing by HW makes it an
+    average over positions, so it does not grow with resolution; the extra 1/C keeps entries of wide layers
+    comparable (C = 64 .. 512 for VGG16)."""
     B, C, H, W = f.shape
     f = f.float().reshape(B, C, H * W)                                          # [B, C, HW]
     return f @ f.transpose(1, 2) / (C * H * W)                                  # [B, C, C]
 
 
 def gram_loss(feats_x, feats_y):
-    """Eq. 5: sum over layers l of ||G(phi_l(x)) - G(phi_l(y))||_F^2, each divided by C_l^2 (the mean over
-    Gram entries) so layers of different width weigh alike. Returns per-sample values [B]."""
+    """Eq. 5 with our normalisation: sum over layers l of mean_ij (G_ij(x) - G_ij(y))^2, G = gram_matrix
+    (F F^T / (C_l M_l), M_l = H_l W_l positions); the mean over the C_l^2 entries is a further 1/C_l^2. Per layer
+    this is 1 / (C_l^4 M_l^2) * sum_ij ((F F^T)(x) - (F F^T)(y))_ij^2.
+    Gatys et al. (2016) weigh a layer by 1 / (4 C_l^2 M_l^2) instead (their E_l), so one layer here is
+    (4 / C_l^2) E_l: lambda_Gram = 1e3 (Eq. 6) means 0.98 E_l on relu1_2 (C = 64), 0.24 on relu2_2, 0.061 on
+    relu3_3 and 0.015 on relu4_3 / relu5_3 (C = 512). The paper writes the unnormalised ||G - G'||_F^2 and does
+    not state its normalisation. Returns per-sample values [B]."""
     return sum((gram_matrix(a) - gram_matrix(b)).pow(2).mean((1, 2)) for a, b in zip(feats_x, feats_y))
 
 
@@ -268,6 +282,123 @@ class TrainableText(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# the semantic losses over the global batch (every rank's micro-batch of one task)
+#
+# SigLIP and CLIP compare each image with the texts of the whole global batch; one GPU's micro-batch holds only
+# 3-56 captions here. Each rank pads its rows to the same count M (known on every host from the sampler's plan,
+# so nothing is read back from the device), all-gathers them in rank order with a validity mask, and computes
+# the same global loss. Gradients reach each rank's own rows (open_clip's gather-with-grad): the backward sums
+# every rank's gradient for them, W times the single-process gradient of the global loss, which the W-way
+# average of DDP / FSDP turns back into it (tests/test_losses.py checks this on 2 gloo ranks).
+
+
+def dist_world():
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """x [M, ...] on each of W ranks -> [W*M, ...], rank r's rows at r*M. Backward: all_reduce (sum) of the
+    incoming gradient, then this rank's slice (a reduce-scatter written with all_reduce, which gloo has)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+        rank, world = dist_world()
+        ctx.rows = (rank * x.shape[0], (rank + 1) * x.shape[0])
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+        g = g.contiguous().clone()
+        dist.all_reduce(g)
+        return g[ctx.rows[0]:ctx.rows[1]]
+
+
+def gather_rows(x, pad):
+    """x [n, ...] with n <= pad -> [W*pad, ...] (zero rows after each rank's n); with gradients if x has them."""
+    if x.shape[0] > pad:
+        raise ValueError(f"{x.shape[0]} samples but the gather pads to {pad}: pass the largest micro-batch of any rank")
+    x = F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad - x.shape[0]))
+    if x.requires_grad:
+        return GatherWithGrad.apply(x)
+    with torch.no_grad():
+        return GatherWithGrad.apply(x)
+
+
+def caption_ids(captions, pad, device):
+    """Captions -> [pad] int64 ids (a stable 63-bit hash of the text; -1 for padding): equal texts, equal ids on
+    every rank (Python's hash() is salted per process), so duplicates are found on the device after the gather."""
+    import hashlib
+    ids = np.full(pad, -1, dtype=np.int64)
+    ids[:len(captions)] = [int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), 'little') >> 1
+                           for c in captions]
+    return torch.from_numpy(ids).to(device, non_blocking=True)
+
+
+def valid_rows(n, pad, device):
+    """[pad] float mask: 1 for a rank's n real rows, 0 for its padding."""
+    return torch.from_numpy((np.arange(pad) < n).astype(np.float32)).to(device, non_blocking=True)
+
+
+def global_distillation_loss(s_teacher, s_student, valid, first, tau):
+    """Eq. 7 over the global batch: s_* [G, G] logits of every gathered image against every gathered caption;
+    valid [G] real images; first [G] columns that are the first copy of a distinct real caption (the others
+    leave the softmax, as semantic_terms keeps each distinct caption once). Mean over the real images."""
+    drop = ~first[None]                                              # [1, G]; a finite fill keeps 0 * log 0 = 0
+    log_p = F.log_softmax(s_teacher.float().masked_fill(drop, -1e4) / tau, dim=1)
+    log_q = F.log_softmax(s_student.float().masked_fill(drop, -1e4) / tau, dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(1)                      # [G]
+    return (kl * valid).sum() / valid.sum()
+
+
+def global_sigmoid_loss(img, txt, valid, logit_scale, logit_bias):
+    """sigmoid_loss over the global batch: img, txt [G, D] gathered, valid [G]; pairs with a padding row are left
+    out, and the sum is divided by the number of real pairs' rows, as sigmoid_loss divides by B."""
+    logits = logit_scale.exp() * img.float() @ txt.float().t() + logit_bias          # [G, G]
+    z = 2 * torch.eye(len(img), device=img.device) - 1
+    pairs = valid[:, None] * valid[None, :]
+    return -(F.logsigmoid(z * logits) * pairs).sum() / valid.sum()
+
+
+def global_semantic_terms(emb, teacher, img_captions, other_emb, other_captions, frozen, cfg, temperature,
+                          text=None, pad=1):
+    """semantic_terms over every rank's micro-batch: the same arguments (this rank's rows) plus pad, the row
+    count every rank pads to (the same on all ranks). Every rank must call it for the same task."""
+    out = {}
+    encode_text = text if text is not None else frozen.encode_text
+    dev = emb.device
+    if img_captions:
+        txt = encode_text(img_captions)                              # one text per image: [n, D]
+        if txt.shape[1] != emb.shape[1]:
+            raise ValueError(f"student embedding width {emb.shape[1]} != text tower width {txt.shape[1]}")
+        E, Tc, Tx = gather_rows(emb, pad), gather_rows(teacher.float(), pad), gather_rows(txt, pad)   # [G, D]
+        valid = gather_rows(valid_rows(len(img_captions), pad, dev)[:, None], pad)[:, 0]              # [G]
+        ids = gather_rows(caption_ids(img_captions, pad, dev)[:, None], pad)[:, 0]                    # [G]
+        G = len(ids)
+        same = (ids[:, None] == ids[None, :]) & (valid[None, :] > 0)   # [G, G]: j holds i's text
+        earlier = torch.ones(G, G, dtype=torch.bool, device=dev).tril(-1)
+        first = (valid > 0) & ~(same & earlier).any(1)                 # [G]
+        scale = frozen.teacher_scale()
+        out['distill'] = global_distillation_loss(scale * Tc @ Tx.float().t(), scale * E.float() @ Tx.float().t(),
+                                                  valid, first, cfg.tau)
+    if other_captions:
+        if temperature is None:
+            raise ValueError("video/3D understanding needs the learnable SigmoidTemperature")
+        txt = encode_text(other_captions)
+        valid = gather_rows(valid_rows(len(other_captions), pad, dev)[:, None], pad)[:, 0]
+        out['sigmoid'] = global_sigmoid_loss(gather_rows(other_emb, pad), gather_rows(txt, pad), valid,
+                                             temperature.logit_scale, temperature.logit_bias)
+    return out
+
+
+# -----------------------------------------------------------------------------
 # the weighted total for a packed batch
 
 
@@ -343,7 +474,7 @@ def semantic_terms(emb, teacher, img_captions, other_emb, other_captions, frozen
 
 
 def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=None, temperature=None,
-                   text=None):
+                   text=None, gather=0):
     """The total loss (Eq. 4) for one packed batch mixing images, videos and 3D, reconstruction and
     understanding.
 
@@ -353,6 +484,8 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
     tasks: per sample 'rec' | 'und' | 'both' (default 'rec'); understanding needs captions[i].
     views: {i: (pred [V, H, W, 3], target [V, H, W, 3])} renders for 3D sample i (its L1 is on views).
     text: a TrainableText (cfg.train_text) that replaces the frozen text tower.
+    gather: 0, or the number of rows M every rank pads its understanding samples to: the semantic terms then
+    run over all ranks' micro-batches together (global_semantic_terms; under torch.distributed, cfg.global_batch).
     Per-sample reconstruction losses are averaged over the reconstruction samples; L1 is a mean over
     each sample's patches (paper 3.5: normalised over patches); an image's L1 covers its real frame (the
     pt = 0 slot) only. Every per-sample term is one masked computation over the whole batch (weights made on
@@ -434,9 +567,9 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
         teacher = sig_emb.index_select(0, host([sig_pos[i] for i in img], torch.long)) if img else None
         emb = out['embedding']
         pick = lambda ids: emb if len(ids) == B else emb.index_select(0, host(ids, torch.long))
-        terms = semantic_terms(pick(img) if img else emb[:0], teacher, [captions[i] for i in img],
-                               pick(oth) if oth else emb[:0], [captions[i] for i in oth], frozen, cfg,
-                               temperature, text)
+        args = (pick(img) if img else emb[:0], teacher, [captions[i] for i in img],
+                pick(oth) if oth else emb[:0], [captions[i] for i in oth], frozen, cfg, temperature, text)
+        terms = global_semantic_terms(*args, pad=gather) if gather else semantic_terms(*args)
         sem = sum(terms.values())
         logs.update({k: v.detach() for k, v in terms.items()})
 

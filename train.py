@@ -55,6 +55,7 @@ class TrainConfig:
     image_dir: str = ''
     video_dir: str = ''
     asset_dir: str = ''             # 3D assets prepared by `python render3d.py prepare`
+    captions_3d: str = ''           # Cap3D-style captions for asset_dir (CSV / JSON: asset id -> caption; data.read_captions)
     n_images: int = 4096            # built-in dataset sizes (train split)
     n_videos: int = 1024
     n_3d: int = 64
@@ -87,7 +88,17 @@ class TrainConfig:
 
 
 STAGE_KEYS = dict(name=str, steps=int, mix=dict, grad_accum=int, tokens=int, image_res=tuple, video_res=tuple,
-                  latent_channels=int, use_quantizer=bool)
+                  latent_channels=int, use_quantizer=bool, batch=dict, task_tokens=dict)
+# Stage keys per task (see task_budget, task_samples):
+#   task_tokens {task: tokens}: that task's token budget per rank per micro-batch (default: the stage's `tokens`)
+#   batch {task: samples}: the task's global batch, the samples of one micro-batch of the task over all ranks (the
+#     paper states batch sizes in samples); each rank's micro-batch closes at batch / world samples or at its token
+#     budget, whichever comes first. Without it a task's micro-batches are packed by tokens alone.
+
+# The paper's global batch per task (Sec. 3.5, 256 H100s): image understanding 8,192 "throughout all stages",
+# image reconstruction 1,024-4,096, video reconstruction 512-1,024, 3D reconstruction 256-512. Video and 3D
+# understanding: not stated.
+PAPER_BATCH = {'image_und': (8192, 8192), 'image_rec': (1024, 4096), 'video_rec': (512, 1024), '3d_rec': (256, 512)}
 
 # -----------------------------------------------------------------------------
 # config loading: python files + --key=value, checked against the dataclasses
@@ -175,6 +186,11 @@ def check_stages(stages):
         bad = set(s['mix']) - set(TASKS)
         if bad or not s['mix'] or any(type(w) is not int or w < 1 for w in s['mix'].values()):
             raise ValueError(f"stage {i} mix {s['mix']}: tasks must be in {TASKS} with positive integer ratios")
+        for k in ('batch', 'task_tokens'):
+            per = s.get(k, {})
+            if set(per) - set(s['mix']) or any(type(v) is not int or v < 1 for v in per.values()):
+                raise ValueError(f"stage {i} {k} {per}: tasks of the stage's mix {sorted(s['mix'])} with positive "
+                                 f"integer values")
 
 # -----------------------------------------------------------------------------
 # pure schedule helpers (unit-tested)
@@ -222,16 +238,52 @@ def step_tasks(mix, n, step):
     cycle = task_schedule(mix, sum(mix.values()))
     return [cycle[(step * n + k) % len(cycle)] for k in range(n)]
 
+def task_budget(stage, task):
+    """Tokens per rank per micro-batch of `task`: the stage's task_tokens[task], else its `tokens`."""
+    return stage.get('task_tokens', {}).get(task, stage.get('tokens', 4096))
+
+
+def task_samples(stage, task, world):
+    """Samples per rank per micro-batch of `task` on `world` ranks: the stage's global batch[task] / world, rounded,
+    at least 1 (so the global batch is within world / 2 samples of it); 0 = no cap (packed by tokens alone)."""
+    b = stage.get('batch', {}).get(task)
+    return max(1, round(b / world)) if b else 0
+
+
+def fits_up_to(stage, task, k, patch_size):
+    """What k samples per micro-batch of `task` leave each within its token budget: the largest square side in
+    px (images; videos of their longest clip, MAX_FRAMES) or the voxel count (3D)."""
+    per = task_budget(stage, task) // k
+    if task.startswith('3d'):
+        return f"{per:,} voxels"
+    pt, ph, _ = patch_size
+    frames = 1 if task.startswith('image') else data.MAX_FRAMES['recon' if task == 'video_rec' else 'understand'] // pt
+    return f"{ph * math.isqrt(per // frames)} px"
+
+
 def describe(cfg, world):
-    """The derived per-stage figures (printed at startup): micro-batches per task per step, tokens per step."""
+    """The derived per-stage figures (printed at startup): micro-batches per task per step, tokens per step, and per
+    task the global batch (one micro-batch of the task over all ranks) on `world`, 8 and 256 ranks, next to the
+    paper's (PAPER_BATCH), with the size up to which that many samples fit the task's token budget."""
     lines = []
     for s in cfg.stages:
         n, total = s.get('grad_accum', 1), sum(s['mix'].values())
-        per_step = s.get('tokens', 4096) * n * world
+        per_micro = sum(w * task_budget(s, t) for t, w in s['mix'].items()) / total    # mean over the mix
+        per_step = round(per_micro * n * world)
         counts = ', '.join(f"{t} {w}/{total}" for t, w in s['mix'].items())
         lines.append(f"  {s['name']}: {s['steps']} steps x {n} micro-batches (shares {counts}) x {world} ranks "
-                     f"x {s.get('tokens', 4096)} tokens = {per_step:,} tokens/step, "
+                     f"x {per_micro:,.0f} tokens = {per_step:,} tokens/step, "
                      f"{per_step * s['steps'] / 1e9:.3g}B tokens in the stage")
+        ps = stage_model_config(cfg, s).patch_size
+        for t in s['mix']:
+            paper = '-'.join(f"{v:,}" for v in sorted(set(PAPER_BATCH[t]))) if t in PAPER_BATCH else 'not stated'
+            k = task_samples(s, t, world)
+            if not k:
+                lines.append(f"    {t}: packed by {task_budget(s, t):,} tokens/rank (no batch set; paper {paper})")
+                continue
+            at = '; '.join(f"{g} ranks: {task_samples(s, t, g)}/rank = {task_samples(s, t, g) * g:,}, fit up to "
+                           f"{fits_up_to(s, t, task_samples(s, t, g), ps)}" for g in dict.fromkeys((world, 8, 256)))
+            lines.append(f"    {t}: global batch, paper {paper}; {task_budget(s, t):,} tokens/rank; {at}")
     return '\n'.join(lines)
 
 
@@ -294,8 +346,8 @@ class TaskStream:
     DataLoader serves every epoch (its key lists run on from epoch to epoch), so its workers, and the
     built-in datasets' render caches inside them, live for the whole stage."""
 
-    def __init__(self, dataset, budget, config, seed, rank, world, workers, grouped=True, pin=False):
-        self.sampler = data.TokenBudgetSampler(dataset, budget, seed, rank, world)
+    def __init__(self, dataset, budget, config, seed, rank, world, workers, grouped=True, pin=False, max_samples=0):
+        self.sampler = data.TokenBudgetSampler(dataset, budget, seed, rank, world, max_samples)
         self.dataset, self.config, self.workers, self.grouped, self.pin = dataset, config, workers, grouped, pin
         self.epoch, self.pos, self._it, self.skipped = 0, 0, None, []
 
@@ -311,8 +363,7 @@ class TaskStream:
 
     def _keys(self, epoch, pos):
         while True:                             # endless: the loader's workers persist across epochs
-            for b in self.mine(epoch)[pos:]:
-                yield [(i, epoch) for i in b]
+            yield from self.sampler.keys(epoch)[self.sampler.rank::self.sampler.world_size][pos:]
             epoch, pos = epoch + 1, 0
 
     def _open(self):
@@ -327,12 +378,14 @@ class TaskStream:
         if self._it is None:
             self._open()
         batch = next(self._it)
+        w = self.sampler.world_size         # every rank's batch at this position, from the plan: no communication
+        batch.rows = max(len(b) for b in self.sampler.plan(self.epoch)[self.pos * w:(self.pos + 1) * w])
         self.pos += 1
         self.skipped += batch.skipped
         if self.pos == len(self.mine(self.epoch)):      # the epoch's last batch: report, move on
-            report = data.skip_report(self.dataset, self.skipped)
-            if report:
-                print0(report)
+            for report in (data.skip_report(self.dataset, self.skipped), self.sampler.report(self.epoch)):
+                if report:
+                    print0(report)
             self.epoch, self.pos, self.skipped = self.epoch + 1, 0, []
         return batch
 
@@ -355,7 +408,7 @@ def build_datasets(cfg, stage, mcfg, split='train', n_scale=1.0):
                       data.SyntheticVideos(max(int(cfg.n_videos * n_scale), 2), split, cfg.seed, res=res,
                                            patch_size=ps, frames=cfg.video_frames))
     if need & {'3d_rec', '3d_und'}:
-        ds = (data.AssetFolder(cfg.asset_dir, patch_size=ps) if cfg.asset_dir else
+        ds = (data.AssetFolder(cfg.asset_dir, patch_size=ps, captions=cfg.captions_3d) if cfg.asset_dir else
               data.Synthetic3D(max(int(cfg.n_3d * n_scale), 2), split, cfg.seed, views=cfg.views_3d,
                                view_res=cfg.view_res_3d, grid=mcfg.gs_resolution, patch_size=ps))
         out.update({t: ds for t in ('3d_rec', '3d_und') if t in need})
@@ -440,8 +493,10 @@ class Trainable(torch.nn.Module):
         rec = task.endswith('rec')
         out = self.tok(p, sample=self.loss_cfg.sample_posterior and self.training, decode=rec)
         views = self.render_3d(out['rec'], batch) if task == '3d_rec' else None
+        # understanding under torchrun: the semantic loss over every rank's micro-batch (LossConfig.global_batch)
+        gather = batch.rows if not rec and self.loss_cfg.global_batch and losses.dist_world()[1] > 1 else 0
         return losses.compute_losses(out, p, self.frozen[0], self.loss_cfg, ['rec' if rec else 'und'] * len(p.seqlens),
-                                     batch.captions, views, self.temperature, self.text)
+                                     batch.captions, views, self.temperature, self.text, gather)
 
     def render_3d(self, rec, batch):
         """Decoded voxels of every 3D sample -> one Gaussian decoder call (packed, windows from the batch's
@@ -586,10 +641,10 @@ def main(cfg):
             params_list = [p for _, p in raw.named_parameters()]
             ema_list = [ema[n] for n, _ in raw.named_parameters()]
             grad_accum = stage.get('grad_accum', 1)
-            budget = stage.get('tokens', 4096)
             dsets = build_datasets(cfg, stage, raw.tok.config)
-            streams = {t: TaskStream(d, budget, raw.tok.config, cfg.seed + 1000 * TASKS.index(t), rank, world,
-                                     cfg.num_workers, grouped=not cuda, pin=cuda) for t, d in dsets.items()}
+            streams = {t: TaskStream(d, task_budget(stage, t), raw.tok.config, cfg.seed + 1000 * TASKS.index(t), rank,
+                                     world, cfg.num_workers, grouped=not cuda, pin=cuda,
+                                     max_samples=task_samples(stage, t, world)) for t, d in dsets.items()}
             if resuming:
                 from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                                      set_optimizer_state_dict)
@@ -607,7 +662,7 @@ def main(cfg):
             n_params = sum(p.numel() for p in raw.tok.parameters())
             print0(f"stage {i + 1}/{len(cfg.stages)} '{stage['name']}': {stage['steps']} steps, first step's tasks "
                    f"{step_tasks(stage['mix'], grad_accum, s_step)}, "
-                   f"{budget} tokens per micro-batch, {n_params / 1e6:.2f}M tokenizer parameters, latent "
+                   f"{stage.get('tokens', 4096)} tokens per micro-batch, {n_params / 1e6:.2f}M tokenizer parameters, latent "
                    f"{raw.tok.config.latent_channels}{' + FSQ' if raw.tok.config.use_quantizer else ''}")
             bar = None
             if master:

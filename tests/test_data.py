@@ -250,7 +250,7 @@ def test_sample_clip():
         c = data.sample_clip(rng, 100, 30.0, 'recon', 32, 4)
         strides.add(c.step)
         assert len(c) % 4 == 0 and 4 <= len(c) <= 32 and c[0] >= 0 and c[-1] < 100
-    assert strides == {1, 2, 3}
+    assert strides == set(range(1, 13))             # both branches: 1-3 (consistency) and 4-12 (diversity)
     c = data.sample_clip(rng, 3000, 25.0, 'understand', 64, 4)      # 2 minutes at 25 fps
     assert (c.step, len(c)) == (25, 64)
     c = data.sample_clip(rng, 50, 25.0, 'understand', 64, 4)        # 2 s: stride shrinks to fit 4 frames
@@ -326,7 +326,7 @@ def test_video_folder_recon(files):
             assert -1 <= s.media.min() and s.media.max() <= 1
             idx = frame_indices(s.media)
             step = idx[1] - idx[0]
-            assert step in (1, 2, 3) and idx == list(range(idx[0], idx[0] + step * T, step))
+            assert 1 <= step <= 12 and idx == list(range(idx[0], idx[0] + step * T, step))   # sample_clip's strides
             assert idx[-1] < frames[os.path.basename(s.source)]
             assert model.pack([s.media], PS).seqlens == [ds.num_tokens((i, epoch))]
             strides.add(step)
@@ -397,10 +397,90 @@ def test_sampler_even_steps_by_splitting():
     assert data._even_out([[0], [1], [2]], 2) == [[0], [1], [2], [0]]          # singletons: documented repeat
 
 
-def test_sampler_oversized_sample_names_it():
+def test_sampler_no_sample_fits_names_one():
     ds = data.SyntheticImages(4, res=(64, 64), patch_size=PS)               # 64 tokens at least per image
-    with pytest.raises(ValueError, match=r'synthetic:train:image:\d+: \d+ tokens'):
+    with pytest.raises(ValueError, match=r'no sample of SyntheticImages \(4, e\.g\. synthetic:train:image:\d+\) fits'):
         list(data.TokenBudgetSampler(ds, budget=20))
+
+
+def test_sampler_max_samples_closes_batches():
+    ds = data.SyntheticImages(10, res=(32, 32), patch_size=PS)              # 16 tokens per image
+    batches = list(data.TokenBudgetSampler(ds, budget=1000, max_samples=3))
+    assert [len(b) for b in batches] == [3, 3, 3, 1]
+    tight = list(data.TokenBudgetSampler(ds, budget=20, max_samples=3))  # 8-16 tokens per image: tokens close first
+    assert all(len(b) <= 2 and sum(ds.num_tokens(k) for k in b) <= 20 for b in tight)
+    assert sorted(i for b in tight for i, _ in b) == list(range(10))
+
+
+def epoch_over(ds, key_tokens, least):
+    """The first epoch in which sample 0 draws at least `least` tokens."""
+    return next(e for e in range(200) if key_tokens((0, e)) >= least)
+
+
+def test_oversized_image_is_drawn_smaller_and_reported(tmp_path):
+    """A 200x160 photo among small ones, over the budget at its drawn size: the epoch completes with it drawn at a
+    smaller size inside the stage's range (aspect kept), and the report names it."""
+    rng = np.random.default_rng(0)
+    for name, hw in (('0big.png', (160, 200)), ('1.png', (32, 40)), ('2.png', (40, 32))):
+        Image.fromarray(rng.integers(0, 255, (*hw, 3), dtype=np.uint8)).save(tmp_path / name)
+    ds = data.ImageFolder(str(tmp_path), res=(32, 192), patch_size=PS)
+    epoch = epoch_over(ds, ds.num_tokens, 200)
+    budget = ds.num_tokens((0, epoch)) - 1
+    sampler = data.TokenBudgetSampler(ds, budget)
+    sampler.set_epoch(epoch)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=lambda items: items)
+    seen = {os.path.basename(s.source): s.media.shape for b in loader for s in b}
+    assert sorted(seen) == ['0big.png', '1.png', '2.png']                 # the epoch completed, nothing left out
+    h, w, _ = seen['0big.png']
+    assert (h // 8) * (w // 8) <= budget and 32 <= max(h, w) and abs(w / h - 1.25) < 1.25 * 8 / h
+    assert ds.num_tokens((0, epoch, budget)) == (h // 8) * (w // 8)       # num_tokens and decoding agree
+    report = sampler.report(epoch)
+    assert '1 made smaller' in report and '0 left out' in report and f'0big.png: {budget + 1} -> ' in report
+
+
+def test_oversized_clip_is_shortened_then_drawn_smaller(tmp_path):
+    """A 40-frame video over the budget: first the same clip cut shorter (same start and stride, not below 16
+    frames), and below that budget 16 frames at a smaller size; decoded frames are the planned ones."""
+    write_video(tmp_path / 'long.mp4', 'libx264', 40)
+    write_video(tmp_path / 'short.mp4', 'libx264', 8)
+    ds = data.VideoFolder(str(tmp_path), mode='recon', res=(32, 64), patch_size=PS)
+    i = index_of(ds, 'long.mp4')
+    assert i == 0
+    epoch = epoch_over(ds, lambda k: len(ds._plan(k)[2]), 24)
+    _, hw, clip = ds._plan((0, epoch))
+    per_latent = (hw[0] // 8) * (hw[1] // 8)
+    budget = ds.num_tokens((0, epoch)) - 1
+    _, hw2, clip2 = ds._plan((0, epoch, budget))
+    assert hw2 == hw and clip2 == clip[:len(clip) - 4]                     # one latent frame fewer
+    sampler = data.TokenBudgetSampler(ds, budget)
+    sampler.set_epoch(epoch)
+    got = [ds[k] for b in sampler for k in b]
+    long = next(s for s in got if s.source.endswith('long.mp4'))
+    assert len(got) == 2 and frame_indices(long.media) == list(clip2) and long.media.shape[1:3] == hw
+    assert 'long.mp4: ' in sampler.report(epoch) and '1 made smaller' in sampler.report(epoch)
+    small = 4 * per_latent - 1                                             # 16 frames no longer fit at hw
+    _, hw3, clip3 = ds._plan((0, epoch, small))
+    assert len(clip3) == 16 and clip3[:2] == clip[:2] and max(hw3) < max(hw) and 4 * (hw3[0] // 8) * (hw3[1] // 8) <= small
+
+
+def test_oversized_asset_is_left_out_and_named(tmp_path):
+    """A 3D asset has one size: over the budget it is left out of the epoch (named in the report), the rest runs."""
+    import render3d
+    counts = []
+    for name, seed, grid in (('a', 7, 16), ('b', 3, 8)):
+        mesh, _, caption = render3d.procedural_mesh(seed)
+        pack = render3d.pack_asset(mesh, n_views=2, resolution=16, patch_size=PS, grid=grid)
+        render3d.write_prepared(str(tmp_path / name), pack, dict(caption=caption, patch=[8, 8],
+                                                                voxels=len(pack['coords'])))
+        counts.append(len(pack['coords']))
+    assert counts[0] > counts[1]
+    ds = data.AssetFolder(str(tmp_path), patch_size=PS)
+    loader = data.make_loader(ds, budget=counts[0] - 1, patch_size=PS)
+    sources = [s for batch in loader for s in batch.sources]
+    assert [os.path.basename(s) for s in sources] == ['b']
+    report = loader.batch_sampler.report(0)
+    assert '0 made smaller (lower resolution / shorter clip), 1 left out' in report
+    assert f"a: left out, {counts[0]} tokens at its smallest size, over the budget of {counts[0] - 1}" in report
 
 
 def test_loader_packs_and_workers_agree():
@@ -512,3 +592,24 @@ def test_collate_ships_built_in_pixels_as_they_are(video):
     b = data.collate([dataclasses.replace(s, pixels=None) for s in items], model.PRESETS['tiny'])
     assert a.packed.feats.dtype == b.packed.feats.dtype == torch.uint8
     assert torch.equal(a.packed.feats, b.packed.feats) and torch.equal(a.packed.coords, b.packed.coords)
+
+
+def test_asset_captions_from_a_cap3d_style_file(tmp_path):
+    """Captions by asset id from a CSV (Cap3D: `uid,caption` rows, commas quoted) or a JSON object; the folder name
+    or, for nested files, the stem `prepare` puts last; assets the file lacks keep meta.json's caption."""
+    import render3d
+    mesh, _, caption = render3d.procedural_mesh(7)
+    pack = render3d.pack_asset(mesh, n_views=2, resolution=16, patch_size=PS, grid=8)
+    for name in ('uid1', 'glbs__000-023__uid2', 'other'):
+        render3d.write_prepared(str(tmp_path / 'assets' / name), pack, dict(caption=caption, patch=[8, 8],
+                                                                           voxels=len(pack['coords'])))
+    (tmp_path / 'caps.csv').write_text('uid1,"a wooden chair, painted red"\nuid2,a small boat\n')
+    (tmp_path / 'caps.json').write_text(json.dumps({'uid1': 'a chair', 'glbs__000-023__uid2': 'a boat'}))
+    for file, want in (('caps.csv', ['a wooden chair, painted red', 'a small boat', caption]),
+                       ('caps.json', ['a chair', 'a boat', caption])):
+        ds = data.AssetFolder(str(tmp_path / 'assets'), patch_size=PS, captions=str(tmp_path / file))
+        got = {os.path.basename(ds.source(i)): ds[i].caption for i in range(len(ds))}
+        assert [got['uid1'], got['glbs__000-023__uid2'], got['other']] == want
+    (tmp_path / 'bad.csv').write_text('uid1,a,b\n')
+    with pytest.raises(ValueError, match=r'bad\.csv: row 1 has 3 fields'):
+        data.AssetFolder(str(tmp_path / 'assets'), patch_size=PS, captions=str(tmp_path / 'bad.csv'))

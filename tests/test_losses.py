@@ -478,3 +478,85 @@ def test_image_l1_discards_temporal_padding(frozen, tiny_model):
     _, logs = losses.compute_losses(o, p, frozen, cfg_with(lpips=0.0, gram=0.0, clip=0.0))
     frame0 = 8 * 8 * 3                                                 # feats are (pt, ph, pw, c), pt outermost
     assert logs['l1'].item() == pytest.approx(l1_ref(o['rec'][:, :frame0], p.feats[:, :frame0]), rel=1e-5)
+
+
+def test_gram_loss_is_4_over_c2_of_gatys():
+    """The documented normalisation: one layer's term is (4 / C^2) E_l, with Gatys et al.'s
+    E_l = 1 / (4 C^2 M^2) sum_ij (A_ij - B_ij)^2 on the unnormalised Gram matrices A = F F^T (F as [C, M])."""
+    fx, fy = [rand(1, 4, 3, 5, seed=5), rand(1, 6, 2, 2, seed=6)], [rand(1, 4, 3, 5, seed=7), rand(1, 6, 2, 2, seed=8)]
+    want = 0.0
+    for a, b in zip(fx, fy):
+        C, M = a.shape[1], a.shape[2] * a.shape[3]
+        A, B = (x[0].double().reshape(C, M) for x in (a, b))
+        E = ((A @ A.T - B @ B.T) ** 2).sum().item() / (4 * C ** 2 * M ** 2)
+        want += 4 / C ** 2 * E
+    assert losses.gram_loss(fx, fy).item() == pytest.approx(want, rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# global-batch semantic losses: 2 gloo ranks vs one process with both ranks' batches
+
+RANK_CAPTIONS = [['a red circle', 'a blue star', 'a red circle'], ['a blue star', 'a green ring']]   # rank 0, rank 1
+RANK_OTHER = [['a video', 'b video'], ['c video']]
+EMB, RANK_PAD = 8, 3
+
+
+def _semantic_setup():
+    """Shared parameters (student encoder, trainable text table, sigmoid temperature) and each rank's inputs."""
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(5, EMB)
+    vocab = sorted({c for r in RANK_CAPTIONS + RANK_OTHER for c in r})
+    text = torch.nn.Embedding(len(vocab), EMB)
+    temp = losses.SigmoidTemperature(-2.0)
+    x = [torch.randn(len(c), 5) for c in RANK_CAPTIONS]                 # images
+    v = [torch.randn(len(c), 5) for c in RANK_OTHER]                    # videos
+    teacher = [torch.nn.functional.normalize(torch.randn(len(c), EMB), dim=-1) for c in RANK_CAPTIONS]
+    return enc, text, temp, vocab, x, v, teacher
+
+
+def _terms(fn, enc, text, temp, vocab, x, v, teacher, caps, other, **kw):
+    embed = lambda t: torch.nn.functional.normalize(enc(t), dim=-1)
+    encode = lambda texts: torch.nn.functional.normalize(text(torch.tensor([vocab.index(c) for c in texts])), dim=-1)
+    frozen = type('Frozen', (), {'teacher_scale': lambda self: 10.0})()      # FrozenNets' SigLIP2 logit scale
+    terms = fn(embed(x), teacher, caps, embed(v), other, frozen, CFG, temp, encode, **kw)
+    return terms, [enc.weight, enc.bias, text.weight, temp.logit_scale, temp.logit_bias]
+
+
+def _semantic_rank(rank, world, path):
+    import torch.distributed as dist
+    dist.init_process_group('gloo', init_method=f'file://{path}.init', rank=rank, world_size=world)
+    enc, text, temp, vocab, x, v, teacher = _semantic_setup()
+    terms, params = _terms(losses.global_semantic_terms, enc, text, temp, vocab, x[rank], v[rank], teacher[rank],
+                           RANK_CAPTIONS[rank], RANK_OTHER[rank], pad=RANK_PAD)
+    sum(terms.values()).backward()
+    grads = []
+    for p in params:                                               # what DDP / FSDP do: average over ranks
+        dist.all_reduce(p.grad)
+        grads.append(p.grad / world)
+    torch.save(dict(terms={k: t.detach() for k, t in terms.items()}, grads=grads), f'{path}.{rank}')
+    dist.destroy_process_group()
+
+
+def test_global_semantic_losses_two_gloo_ranks_equal_one_process(tmp_path):
+    """Eq. 7 distillation (duplicate captions within and across ranks) and the sigmoid loss, gathered over 2 gloo
+    ranks with unequal micro-batches (3 + 2 images, 2 + 1 videos, padded to 3): each rank's loss equals
+    semantic_terms on both batches together, and the rank-averaged gradients (student encoder, trainable text
+    tower, temperature) equal that single process's gradients. float32; tolerance 1e-6 absolute, 1e-5 relative
+    (the sums run in a different order)."""
+    import torch.multiprocessing as mp
+    path = str(tmp_path / 'pg')
+    mp.spawn(_semantic_rank, args=(2, path), nprocs=2, join=True)
+    enc, text, temp, vocab, x, v, teacher = _semantic_setup()
+    ref, params = _terms(losses.semantic_terms, enc, text, temp, vocab, torch.cat(x), torch.cat(v),
+                         torch.cat(teacher), RANK_CAPTIONS[0] + RANK_CAPTIONS[1], RANK_OTHER[0] + RANK_OTHER[1])
+    sum(ref.values()).backward()
+    assert set(ref) == {'distill', 'sigmoid'} and all(r > 0 for r in ref.values())
+    for rank in range(2):
+        got = torch.load(f'{path}.{rank}')
+        for k in ref:
+            torch.testing.assert_close(got['terms'][k], ref[k].detach(), atol=1e-6, rtol=1e-5)
+        for g, p in zip(got['grads'], params):
+            torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-5)
+    # the local-only loss (global_batch=False) is a different number: the gather does change the loss
+    local, _ = _terms(losses.semantic_terms, enc, text, temp, vocab, x[0], v[0], teacher[0], RANK_CAPTIONS[0], RANK_OTHER[0])
+    assert abs(local['sigmoid'].item() - ref['sigmoid'].item()) > 1e-3

@@ -236,6 +236,20 @@ def test_fsdp_trains_and_exports(tmp_path):
     assert tok.reconstruct([x])[0].shape == (32, 32, 3)
 
 
+def test_ddp_global_semantic_losses_train(tmp_path):
+    """Understanding tasks under 2 DDP ranks run the global-batch semantic losses (every rank's micro-batch gathered
+    with gradients, losses.global_semantic_terms) inside the training step (collectives in forward and backward
+    next to DDP's own) and finish with finite weights and positive semantic losses."""
+    stages = [dict(name='s', steps=2, mix={'image_und': 1, 'video_und': 1}, grad_accum=2, tokens=96,
+                   image_res=(32, 32), video_res=(32, 32))]
+    make_cfg(tmp_path, stages)
+    torchrun(tmp_path / 'run.py', tmp_path / 'ddp', '--parallel=ddp')
+    p, ck = params(tmp_path / 'ddp')
+    assert ck['step'] == 2 and all(torch.isfinite(v).all() for v in p.values())
+    log = [json.loads(s) for s in open(tmp_path / 'ddp' / 'log.jsonl')]
+    assert all(r['image_und/distill'] > 0 and r['video_und/sigmoid'] > 0 for r in log)
+
+
 def test_train_text_is_trained_exported_and_loaded_by_eval(tmp_path):
     """train_text + image_und='sigmoid' (the offline demo): the text tower is optimised with the tokenizer,
     exported as 'text_tower', and eval.py's text tower is exactly that model (ema_decay 0: EMA = weights)."""
@@ -348,12 +362,42 @@ def test_paper_configs_on_meta():
     assert train.stage_model_config(so, so.stages[3]).use_quantizer
     for world in (8, 256):
         text = train.describe(so, world)
-        assert f'x {world} ranks' in text and 'video_rec 6/10' in text and text.count('\n') == 3
-    # stage 2 on 256 GPUs: 10 micro-batches x 256 ranks x 16384 tokens
-    assert '41,943,040 tokens/step' in train.describe(so, 256).splitlines()[1]
+        stage_lines = [ln for ln in text.splitlines() if not ln.startswith('    ')]
+        assert f'x {world} ranks' in text and 'video_rec 6/10' in text and len(stage_lines) == 4
+    # stage 2 on 256 GPUs: 10 micro-batches x 256 ranks x (8 x 16384 + 2 x 32768 understanding tokens) / 10
+    assert '50,331,648 tokens/step' in train.describe(so, 256).splitlines()[3]
     base = train.load_config([os.path.join(ROOT, 'configs', 'base.py')])
     with torch.device('meta'):
         assert model.AToken(train.stage_model_config(base, base.stages[1])).num_params() == 182_338_560
+
+
+def test_describe_prints_the_papers_batch_per_task_on_256_ranks():
+    """configs/so400m.py on 256 ranks: the global batch describe prints for each task lies within the paper's
+    figures (Sec. 3.5: I^u 8,192; I^r 1,024-4,096; V^r 512-1,024; 3D^r 256-512) up to one rank's micro-batch,
+    and equals per-rank samples x ranks; the image understanding batch is 8,192 in every stage."""
+    import re
+    so = train.load_config([os.path.join(ROOT, 'configs', 'so400m.py')])
+    text = train.describe(so, 256)
+    found = 0
+    for line in text.splitlines():
+        m = re.match(r'    (\w+): global batch, paper .*256 ranks: (\d+)/rank = ([\d,]+), fit', line)
+        if not m:
+            continue
+        task, k, total = m[1], int(m[2]), int(m[3].replace(',', ''))
+        assert total == 256 * k
+        if task in train.PAPER_BATCH:
+            lo, hi = train.PAPER_BATCH[task]
+            assert lo - k <= total <= hi + k, line
+            found += 1
+    assert found == 2 + 3 + 4 + 4                   # every paper-stated task of every stage was printed
+    assert text.count('image_und: global batch, paper 8,192') == 4
+    assert train.PAPER_BATCH == {'image_und': (8192, 8192), 'image_rec': (1024, 4096), 'video_rec': (512, 1024),
+                                 '3d_rec': (256, 512)}
+    # the same stages on 8 ranks keep the global batch (more samples per rank, so smaller sizes fit)
+    assert '8 ranks: 1024/rank = 8,192, fit up to 80 px' in train.describe(so, 8)
+    bad = [dict(so.stages[0], batch={'video_rec': 8})]
+    with pytest.raises(ValueError, match="stage 0 batch .*tasks of the stage's mix"):
+        train.check_stages(bad)
 
 
 def test_trains_from_folders(tmp_path):
