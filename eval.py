@@ -2,18 +2,22 @@
 Evaluate an AToken checkpoint: the paper's metrics for images, videos and 3D, with reports to look at.
 
 Metrics (each usable on its own, definitions in the docstrings):
-  psnr, ssim (Wang et al. 2004; scikit-image conventions), LPIPS (Zhang et al. 2018), frechet_distance
-  (rFID / rFVD from Inception / R3D features; Heusel et al. 2017), multiview 3D PSNR/SSIM/LPIPS of
-  Gaussian-splat renders, zero-shot classification accuracy (CLIP-style prompt ensembles through the
-  SigLIP2 text tower, Radford et al. 2021), text<->media recall@1/5/10, FSQ codebook usage and perplexity.
+  psnr, ssim (Wang et al. 2004; scikit-image conventions), LPIPS (Zhang et al. 2018), rFID (Heusel et al.
+  2017) from torch-fidelity's TF-Inception port and rFVD (Unterthiner et al. 2018) from StyleGAN-V's I3D
+  TorchScript, as papers compute them, multiview 3D PSNR/SSIM/LPIPS of Gaussian-splat renders, zero-shot
+  accuracy (CLIP-style prompt ensembles through the SigLIP2 text tower, Radford et al. 2021; per class too),
+  text<->media recall@1/5/10 (frame-averaged video embeddings for MSR-VTT / MSVD), FSQ codebook usage.
 
 Command line (EvalConfig fields as --key=value; python eval.py --help lists them):
+  python eval.py --protocol=imagenet256 --checkpoint=atoken-soc --images=imagenet/val   # a paper table (PROTOCOLS)
   python eval.py --checkpoint=out/ckpt.pt                              # ours, built-in held-out data
   python eval.py --checkpoint=atoken-sod --latent=fsq --images=photos/  # Apple's weights by name
   python eval.py --checkpoint=atoken-sod.pt --config=atoken-sod.yaml --latent=fsq  # or file + official YAML
   python eval.py --checkpoint=out/ckpt.pt --videos=clips/ --decoder_cache_frames=4
   python eval.py --checkpoint=atoken-soc --assets=prepared/ --gs_checkpoint=3d_decode_gs
-  python eval.py --checkpoint=tiny.pt --random_nets --n_images=4 --res=32,64  # offline smoke test
+  python eval.py --checkpoint=tiny.pt --random_nets --fid=false --n_images=4 --res=32,64  # offline smoke test
+rFID / rFVD weights: --fid_weights=weights-inception-2015-12-05-6726825d.pth, --fvd_weights=i3d_torchscript.pt,
+or their download into $TORCH_HOME/hub/checkpoints. Long runs save out_dir/partial_<kind>.pt and resume.
 Writes out_dir/report.json, report.md and side-by-side grids (original | reconstruction | error): PNG for
 images and 3D views, MP4 for videos. Unreadable inputs are skipped and listed in the report.
 train.py calls evaluate(model, EvalConfig(...)) for held-out evaluation of an in-memory model.
