@@ -2,18 +2,22 @@
 Evaluate an AToken checkpoint: the paper's metrics for images, videos and 3D, with reports to look at.
 
 Metrics (each usable on its own, definitions in the docstrings):
-  psnr, ssim (Wang et al. 2004; scikit-image conventions), LPIPS (Zhang et al. 2018), frechet_distance
-  (rFID / rFVD from Inception / R3D features; Heusel et al. 2017), multiview 3D PSNR/SSIM/LPIPS of
-  Gaussian-splat renders, zero-shot classification accuracy (CLIP-style prompt ensembles through the
-  SigLIP2 text tower, Radford et al. 2021), text<->media recall@1/5/10, FSQ codebook usage and perplexity.
+  psnr, ssim (Wang et al. 2004; scikit-image conventions), LPIPS (Zhang et al. 2018), rFID (Heusel et al.
+  2017) from torch-fidelity's TF-Inception port and rFVD (Unterthiner et al. 2018) from StyleGAN-V's I3D
+  TorchScript, as papers compute them, multiview 3D PSNR/SSIM/LPIPS of Gaussian-splat renders, zero-shot
+  accuracy (CLIP-style prompt ensembles through the SigLIP2 text tower, Radford et al. 2021; per class too),
+  text<->media recall@1/5/10 (frame-averaged video embeddings for MSR-VTT / MSVD), FSQ codebook usage.
 
 Command line (EvalConfig fields as --key=value; python eval.py --help lists them):
+  python eval.py --protocol=imagenet256 --checkpoint=atoken-soc --images=imagenet/val   # a paper table (PROTOCOLS)
   python eval.py --checkpoint=out/ckpt.pt                              # ours, built-in held-out data
   python eval.py --checkpoint=atoken-sod --latent=fsq --images=photos/  # Apple's weights by name
   python eval.py --checkpoint=atoken-sod.pt --config=atoken-sod.yaml --latent=fsq  # or file + official YAML
   python eval.py --checkpoint=out/ckpt.pt --videos=clips/ --decoder_cache_frames=4
   python eval.py --checkpoint=atoken-soc --assets=prepared/ --gs_checkpoint=3d_decode_gs
-  python eval.py --checkpoint=tiny.pt --random_nets --n_images=4 --res=32,64  # offline smoke test
+  python eval.py --checkpoint=tiny.pt --random_nets --fid=false --n_images=4 --res=32,64  # offline smoke test
+rFID / rFVD weights: --fid_weights=weights-inception-2015-12-05-6726825d.pth, --fvd_weights=i3d_torchscript.pt,
+or their download into $TORCH_HOME/hub/checkpoints. Long runs save out_dir/partial_<kind>.pt and resume.
 Writes out_dir/report.json, report.md and side-by-side grids (original | reconstruction | error): PNG for
 images and 3D views, MP4 for videos. Unreadable inputs are skipped and listed in the report.
 train.py calls evaluate(model, EvalConfig(...)) for held-out evaluation of an in-memory model.
@@ -26,13 +30,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import data
 import losses
 import render3d
-from model import PRETRAINED, AToken, GaussianDecoder, ModelConfig, prepare, unpack
+from model import PRETRAINED, AToken, GaussianDecoder, ModelConfig, from_uint8, prepare, unpack
+from model import to_uint8 as round_to_uint8
 
 # -----------------------------------------------------------------------------
 # pixel metrics. Inputs: (..., H, W, 3) tensors (or numpy arrays) in [-1, 1], the repo's convention, or in
@@ -178,48 +184,146 @@ def frechet_distance(feats_a, feats_b):
     return ((mu_a - mu_b).pow(2).sum() + tr_a + tr_b - 2 * tr_sqrt).item()
 
 
-class FeatureExtractor:
-    """Pool features for rFID / rFVD. 'inception': torchvision Inception-v3 (ImageNet) 2048-d pool
-    features of 299x299 frames (note: the TF-FID Inception weights differ slightly, so absolute rFID is
-    comparable between our runs, not to papers); 'r3d': torchvision R3D-18 (Kinetics-400) 512-d features
-    of 16x112x112 clips, an I3D-style video network for rFVD. Or pass any callable as `fn`.
-    random=True: random weights (smoke tests only)."""
-    def __init__(self, kind='inception', weights='', random=False, device='cpu'):
-        import torchvision
-        self.kind, self.device = kind, device
-        if kind == 'inception':
-            net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
-        elif kind == 'r3d':
-            net = torchvision.models.video.r3d_18(weights=None)
-        else:
-            raise ValueError(f"unknown feature extractor {kind!r} (inception | r3d)")
-        if not random:
-            try:
-                sd = (torch.load(weights, map_location='cpu', weights_only=True) if weights else
-                      (torchvision.models.Inception_V3_Weights.IMAGENET1K_V1 if kind == 'inception' else
-                       torchvision.models.video.R3D_18_Weights.KINETICS400_V1).get_state_dict(progress=False))
-                net.load_state_dict(sd)
-            except Exception as e:
-                raise RuntimeError(f"{kind} weights for rFID/rFVD unavailable ({type(e).__name__}: {e}): give "
-                                   f"--fid_weights=<torchvision state dict> or run once online") from e
-        net.fc = torch.nn.Identity()
-        self.net = net.eval().requires_grad_(False).to(device)
+def frechet_from_moments(mu_a, cov_a, mu_b, cov_b):
+    """Frechet distance between N(mu_a, cov_a) and N(mu_b, cov_b) (float64): ||mu_a - mu_b||^2 +
+    tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2)). The last trace is computed as the sum of sqrt(eigenvalues) of
+    the symmetric PSD S_a^(1/2) S_b S_a^(1/2) (same eigenvalues as S_a S_b), which is stable where the
+    libraries' sqrtm / eigvals of the non-symmetric S_a S_b pick up rounding noise. Costs two D x D
+    eigendecompositions (about a second for D = 2048 on a desktop CPU)."""
+    mu_a, cov_a, mu_b, cov_b = (torch.as_tensor(t, dtype=torch.float64) for t in (mu_a, cov_a, mu_b, cov_b))
+    ev, U = torch.linalg.eigh(cov_a)
+    root_a = U @ torch.diag(ev.clamp_min(0).sqrt()) @ U.t()                     # S_a^(1/2)
+    m = root_a @ cov_b @ root_a
+    tr_sqrt = torch.linalg.eigvalsh((m + m.t()) / 2).clamp_min(0).sqrt().sum()
+    return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_sqrt).item()
+
+
+class FrechetStats:
+    """Streaming statistics of one feature set for rFID / rFVD, with memory bounded in the number of samples.
+
+    The first D rows are kept as they are (a few hundred images: the exact, fast nuclear-norm route of
+    frechet_distance); past D rows they are folded into float64 running sums (count, sum [D], sum of outer
+    products [D, D]: 32 MB for Inception's 2048-d), which is all a Gaussian fit needs. state() / load() make
+    a resumable partial result."""
+    def __init__(self):
+        self.rows, self.n, self.sum, self.outer = [], 0, None, None
+
+    def add(self, feats):
+        """feats [B, D] -> accumulated."""
+        f = torch.as_tensor(feats).double().cpu()
+        if self.sum is None and sum(len(r) for r in self.rows) + len(f) <= f.shape[1]:
+            self.rows.append(f)
+            return
+        if self.sum is None:                                                    # switch to running sums
+            self.sum, self.outer = f.new_zeros(f.shape[1]), f.new_zeros(f.shape[1], f.shape[1])
+            f, self.rows = torch.cat(self.rows + [f]), []
+        self.n += len(f)
+        self.sum += f.sum(0)
+        self.outer += f.t() @ f                                                 # [D, D]
+
+    def count(self):
+        return self.n + sum(len(r) for r in self.rows)
+
+    def moments(self):
+        """-> (mean [D], sample covariance [D, D] with N - 1), float64."""
+        if self.sum is None:
+            f = torch.cat(self.rows)
+            return f.mean(0), torch.cov(f.t(), correction=1).reshape(f.shape[1], f.shape[1])
+        mu = self.sum / self.n
+        return mu, (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+
+    def state(self):
+        return dict(rows=self.rows, n=self.n, sum=self.sum, outer=self.outer)
+
+    def load(self, state):
+        self.rows, self.n, self.sum, self.outer = state['rows'], state['n'], state['sum'], state['outer']
+        return self
+
+
+def frechet_of_stats(a, b):
+    """Frechet distance of two FrechetStats: from the kept rows when both still hold them, else from moments."""
+    if min(a.count(), b.count()) < 2:
+        raise ValueError(f"a Frechet distance needs >= 2 samples per set, got {a.count()} and {b.count()}")
+    if a.sum is None and b.sum is None:
+        return frechet_distance(torch.cat(a.rows), torch.cat(b.rows))
+    return frechet_from_moments(*a.moments(), *b.moments())
+
+
+def metric_weights(path, url, file_name, flag, what):
+    """Local weights of a metric network: `path` when given (an error naming `flag` if it is missing), else
+    the file in torch's hub cache ($TORCH_HOME/hub/checkpoints), downloaded from `url` once. A failed download
+    is a RuntimeError naming the flag (eval's `optional` turns it into a skip note outside the protocols)."""
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag}={path}: no such file ({what} weights; download {url})")
+        return path
+    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', file_name)
+    if not os.path.isfile(cached):
+        try:
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            torch.hub.download_url_to_file(url, cached, progress=False)
+        except Exception as e:      # noqa: BLE001 (urllib, SSL and OS errors all mean: no weights here)
+            raise RuntimeError(f"{what} needs {file_name} ({type(e).__name__}: {e}): download {url} and give "
+                               f"{flag}=<file>, or put it in {os.path.dirname(cached)}") from e
+    return cached
+
+
+class InceptionFID:
+    """rFID features as papers compute them: the TF-Inception network of the original FID code (Heusel et al.
+    2017; weights 'inception-2015-12-05'), ported bit-exactly by torch-fidelity (Obukhov et al.), 2048-d pool
+    features. The input is what a saved file holds: [-1, 1] pixels quantised to uint8 (model.to_uint8, so
+    real images loaded from uint8 files round-trip exactly); torch-fidelity resizes to 299x299 with
+    TensorFlow 1.x's bilinear rule. layer: torch-fidelity's feature name ('2048' for FID; the tests use '64',
+    the first pool, whose 64 x 64 covariances keep the library's own FID numerically exact and fast)."""
+    FILE = 'weights-inception-2015-12-05-6726825d.pth'
+
+    def __init__(self, weights='', device='cpu', layer='2048'):
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+        path = metric_weights(weights, URL_INCEPTION_V3, self.FILE, '--fid_weights', 'rFID (TF-Inception)')
+        self.net = FeatureExtractorInceptionV3('inception-v3-compat', [layer], feature_extractor_weights_path=path)
+        self.net = self.net.to(device)
+        self.device = device
 
     @torch.no_grad()
-    def __call__(self, media):
-        """media: images [B, H, W, 3] ('inception') or videos [B, T, H, W, 3] ('r3d') in [-1, 1] -> [B, D]."""
-        x = media.float().clamp(-1, 1).to(self.device)
-        if self.kind == 'inception':
-            # 299x299 in [-1, 1]: the (TF-ported) ImageNet weights expect (x - 0.5) / 0.5, which is why
-            # torchvision sets transform_input=True for them; our media are in that range already
-            x = F.interpolate(x.permute(0, 3, 1, 2), size=(299, 299), mode='bilinear', align_corners=False)
-            return self.net(x).cpu()
-        B, T = x.shape[:2]                            # Kinetics normalisation at 112x112
-        x = F.interpolate(x.flatten(0, 1).permute(0, 3, 1, 2), size=(112, 112), mode='bilinear',
-                          align_corners=False).reshape(B, T, 3, 112, 112).permute(0, 2, 1, 3, 4)
-        mean = torch.tensor([0.43216, 0.394666, 0.37645], device=x.device)[:, None, None, None]
-        std = torch.tensor([0.22803, 0.22145, 0.216989], device=x.device)[:, None, None, None]
-        return self.net(((x + 1) / 2 - mean) / std).cpu()
+    def __call__(self, images):
+        """images [B, H, W, 3] in [-1, 1] -> features [B, D] float64."""
+        u8 = round_to_uint8(images.float().cpu()).permute(0, 3, 1, 2).contiguous()     # [B, 3, H, W]
+        return self.net(u8.to(self.device))[0].double().cpu()
+
+
+class I3DFVD:
+    """rFVD features as the common FVD code computes them (StyleGAN-V, Skorokhodov et al. 2022, and
+    content-debiased FVD, Ge et al. 2024): the Kinetics-400 I3D network (Carreira & Zisserman 2017) of the
+    original TF FVD (Unterthiner et al. 2018), as the TorchScript file i3d_torchscript.pt, called
+    net(x, rescale=True, resize=True, return_features=True): x [B, 3, T, H, W] holds uint8 levels 0..255
+    (as float), the network maps them to [-1, 1] and resizes every frame to 224x224 (bilinear) itself, and
+    returns the 400-d logits before the softmax. Any TorchScript file with that signature loads.
+    Clips: every non-overlapping run of 16 consecutive frames (StyleGAN-V's FVD_16), frames quantised to
+    uint8 as saved video frames would be; a video shorter than 16 frames gives no clip."""
+    URL = 'https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1'
+    FILE, FRAMES = 'i3d_torchscript.pt', 16
+
+    def __init__(self, weights='', device='cpu'):
+        path = metric_weights(weights, self.URL, self.FILE, '--fvd_weights', 'rFVD (I3D)')
+        try:
+            self.net = torch.jit.load(path, map_location=device).eval()
+        except RuntimeError as e:
+            raise ValueError(f"--fvd_weights={path}: not a TorchScript file ({str(e).splitlines()[0]})") from e
+        self.device = device
+
+    def clips(self, video):
+        """video (T, H, W, 3) in [-1, 1] -> [n, 3, 16, H, W] float uint8 levels, n = T // 16."""
+        n = video.shape[0] // self.FRAMES
+        u8 = round_to_uint8(video[:n * self.FRAMES].float().cpu())                        # (16n, H, W, 3)
+        return u8.reshape(n, self.FRAMES, *u8.shape[1:]).permute(0, 4, 1, 2, 3).float()  # [n, 3, 16, H, W]
+
+    @torch.no_grad()
+    def __call__(self, video):
+        """video (T, H, W, 3) in [-1, 1] -> features [T // 16, D] float64, one clip per network call (a
+        1080p clip is 0.4 GB as float)."""
+        x = self.clips(video)
+        out = [self.net(c[None].to(self.device), rescale=True, resize=True, return_features=True) for c in x]
+        return torch.cat(out).double().cpu() if out else torch.zeros(0, 0, dtype=torch.float64)
 
 
 # -----------------------------------------------------------------------------
@@ -231,7 +335,7 @@ def class_embeddings(encode_text, class_names, templates):
     L2-normalised text embeddings of every template filled with the class name. -> [K, D]."""
     out = []
     for name in class_names:
-        e = F.normalize(encode_text([t.format(name) for t in templates]).float(), dim=-1)
+        e = F.normalize(encode_text([fill(t, name) for t in templates]).float(), dim=-1)
         out.append(F.normalize(e.mean(0), dim=-1))
     return torch.stack(out)
 
@@ -239,32 +343,80 @@ def class_embeddings(encode_text, class_names, templates):
 def zero_shot_accuracy(media_emb, labels, class_emb, k=1):
     """Top-k accuracy of classifying media embeddings [B, D] against class embeddings [K, D] by cosine
     similarity; labels [B] class indices."""
-    sim = F.normalize(media_emb.float(), dim=-1) @ F.normalize(class_emb.float(), dim=-1).t()   # [B, K]
-    topk = sim.topk(min(k, sim.shape[1]), dim=1).indices                      # [B, k]
+    topk = zero_shot_predict(media_emb, class_emb, k)                          # [B, k]
     return (topk == torch.as_tensor(labels)[:, None]).any(1).double().mean().item()
 
 
-def recall_at_k(sim, ks=(1, 5, 10)):
-    """Retrieval recall@k for a square similarity matrix sim [Q, G] whose match for query i is item i
-    (one caption per media item). Returns {k: fraction of queries whose match ranks in the top k}.
-    Text-to-media: sim = text_emb @ media_emb.T; media-to-text: its transpose."""
-    target = sim.diagonal()[:, None]
+def zero_shot_predict(media_emb, class_emb, k=5):
+    """The k most similar classes (cosine) of each media embedding [B, D] -> class indices [B, k], best first.
+    Streaming evaluation keeps only these, not the embeddings (50k x 1152 floats for ImageNet)."""
+    sim = F.normalize(media_emb.float(), dim=-1) @ F.normalize(class_emb.float(), dim=-1).t()   # [B, K]
+    return sim.topk(min(k, sim.shape[1]), dim=1).indices
+
+
+def zero_shot_scores(topk, labels, class_names):
+    """Predictions [B, k] (best first) and labels [B] -> top-1 / top-5 accuracy over samples (ImageNet's
+    numbers, Table 5), top-1 per class {name: accuracy} for the classes that have samples, and its mean over
+    those classes (balanced accuracy), with chance levels."""
+    topk, labels = torch.as_tensor(topk), torch.as_tensor(labels)
+    hit1 = (topk[:, 0] == labels).double()
+    per_class = {class_names[c]: hit1[labels == c].mean().item() for c in labels.unique().tolist()}
+    K = len(class_names)
+    return dict(zs_top1=hit1.mean().item(), zs_top5=(topk[:, :5] == labels[:, None]).any(1).double().mean().item(),
+                zs_mean_class_top1=sum(per_class.values()) / len(per_class),
+                zs_chance_top1=1 / K, zs_chance_top5=min(5, K) / K), per_class
+
+
+def recall_at_k(sim, ks=(1, 5, 10), match=None):
+    """Retrieval recall@k. sim [Q, G] query x gallery similarities; match [Q, G] bool marks the right items of
+    each query (default: item i for query i, one caption per media item). A query counts as found at k when
+    its best-scoring right item is beaten by fewer than k items (ties count for it). -> {k: fraction}.
+    Text-to-video: sim = text_emb @ video_emb.T and match[c, v] = caption c describes video v; video-to-text:
+    the transposes (several captions per video, MSVD: any of them in the top k counts)."""
+    match = torch.eye(*sim.shape, dtype=torch.bool) if match is None else torch.as_tensor(match, dtype=torch.bool)
+    if not match.any(1).all():
+        raise ValueError("recall_at_k: every query needs at least one matching item")
+    target = sim.masked_fill(~match, -math.inf).max(1, keepdim=True).values      # [Q, 1]
     rank = (sim > target).sum(1)                                                # 0 = ranked first
     return {k: (rank < k).double().mean().item() for k in ks}
 
 
-def codebook_stats(indices, codebook_size=4096):
-    """FSQ indices [N, G] -> per group: usage (fraction of the codebook used at least once) and perplexity
-    exp(H), H the entropy of the empirical code distribution (perplexity = codebook_size for uniform use)."""
-    idx = torch.as_tensor(indices).long()
+def frame_indices(n_frames, k):
+    """k frame indices spread uniformly over a video (CLIP4Clip's np.linspace(0, n - 1, k) cast to int);
+    all frames when it has fewer than k (the zero-padded, masked frames of that protocol add nothing)."""
+    if n_frames <= k:
+        return list(range(n_frames))
+    return torch.linspace(0, n_frames - 1, k, dtype=torch.float64).long().tolist()
+
+
+def average_frame_embeddings(frame_emb):
+    """Frame embeddings [T, D] -> one video embedding [D]: the L2-normalised mean of the L2-normalised frame
+    embeddings (frame averaging, the MSR-VTT / MSVD protocol of Sec. 4.3, after CLIP4Clip's mean pooling)."""
+    return F.normalize(F.normalize(frame_emb.float(), dim=-1).mean(0), dim=-1)
+
+
+def code_counts(indices, codebook_size=4096):
+    """FSQ indices [N, G] -> how often each code was used, per group [G, codebook_size] (int64; what streaming
+    evaluation keeps instead of the indices)."""
+    idx = torch.as_tensor(indices).long().cpu()
+    return torch.stack([torch.bincount(idx[:, g], minlength=codebook_size) for g in range(idx.shape[1])])
+
+
+def codebook_stats_from_counts(counts):
+    """Code counts [G, K] -> per group: usage (fraction of the codebook used at least once) and perplexity
+    exp(H), H the entropy of the empirical code distribution (perplexity = K for uniform use)."""
     usage, perplexity = [], []
-    for g in range(idx.shape[1]):
-        counts = torch.bincount(idx[:, g], minlength=codebook_size).double()
-        p = counts / counts.sum()
+    for row in counts.double():
+        p = row / row.sum()
         nz = p[p > 0]
-        usage.append((counts > 0).double().mean().item())
+        usage.append((row > 0).double().mean().item())
         perplexity.append(math.exp(-(nz * nz.log()).sum().item()))
     return {'usage': usage, 'perplexity': perplexity}
+
+
+def codebook_stats(indices, codebook_size=4096):
+    """FSQ indices [N, G] -> per group usage and perplexity (codebook_stats_from_counts)."""
+    return codebook_stats_from_counts(code_counts(indices, codebook_size))
 
 
 # -----------------------------------------------------------------------------
@@ -360,13 +512,24 @@ class EvalConfig:
     dtype: str = 'float32'      # tokenizer dtype: float32 | bfloat16 | float16 (metrics are float64)
     batch_tokens: int = 8192    # tokens per forward pass (a longer sample goes alone)
     # metric networks
-    random_nets: bool = False   # random LPIPS / Inception / R3D / text tower: offline smoke tests only
+    random_nets: bool = False   # random LPIPS / text tower: offline smoke tests only (rFID / rFVD always need
+                                # the real networks' files: --fid_weights / --fvd_weights or their download)
     lpips_weights: str = ''     # local torchvision AlexNet state dict ('' = torchvision download/cache)
-    fid_weights: str = ''       # local torchvision Inception-v3 state dict
-    fvd_weights: str = ''       # local torchvision R3D-18 state dict
+    fid_weights: str = ''       # torch-fidelity's TF-Inception weights-inception-2015-12-05-6726825d.pth
+    fvd_weights: str = ''       # StyleGAN-V's I3D i3d_torchscript.pt (any TorchScript of that signature)
     siglip_weights: str = ''    # local open_clip SigLIP2 checkpoint for the text tower
-    fid: bool = True            # rFID / rFVD (Inception / R3D features of every sample: slow on a CPU)
+    fid: bool = True            # rFID / rFVD (Inception / I3D features of every sample: slow on a CPU)
     understanding: bool = True  # zero-shot accuracy and text<->media recall through the text tower
+    # the paper's protocols (PROTOCOLS sets these; each can also be given alone)
+    protocol: str = ''          # imagenet256 | coco256 | tokenbench720 | davis1080 | msrvtt | msvd | toys4k
+    resize_crop: int = 0        # images and retrieval frames: shorter side to N (PIL bilinear, as torchvision
+                                # Resize(N)), then the centre N x N crop; 0 = data.py's size draw from `res`
+    native: bool = False        # videos at native size, frames from the first on (up to `frames`; 0 = all)
+    retrieval_frames: int = 0   # > 0: a video is the average of this many frames' embeddings (no reconstruction)
+    captions: str = ''          # retrieval captions: JSON {file: caption or [captions]} or CSV file,caption
+    templates: str = 'builtin'  # zero-shot prompts: builtin (TEMPLATES) | imagenet (open_clip's 80 OpenAI ones)
+    save_every: int = 1000      # samples between partial results (out_dir/partial_<kind>.pt), resumed if found
+    resume: bool = True         # false: ignore (and overwrite) a partial result
     # outputs
     out_dir: str = 'out/eval'
     max_grids: int = 8          # samples per modality shown in side-by-side grids
@@ -401,6 +564,76 @@ def parse_overrides(cfg, argv):
         if not sep and not isinstance(getattr(cfg, key), bool):
             raise ValueError(f"option --{key} needs a value: --{key}=...")
         setattr(cfg, key, _convert(key, value, getattr(cfg, key)) if sep else True)
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# the paper's evaluation protocols as presets: `python eval.py --protocol=imagenet256 --checkpoint=...
+# --images=...`. Each sets EvalConfig fields (any flag given as well wins), names the data it needs and
+# the paper's numbers for Apple's So/C (continuous, Stage 3) and So/D (FSQ) checkpoints, which README.md
+# lists. Resize: torchvision's Resize(256) + CenterCrop(256) on the decoded image (Table 4's "resized and
+# center-cropped to 256 x 256"); the centre crop to patch multiples of model.prepare changes nothing there.
+
+PROTOCOLS = {
+    'imagenet256': dict(
+        section='Sec. 4.2, Tables 3-5', needs='images',
+        layout='ImageNet val (50k): one folder per synset (n01440764/...) or a CSV/JSONL manifest file,label',
+        settings=dict(resize_crop=256, fid=True, understanding=True, templates='imagenet'),
+        paper={'So/C': dict(psnr=29.72, ssim=0.848, lpips=0.085, rfid=0.209, zs_top1=0.822),
+               'So/D': dict(psnr=27.14, ssim=0.801, lpips=0.119, rfid=0.379, zs_top1=0.822)}),
+    'coco256': dict(
+        section='Sec. 4.2, Table 4', needs='images', layout='COCO val2017 (5k images), a flat folder',
+        settings=dict(resize_crop=256, fid=True, understanding=False),
+        paper={'So/C': dict(psnr=29.67, ssim=0.861, lpips=0.081, rfid=2.026),
+               'So/D': dict(psnr=27.00, ssim=0.815, lpips=0.115, rfid=3.270)}),
+    'tokenbench720': dict(
+        section='Sec. 4.3, Tables 3 and 6', needs='videos', layout='TokenBench (471 videos, 720p), a folder',
+        settings=dict(native=True, frames=0, decoder_cache_frames=4, fid=True, understanding=False),
+        paper={'So/C': dict(psnr=36.07, ssim=0.940, lpips=0.135, rfvd=3.01),
+               'So/D': dict(psnr=33.12, ssim=0.913, lpips=0.193, rfvd=22.16)}),
+    'davis1080': dict(
+        section='Sec. 4.3, Table 6', needs='videos', layout='DAVIS 2017 (50 videos at 1080p), a folder of videos',
+        settings=dict(native=True, frames=0, decoder_cache_frames=4, fid=True, understanding=False),
+        paper={'So/C': dict(psnr=33.11, ssim=0.907, lpips=0.189, rfvd=10.76),
+               'So/D': dict(psnr=29.75, ssim=0.846, lpips=0.288, rfvd=41.42)}),
+    'msrvtt': dict(
+        section='Sec. 4.3, Tables 3 and 7', needs='videos',
+        layout='MSR-VTT 1K-A test videos + --captions (one caption per video)',
+        settings=dict(retrieval_frames=12, resize_crop=224, fid=False, understanding=True),
+        paper={'So/C': {'t2m_R@1': 0.402, 't2m_R@5': 0.649, 't2m_R@10': 0.752, 'm2t_R@1': 0.305, 'm2t_R@5': 0.531,
+                        'm2t_R@10': 0.632},
+               'So/D': {'t2m_R@1': 0.403, 't2m_R@5': 0.650, 't2m_R@10': 0.746, 'm2t_R@1': 0.303, 'm2t_R@5': 0.518,
+                        'm2t_R@10': 0.617}}),
+    'msvd': dict(
+        section='Sec. 4.3, Table 7', needs='videos', layout='MSVD test videos + --captions (many per video)',
+        settings=dict(retrieval_frames=12, resize_crop=224, fid=False, understanding=True),
+        paper={'So/C': {'t2m_R@1': 0.535, 't2m_R@5': 0.795, 't2m_R@10': 0.871, 'm2t_R@1': 0.724, 'm2t_R@5': 0.916,
+                        'm2t_R@10': 0.954},
+               'So/D': {'t2m_R@1': 0.538, 't2m_R@5': 0.797, 't2m_R@10': 0.872, 'm2t_R@1': 0.715, 'm2t_R@5': 0.918,
+                        'm2t_R@10': 0.952}}),
+    'toys4k': dict(
+        section='Sec. 4.4, Tables 3 and 8', needs='assets',
+        layout='Toys4k assets prepared with `python render3d.py prepare` (+ --gs_checkpoint=3d_decode_gs)',
+        settings=dict(fid=False, understanding=True),
+        paper={'So/C': dict(psnr=28.28, ssim=0.951, lpips=0.062, zs_top1=0.909),
+               'So/D': dict(psnr=28.17, ssim=0.951, lpips=0.063, zs_top1=0.913)}),
+}
+
+
+def config_from_argv(argv):
+    """--key=value flags -> EvalConfig; with --protocol=NAME the preset's settings first, the flags on top.
+    A protocol without its data flag is an error naming the flag and the layout it expects."""
+    cfg = parse_overrides(EvalConfig(), argv)
+    if not cfg.protocol:
+        return cfg
+    if cfg.protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol={cfg.protocol}: expected one of {sorted(PROTOCOLS)}")
+    p = PROTOCOLS[cfg.protocol]
+    cfg = parse_overrides(replace(EvalConfig(), **p['settings']), argv)
+    if not getattr(cfg, p['needs']):
+        raise ValueError(f"--protocol={cfg.protocol} ({p['section']}) needs --{p['needs']}=<{p['layout']}>")
+    if cfg.retrieval_frames and not cfg.captions:
+        raise ValueError(f"--protocol={cfg.protocol} needs --captions=<JSON {{file: [captions]}} or CSV file,caption>")
     return cfg
 
 
@@ -556,13 +789,150 @@ def check_options(model, cfg, gs=None):
                          f"{model.config.patch_size[1:]}")
 
 
+# protocol data: deterministic preprocessing (no random size or clip draws), labels from class folders,
+# captions from a file. Listing and header probing are data.py's (ImageFolder / VideoFolder).
+
+
+def resize_center_crop(im, size):
+    """PIL image -> PIL image: shorter side resized to `size` with PIL bilinear (longer side int(size * long /
+    short)), then the centre size x size crop (offsets rounded): torchvision's Resize(size) + CenterCrop(size)
+    on a PIL image, written out so that the protocol does not depend on torchvision's transforms."""
+    from PIL import Image
+    w, h = im.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    im = im.resize((size, new_long) if w <= h else (new_long, size), Image.Resampling.BILINEAR)
+    left, top = int(round((im.width - size) / 2.0)), int(round((im.height - size) / 2.0))
+    return im.crop((left, top, left + size, top + size))
+
+
+def class_folders(entries, root):
+    """Folder-per-class layout (ImageNet val's synset folders): every file one level below `root` -> the class
+    name of each entry (its folder), else None. 1000 synset folders name open_clip's ImageNet classes, in
+    sorted-synset order (the standard class indices); other folder names are used as they are, '_' -> ' '."""
+    if not os.path.isdir(root):
+        return None
+    rel = [os.path.relpath(e[0], root).split(os.sep) for e in entries]
+    if not rel or any(len(r) != 2 for r in rel):
+        return None
+    folders = sorted({r[0] for r in rel})
+    if len(folders) == 1000 and all(f[:1] == 'n' and f[1:].isdigit() for f in folders):
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+        names = dict(zip(folders, IMAGENET_CLASSNAMES))
+    else:
+        names = {f: f.replace('_', ' ') for f in folders}
+    return [names[r[0]] for r in rel]
+
+
+def read_captions(path):
+    """Retrieval captions: a JSON object {file: caption or [captions]} or a CSV with header file,caption (a file
+    may have several rows). Files are relative to the video folder. -> {file: [captions]}."""
+    import csv
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--captions={path}: no such file")
+    out = {}
+    with open(path, newline='') as f:
+        if path.endswith('.csv'):
+            for n, row in enumerate(csv.DictReader(f), 2):
+                if not row.get('file') or not row.get('caption'):
+                    raise ValueError(f"{path}: line {n} needs 'file' and 'caption'")
+                out.setdefault(os.path.normpath(row['file']), []).append(row['caption'])
+        else:
+            for file, caps in json.load(f).items():
+                out[os.path.normpath(file)] = [caps] if isinstance(caps, str) else list(caps)
+    return out
+
+
+class ProtocolImages:
+    """Images at the protocol's size: resize_center_crop(size) of the decoded file (uint8 -> [-1, 1]), with
+    labels from class folders or a manifest's label column."""
+    def __init__(self, path, size, patch_size):
+        listing = data.ImageFolder(path, (patch_size[1], patch_size[1]), patch_size)   # lists and probes
+        self.entries, self.skipped, self.size, self.patch_size = listing.entries, listing.skipped, size, patch_size
+        names = class_folders(self.entries, path) or [e[2] for e in self.entries]
+        self.names = names
+        self.classes = sorted({n for n in names if n}, key=lambda n: names.index(n))   # first-seen = sorted folders
+
+    def __len__(self):
+        return len(self.entries)
+
+    def num_tokens(self, i):
+        return (self.size // self.patch_size[1]) * (self.size // self.patch_size[2])
+
+    def __getitem__(self, i):
+        from PIL import Image, ImageOps
+        file, caption, _, _ = self.entries[i]
+        try:
+            with Image.open(file) as im:
+                im = resize_center_crop(ImageOps.exif_transpose(im).convert('RGB'), self.size)
+                u8 = torch.from_numpy(np.asarray(im).copy())                              # (S, S, 3)
+        except data.READ_ERRORS as e:
+            return data.Skipped(file, str(e) or type(e).__name__)
+        name = self.names[i]
+        return data.Sample(from_uint8(u8), 'image', caption, self.classes.index(name) if name else -1, name, file)
+
+
+class ProtocolVideos:
+    """Videos for the protocols. native: every frame from the first (up to max_frames, 0 = all), cut to a
+    multiple of pt, at the stored size (model.prepare centre-crops to patch multiples: 1080 -> 1072 rows).
+    retrieval: `frames` frames spread over the video (frame_indices), each resize_center_crop(size), and
+    the captions of the file from a captions file."""
+    def __init__(self, path, patch_size, max_frames=0, retrieval_frames=0, size=0, captions=None):
+        listing = data.VideoFolder(path, 'recon', (patch_size[1], patch_size[1]), patch_size)
+        self.entries, self.skipped, self.classes = listing.entries, listing.skipped, []
+        self.root, self.patch_size, self.max_frames = path, patch_size, max_frames
+        self.retrieval_frames, self.size, self.captions = retrieval_frames, size, captions
+
+    def __len__(self):
+        return len(self.entries)
+
+    def frames(self, i):
+        n = self.entries[i][3][0]
+        if self.retrieval_frames:
+            return frame_indices(n, self.retrieval_frames)
+        n = min(n, self.max_frames) if self.max_frames else n
+        return range(n // self.patch_size[0] * self.patch_size[0])
+
+    def num_tokens(self, i):
+        pt, ph, pw = self.patch_size
+        H, W = self.entries[i][3][2]
+        if self.retrieval_frames:
+            return len(self.frames(i)) * (self.size // ph) * (self.size // pw)
+        return len(self.frames(i)) // pt * (H // ph) * (W // pw)
+
+    def caption_list(self, i):
+        if self.captions is None:
+            return []
+        return self.captions.get(os.path.normpath(os.path.relpath(self.entries[i][0], self.root)), [])
+
+    def __getitem__(self, i):
+        from PIL import Image
+        file = self.entries[i][0]
+        try:
+            x = data.load_clip(file, self.frames(i), self.entries[i][3][2], 1)          # (T, H, W, 3) [-1, 1]
+        except data.READ_ERRORS as e:
+            return data.Skipped(file, str(e) or type(e).__name__)
+        if self.retrieval_frames:
+            crops = [np.asarray(resize_center_crop(Image.fromarray(round_to_uint8(f).numpy()), self.size)) for f in x]
+            x = from_uint8(torch.from_numpy(np.stack(crops)))                            # (k, S, S, 3)
+        else:
+            x = x[: len(x) // self.patch_size[0] * self.patch_size[0]]
+        caps = self.caption_list(i)
+        return data.Sample(x, 'video', caps[0] if caps else '', -1, '', file)
+
+
 def build_datasets(cfg, patch_size, grid):
     """{kind: dataset}: the folders given, else the built-in held-out sets whose n_* > 0."""
     if cfg.images or cfg.videos or cfg.assets:
         out = {}
         if cfg.images:
-            out['image'] = data.ImageFolder(cfg.images, cfg.res, patch_size, cfg.seed)
-        if cfg.videos:
+            out['image'] = (ProtocolImages(cfg.images, cfg.resize_crop, patch_size) if cfg.resize_crop else
+                            data.ImageFolder(cfg.images, cfg.res, patch_size, cfg.seed))
+        if cfg.videos and (cfg.native or cfg.retrieval_frames):
+            out['video'] = ProtocolVideos(cfg.videos, patch_size, cfg.frames if cfg.native else 0,
+                                          cfg.retrieval_frames, cfg.resize_crop,
+                                          read_captions(cfg.captions) if cfg.captions else None)
+        elif cfg.videos:
             out['video'] = data.VideoFolder(cfg.videos, 'recon', cfg.res, patch_size, cfg.frames, cfg.seed)
         if cfg.assets:
             out['3d'] = data.AssetFolder(cfg.assets, patch_size)
@@ -577,10 +947,10 @@ def build_datasets(cfg, patch_size, grid):
     return out
 
 
-def token_batches(ds, budget):
-    """Indices in order, grouped into batches of at most `budget` tokens (a longer sample goes alone)."""
+def token_batches(ds, budget, start=0):
+    """Indices from `start` on, grouped into batches of at most `budget` tokens (a longer sample goes alone)."""
     batch, used = [], 0
-    for i in range(len(ds)):
+    for i in range(start, len(ds)):
         n = ds.num_tokens(i)
         if batch and used + n > budget:
             yield batch
@@ -650,102 +1020,189 @@ def score_sample(s, rec, lpips_fn, gs, patch_size, budget=None):
     return scores, s.media['views'], views
 
 
-def understanding_metrics(emb, labels, captions, class_names, templates, text):
-    """Zero-shot top-1/top-5 accuracy (with chance levels) over the labelled samples, and text-to-media /
-    media-to-text recall@1/5/10 over the captioned ones. emb [B, D] -> (metrics, notes)."""
-    width = text.encode_text(['a']).shape[1]
-    if width != emb.shape[1]:
-        return {}, [f"understanding metrics skipped: tokenizer embedding width {emb.shape[1]} != text tower "
-                    f"width {width}"]
-    out, notes = {}, []
-    labels = torch.as_tensor(labels)
-    keep = labels >= 0
-    if len(class_names) >= 2 and keep.any():
-        names = [with_article(c) for c in class_names]
-        prompts = [t.format(n) for n in names for t in templates]
-        table = dict(zip(prompts, text.encode_text(prompts)))                # one text-tower pass
-        ce = class_embeddings(lambda ts: torch.stack([table[t] for t in ts]), names, templates)   # [K, D]
-        K = len(class_names)
-        out.update(zs_top1=zero_shot_accuracy(emb[keep], labels[keep], ce, 1),
-                   zs_top5=zero_shot_accuracy(emb[keep], labels[keep], ce, 5),
-                   zs_chance_top1=1 / K, zs_chance_top5=min(5, K) / K)
-    else:
-        notes.append('zero-shot skipped: no class labels (folders need a manifest with labels)')
-    sel = [i for i, c in enumerate(captions) if c]
-    if len(sel) >= 2:
-        sim = text.encode_text([captions[i] for i in sel]) @ emb[sel].t()     # [Q, Q] text x media
-        out.update({f't2m_R@{k}': v for k, v in recall_at_k(sim).items()})
-        out.update({f'm2t_R@{k}': v for k, v in recall_at_k(sim.t()).items()})
-    else:
-        notes.append(f'retrieval skipped: {len(sel)} captioned samples (needs >= 2)')
-    return out, notes
+def fill(template, name):
+    """A prompt template: a '{}' string (ours) or a function of the class name (open_clip's ImageNet ones)."""
+    return template(name) if callable(template) else template.format(name)
 
 
-def collect(model, ds, cfg, lpips_fn, features, gs):
-    """Run a dataset through the tokenizer -> dict of per-sample scores, labels, captions, embeddings,
-    FSQ indices, rFID/rFVD features (real, reconstructed), grid pairs and skipped files."""
-    c = dict(scores=[], labels=[], captions=[], emb=[], indices=[], real=[], fake=[], pairs=[], skipped=[])
-    for batch in token_batches(ds, cfg.batch_tokens):
+def zero_shot_classifier(text, class_names, templates):
+    """Class embeddings [K, D] for zero-shot classification (CLIP prompt ensembling, class_embeddings), one
+    text-tower pass over every prompt."""
+    prompts = list(dict.fromkeys(fill(t, n) for n in class_names for t in templates))
+    table = dict(zip(prompts, text.encode_text(prompts)))
+    return class_embeddings(lambda ts: torch.stack([table[t] for t in ts]), class_names, templates)
+
+
+def retrieval_metrics(emb, captions, text):
+    """Media embeddings [V, D] and each item's captions [[str], ...] (at least one each) -> text-to-media
+    recall@1/5/10 (every caption a query) and media-to-text (every item a query; any of its captions
+    counts), as MSR-VTT (one caption per video) and MSVD (about 40) are scored."""
+    texts = [t for caps in captions for t in caps]
+    owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+    match = owner[:, None] == torch.arange(len(captions))[None]                 # [C, V] caption c describes v
+    sim = text.encode_text(texts).float() @ emb.float().t()                     # [C, V]
+    out = {f't2m_R@{k}': v for k, v in recall_at_k(sim, match=match).items()}
+    out.update({f'm2t_R@{k}': v for k, v in recall_at_k(sim.t(), match=match.t()).items()})
+    return out
+
+
+def template_set(cfg, kind):
+    """(templates, class-name formatter) for zero-shot prompts."""
+    if cfg.templates == 'imagenet':
+        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+        return list(OPENAI_IMAGENET_TEMPLATES), lambda n: n
+    if cfg.templates != 'builtin':
+        raise ValueError(f"--templates={cfg.templates}: expected 'builtin' or 'imagenet'")
+    return TEMPLATES[kind], with_article
+
+
+def new_state():
+    """What evaluation accumulates per modality: bounded by the sample count in small per-sample records
+    (scores, labels, top-5 predictions; embeddings only of captioned samples, for retrieval), plus
+    fixed-size FID statistics and FSQ code counts. No image is kept."""
+    return dict(next=0, scores=[], labels=[], topk=[], emb=[], captions=[], counts=None, real=FrechetStats(),
+                fake=FrechetStats(), skipped=[], grids=[], pending=[], shown=0, short=0)
+
+
+def save_partial(c, fingerprint, path):
+    """A resumable partial result (atomic: a crash mid-write leaves the previous one)."""
+    state = dict(c, real=c['real'].state(), fake=c['fake'].state(), fingerprint=fingerprint)
+    torch.save(state, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def load_partial(path, fingerprint):
+    """The partial result at `path` -> state, or None when there is none. One of another run (checkpoint,
+    data or settings differ) is an error naming the file."""
+    if not os.path.isfile(path):
+        return None
+    state = torch.load(path, weights_only=False)
+    if state.pop('fingerprint') != fingerprint:
+        raise ValueError(f"{path}: a partial result of another evaluation (checkpoint, data or settings differ); "
+                         f"delete it or pass --resume=false")
+    state['real'], state['fake'] = FrechetStats().load(state['real']), FrechetStats().load(state['fake'])
+    print(f"eval: resuming from {path} at sample {state['next']}")
+    return state
+
+
+def embed_frames(model, frames):
+    """Retrieval: a video's frames (k, H, W, 3), each embedded as an image (padded to pt frames with zeros,
+    the paper's "frame embedding averaging with zero-padding") -> one embedding [D]."""
+    return average_frame_embeddings(model.embed(list(frames)).float().cpu())
+
+
+def add_sample(c, s, rec, emb, idx, kind, ctx):
+    """One evaluated sample into the state c: scores, distribution features, FSQ counts, zero-shot
+    prediction, retrieval embedding, grid."""
+    model, cfg, nets = ctx['model'], ctx['cfg'], ctx['nets']
+    if rec is not None:
+        budget = {k: latent_floats_per_pixel(k, model.config) for k in ('image', 'video')}
+        scores, target, shown = score_sample(s, rec, nets['lpips'], nets['gs'], model.config.patch_size, budget)
+        c['scores'].append(scores)
+        if nets['dist'] is not None and kind == 'image':
+            f = nets['dist'](torch.stack([target, shown]))                     # one pass for the pair
+            c['real'].add(f[:1]), c['fake'].add(f[1:])
+        elif nets['dist'] is not None and kind == 'video':
+            fr, ff = nets['dist'](target), nets['dist'](shown)
+            if len(fr):
+                c['real'].add(fr), c['fake'].add(ff)
+            else:
+                c['short'] += 1
+        if shown is not None and c['shown'] < cfg.max_grids:
+            c['shown'] += 1
+            c['pending'].append((target, shown))
+            if kind != 'image' or len(c['pending']) == 4 or c['shown'] == cfg.max_grids:
+                c['grids'].append(write_grid(kind, c['pending'], len(c['grids']), cfg.out_dir))
+                c['pending'] = []
+    if idx is not None:
+        size = model.config.fsq_levels ** (model.config.latent_channels // model.config.fsq_groups)
+        n = code_counts(idx, size)
+        c['counts'] = n if c['counts'] is None else c['counts'] + n
+    if ctx['classifier'] is not None and s.label >= 0:
+        c['labels'].append(s.label), c['topk'].append(zero_shot_predict(emb[None], ctx['classifier'])[0])
+    caps = ctx['ds'].caption_list(ctx['i']) if hasattr(ctx['ds'], 'caption_list') else [s.caption] * bool(s.caption)
+    if caps and ctx['text'] is not None:
+        c['emb'].append(emb), c['captions'].append(caps)
+
+
+def collect(model, ds, kind, cfg, nets, text, classifier):
+    """Run a dataset through the tokenizer, batches of up to batch_tokens packed tokens (several samples per
+    forward), with a progress bar, into new_state()'s record; every save_every samples the record goes to
+    out_dir/partial_<kind>.pt, and a rerun resumes from it (removed when the modality is done)."""
+    from tqdm import tqdm
+    path = os.path.join(cfg.out_dir, f'partial_{kind}.pt')
+    fingerprint = dict(checkpoint=os.path.abspath(cfg.checkpoint) if os.path.exists(cfg.checkpoint) else cfg.checkpoint,
+                       latent=cfg.latent, n=len(ds), data=[getattr(cfg, k) for k in ('images', 'videos', 'assets')],
+                       settings=[cfg.protocol, cfg.resize_crop, cfg.native, cfg.retrieval_frames, cfg.frames, cfg.res])
+    c = (load_partial(path, fingerprint) if cfg.resume else None) or new_state()
+    saved = c['next']
+    bar = tqdm(total=len(ds), initial=c['next'], desc=f'eval {kind}', unit='sample', disable=None)
+    for batch in token_batches(ds, cfg.batch_tokens, c['next']):
         items = [ds[i] for i in batch]
         c['skipped'] += [(it.source, it.reason) for it in items if isinstance(it, data.Skipped)]
-        good = [it for it in items if isinstance(it, data.Sample)]
-        if not good:
-            continue
-        recs, emb, idx = run_batch(model, [s.media for s in good], cfg.latent)
-        for s, rec, e, ix in zip(good, recs, emb, idx):
-            budget = {k: latent_floats_per_pixel(k, model.config) for k in ('image', 'video')}
-            scores, target, shown = score_sample(s, rec, lpips_fn, gs, model.config.patch_size, budget)
-            c['scores'].append(scores), c['labels'].append(s.label), c['captions'].append(s.caption)
-            c['emb'].append(e)
-            if ix is not None:
-                c['indices'].append(ix)
-            if features is not None:
-                f = features(torch.stack([target, shown]))                   # one pass for the pair
-                c['real'].append(f[:1]), c['fake'].append(f[1:])
-            if shown is not None and len(c['pairs']) < cfg.max_grids:
-                c['pairs'].append((target, shown))
+        good = [(i, it) for i, it in zip(batch, items) if isinstance(it, data.Sample)]
+        if good and kind == 'video' and cfg.retrieval_frames:
+            outs = [(None, embed_frames(model, s.media), None) for _, s in good]   # embeddings only
+        elif good:
+            outs = list(zip(*run_batch(model, [s.media for _, s in good], cfg.latent)))
+        for (i, s), (rec, emb, idx) in zip(good, outs if good else []):
+            add_sample(c, s, rec, emb, idx, kind, dict(model=model, cfg=cfg, nets=nets, classifier=classifier,
+                                                      text=text, ds=ds, i=i))
+        c['next'] = batch[-1] + 1
+        bar.update(len(batch))
+        if c['next'] - saved >= cfg.save_every and c['next'] < len(ds):
+            save_partial(c, fingerprint, path)
+            saved = c['next']
+    bar.close()
+    if c['pending']:
+        c['grids'].append(write_grid(kind, c['pending'], len(c['grids']), cfg.out_dir))
+    if os.path.exists(path):
+        os.remove(path)
     return c
 
 
-def summarise(kind, c, model, ds, text):
-    """Collected outputs -> (metrics, codebook stats or None, notes)."""
-    metrics, notes = {}, []
-    for key in c['scores'][0]:
+def summarise(kind, c, model, classes, text):
+    """The collected record -> (metrics, codebook stats or None, per-class zero-shot accuracy or None, notes)."""
+    metrics, notes, per_class, codebook = {}, [], None, None
+    for key in (c['scores'][0] if c['scores'] else {}):
         vals = torch.tensor([s[key] for s in c['scores']], dtype=torch.float64)
         metrics[key] = vals.nanmean().item()                   # inf (a perfect PSNR) stays inf
         if vals.isnan().any():
             notes.append(f"{kind} {key}: {int(vals.isnan().sum())} samples too small for it (left out)")
-    if len(c['real']) >= 2:
-        metrics['rfid' if kind == 'image' else 'rfvd'] = frechet_distance(torch.cat(c['real']), torch.cat(c['fake']))
-    codebook = None
-    if c['indices']:
-        dims = model.config.latent_channels // model.config.fsq_groups
-        codebook = codebook_stats(torch.cat(c['indices']), model.config.fsq_levels ** dims)
+    if c['real'].count() >= 2:
+        metrics['rfid' if kind == 'image' else 'rfvd'] = frechet_of_stats(c['real'], c['fake'])
+    if c['short']:
+        notes.append(f"{kind}: {c['short']} videos shorter than {I3DFVD.FRAMES} frames give no rFVD clip")
+    if c['counts'] is not None:
+        codebook = codebook_stats_from_counts(c['counts'])
         metrics['code_usage'] = sum(codebook['usage']) / len(codebook['usage'])
         metrics['code_ppl'] = sum(codebook['perplexity']) / len(codebook['perplexity'])
     if text is not None:
-        und, more = understanding_metrics(torch.stack(c['emb']), c['labels'], c['captions'],
-                                          list(ds.classes), TEMPLATES[kind], text)
-        metrics.update(und)
-        notes += [f'{kind}: {n}' for n in more]
-    return metrics, codebook, notes
-
-
-def write_grids(kind, pairs, out_dir):
-    """Side-by-side grids (original | reconstruction | 4x error): images 4 per PNG, one MP4 per video, one PNG
-    per 3D asset with a row per view (up to 4). -> file names."""
-    names = []
-    if kind == 'image':
-        for j in range(0, len(pairs), 4):
-            names.append(f'images_{j // 4:03d}.png')
-            save_image_grid(pairs[j:j + 4], os.path.join(out_dir, names[-1]))
-    for j, (orig, rec) in enumerate(pairs if kind != 'image' else []):
-        names.append(f'videos_{j:03d}.mp4' if kind == 'video' else f'3d_{j:03d}.png')
-        if kind == 'video':
-            save_video_grid(orig, rec, os.path.join(out_dir, names[-1]))
+        if c['topk']:
+            zs, per_class = zero_shot_scores(torch.stack(c['topk']), c['labels'], classes)
+            metrics.update(zs)
         else:
-            save_image_grid(list(zip(orig[:4], rec[:4])), os.path.join(out_dir, names[-1]))
-    return names
+            notes.append(f'{kind}: zero-shot skipped: no class labels (class folders or a manifest with labels)')
+        if len(c['emb']) >= 2:
+            metrics.update(retrieval_metrics(torch.stack(c['emb']), c['captions'], text))
+        else:
+            notes.append(f"{kind}: retrieval skipped: {len(c['emb'])} captioned samples (needs >= 2)")
+    return metrics, codebook, per_class, notes
+
+
+def write_grid(kind, pairs, j, out_dir):
+    """Side-by-side grid (original | reconstruction | 4x error) -> its file name: images up to 4 per PNG, one
+    MP4 per video, one PNG per 3D asset with a row per view (up to 4)."""
+    if kind == 'image':
+        name = f'images_{j:03d}.png'
+        save_image_grid(pairs, os.path.join(out_dir, name))
+    elif kind == 'video':
+        name = f'videos_{j:03d}.mp4'
+        save_video_grid(*pairs[0], os.path.join(out_dir, name))
+    else:
+        name = f'3d_{j:03d}.png'
+        save_image_grid(list(zip(pairs[0][0][:4], pairs[0][1][:4])), os.path.join(out_dir, name))
+    return name
 
 
 def optional(build, what, notes):
@@ -763,8 +1220,8 @@ def setup_warnings(cfg, datasets, gs, text):
     notes = []
     if cfg.random_nets:
         trained_text = getattr(text, 'trained', False)
-        notes.append(f"random_nets: LPIPS, Inception (rFID), R3D (rFVD){'' if trained_text else ' and the text tower'} "
-                     f"are RANDOM: a smoke test, {'those' if trained_text else 'the'} numbers are not meaningful")
+        notes.append(f"random_nets: LPIPS{'' if trained_text else ' and the text tower'} are RANDOM: a smoke "
+                     f"test, {'those' if trained_text else 'the'} numbers are not meaningful")
     if text is None and cfg.understanding:
         notes.append('no text tower given: understanding metrics skipped')
     if '3d' in datasets and gs is None:
@@ -773,22 +1230,36 @@ def setup_warnings(cfg, datasets, gs, text):
     return notes
 
 
+def distribution_net(kind, cfg, device, notes):
+    """InceptionFID for images, I3DFVD for videos, or None (3D, --fid=false, or retrieval-only videos).
+    A protocol run needs it: missing weights are an error; elsewhere they are a skip note."""
+    if not cfg.fid or kind == '3d' or (kind == 'video' and cfg.retrieval_frames):
+        return None
+    build = (lambda: InceptionFID(cfg.fid_weights, device)) if kind == 'image' else (lambda: I3DFVD(cfg.fvd_weights, device))
+    return build() if cfg.protocol else optional(build, 'rFID' if kind == 'image' else 'rFVD', notes)
+
+
 def evaluate(model, cfg, gs_decoder=None, text=None):
     """Evaluate an in-memory tokenizer on the data cfg names (train.py calls this for held-out evaluation).
 
     Returns dict(metrics={kind: {name: value}}, codebook={kind: {'usage': [G], 'perplexity': [G]}},
-    counts={kind: {'evaluated', 'skipped'}}, skipped=[{kind, source, reason}], grids=[file names in
-    cfg.out_dir], warnings=[...]). text: an object with encode_text (TextTower); None skips understanding.
-    The model's training mode and decoder cache setting are restored afterwards."""
+    per_class={kind: {class: top-1}}, counts={kind: {'evaluated', 'skipped'}}, skipped=[{kind, source,
+    reason}], grids=[file names in cfg.out_dir], warnings=[...]). text: an object with encode_text
+    (TextTower); None skips understanding. The model's training mode and decoder cache setting are restored."""
     check_options(model, cfg, gs_decoder)
     os.makedirs(cfg.out_dir, exist_ok=True)
     device = next(model.parameters()).device
     grid = cfg.grid_3d or (gs_decoder.cfg if gs_decoder is not None else model.config).gs_resolution
     datasets = build_datasets(cfg, model.config.patch_size, grid)
-    res = dict(metrics={}, codebook={}, counts={}, skipped=[], grids=[],
+    res = dict(metrics={}, codebook={}, per_class={}, counts={}, skipped=[], grids=[],
                warnings=setup_warnings(cfg, datasets, gs_decoder, text))
     text = text if cfg.understanding else None
-    need_lpips = any(k != '3d' for k in datasets) or ('3d' in datasets and gs_decoder is not None)
+    if text is not None and text.encode_text(['a']).shape[1] != model.config.encoder_width:
+        res['warnings'].append(f"understanding metrics skipped: tokenizer embedding width "
+                               f"{model.config.encoder_width} != text tower width {text.encode_text(['a']).shape[1]}")
+        text = None
+    need_lpips = any(k != '3d' and not (k == 'video' and cfg.retrieval_frames) for k in datasets) or \
+        ('3d' in datasets and gs_decoder is not None)
     lpips_fn = optional(lambda: LPIPSMetric(cfg.lpips_weights, cfg.random_nets, device), 'LPIPS',
                         res['warnings']) if need_lpips else None
     was_training, cache = model.training, model.config.decoder_cache_frames
@@ -797,23 +1268,24 @@ def evaluate(model, cfg, gs_decoder=None, text=None):
     model.eval()
     try:
         for kind, ds in datasets.items():
-            features = None
-            if cfg.fid and kind != '3d' and len(ds) >= 2:
-                net, weights = ('inception', cfg.fid_weights) if kind == 'image' else ('r3d', cfg.fvd_weights)
-                features = optional(lambda: FeatureExtractor(net, weights, cfg.random_nets, device),
-                                    'rFID' if kind == 'image' else 'rFVD', res['warnings'])
-            c = collect(model, ds, cfg, lpips_fn, features, gs_decoder)
+            nets = dict(lpips=lpips_fn, gs=gs_decoder, dist=distribution_net(kind, cfg, device, res['warnings']))
+            templates, name = template_set(cfg, kind)
+            classifier = (zero_shot_classifier(text, [name(n) for n in ds.classes], templates)
+                          if text is not None and len(ds.classes) >= 2 else None)
+            c = collect(model, ds, kind, cfg, nets, text, classifier)
             skipped = list(ds.skipped) + c['skipped']
-            res['counts'][kind] = dict(evaluated=len(c['scores']), skipped=len(skipped))
+            res['counts'][kind] = dict(evaluated=len(c['scores']) or len(c['emb']), skipped=len(skipped))
             res['skipped'] += [dict(kind=kind, source=s, reason=r) for s, r in skipped]
-            if not c['scores']:
+            res['grids'] += c['grids']
+            if not (c['scores'] or c['emb'] or c['topk']):
                 res['warnings'].append(f'{kind}: nothing could be evaluated')
                 continue
-            res['metrics'][kind], codebook, notes = summarise(kind, c, model, ds, text)
+            res['metrics'][kind], codebook, per_class, notes = summarise(kind, c, model, list(ds.classes), text)
             if codebook is not None:
                 res['codebook'][kind] = codebook
+            if per_class is not None:
+                res['per_class'][kind] = per_class
             res['warnings'] += notes
-            res['grids'] += write_grids(kind, c['pairs'], cfg.out_dir)
     finally:
         model.train(was_training)
         model.config.decoder_cache_frames = cache
@@ -859,6 +1331,10 @@ def markdown_report(r, metrics):
              f"{r['model_config']['decoder_cache_frames']} frames",
              f"- device: {r['device']} ({r['dtype']}); torch {r['torch']}; commit {r['git_commit'][:12]}; "
              f"{r['started']}, {r['wall_s']:.1f} s", '']
+    if r.get('protocol'):
+        p = r['protocol']
+        lines += [f"Protocol `{p['name']}` ({p['section']}); the paper's numbers for Apple's checkpoints:", '',
+                  markdown_table(p['paper']), '']
     rec = {k: {n: v for n, v in m.items() if not n.startswith(UNDERSTANDING)} for k, m in metrics.items()}
     und = {k: {n: v for n, v in m.items() if n.startswith(UNDERSTANDING)} for k, m in metrics.items()}
     und = {k: m for k, m in und.items() if m}
@@ -889,7 +1365,7 @@ def main(argv):
     if '-h' in argv or '--help' in argv:
         print(usage())
         return None
-    cfg = parse_overrides(EvalConfig(), argv)
+    cfg = config_from_argv(argv)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype={cfg.dtype}: expected one of {list(DTYPES)}")
     t0, started = time.time(), time.strftime('%Y-%m-%d %H:%M:%S %z')
@@ -911,7 +1387,10 @@ def main(argv):
 
     folders = {k: getattr(cfg, k) for k in ('images', 'videos', 'assets') if getattr(cfg, k)}
     report = dict(
-        metrics=res['metrics'], codebook=res['codebook'], counts=res['counts'], skipped=res['skipped'],
+        metrics=res['metrics'], codebook=res['codebook'], per_class=res['per_class'], counts=res['counts'],
+        skipped=res['skipped'],
+        protocol=dict(name=cfg.protocol, section=PROTOCOLS[cfg.protocol]['section'],
+                      paper=PROTOCOLS[cfg.protocol]['paper']) if cfg.protocol else None,
         grids=res['grids'], warnings=notes + res['warnings'],
         data=f"folders {folders}" if folders else f"built-in '{cfg.split}' split, seed {cfg.seed}",
         checkpoint=dict(path=cfg.checkpoint, config=cfg.config, kind=info['kind'], weights=info['weights'],

@@ -278,14 +278,17 @@ def exported(tmp_path_factory):
     return str(path)
 
 
-def test_cli_builtin_images_videos(tmp_path, exported):
+def test_cli_builtin_images_videos(tmp_path, exported, inception_weights, i3d_stand_in):
     r = run_cli(tmp_path, f'--checkpoint={exported}', '--n_images=2', '--n_videos=2', '--n_3d=0', '--res=32,48',
-                '--frames=4', '--latent=fsq', '--decoder_cache_frames=4', '--max_grids=1')
+                '--frames=4', '--latent=fsq', '--decoder_cache_frames=4', '--max_grids=1',
+                f'--fid_weights={inception_weights}', f'--fvd_weights={i3d_stand_in}')
     out = tmp_path / 'out'
     assert r['counts'] == {'image': {'evaluated': 2, 'skipped': 0}, 'video': {'evaluated': 2, 'skipped': 0}}
-    for kind, dist in (('image', 'rfid'), ('video', 'rfvd')):
+    assert 'rfid' in r['metrics']['image'] and 'rfvd' not in r['metrics']['video']     # 4-frame clips: no I3D clip
+    assert any('shorter than 16 frames' in w for w in r['warnings'])
+    for kind in ('image', 'video'):
         m = r['metrics'][kind]
-        assert {'psnr', 'ssim', 'lpips', dist, 'code_usage', 'code_ppl', 'zs_top1', 'zs_top5', 't2m_R@1',
+        assert {'psnr', 'ssim', 'lpips', 'code_usage', 'code_ppl', 'zs_top1', 'zs_top5', 't2m_R@1',
                 'm2t_R@10', 'bicubic_psnr'} <= set(m)
         assert m['zs_chance_top1'] == 1 / len(data.CLASSES) and 0 <= m['zs_top5'] <= 1
         assert len(r['codebook'][kind]['usage']) == 4
@@ -300,7 +303,7 @@ def test_cli_builtin_images_videos(tmp_path, exported):
     assert loaded['config']['res'] == [32, 48] and loaded['model_config']['decoder_cache_frames'] == 4
     assert loaded['checkpoint']['kind'] == 'export' and any('RANDOM' in w for w in loaded['warnings'])
     md = (out / 'report.md').read_text()
-    assert '## Reconstruction' in md and '| image |' in md and 'rfvd' in md and '## Understanding' in md
+    assert '## Reconstruction' in md and '| image |' in md and 'rfid' in md and '## Understanding' in md
 
 
 def test_cli_training_checkpoint_3d_with_gaussian_decoder(tmp_path):
@@ -450,24 +453,19 @@ class FakeText:
                             for t in texts])
 
 
-def test_understanding_metrics_with_a_known_text_tower():
+def test_understanding_with_a_known_text_tower():
     emb = torch.tensor([[1.0, 0.1, 0], [0, 1, 0], [0.2, 0, 1], [0, 1, 0.3]])
     labels, names = [0, 1, 2, 0], ['red circle', 'orange star', 'blue cube']
-    captions = ['a red circle', 'an orange star', '', 'a red circle on a background']
-    m, notes = ev.understanding_metrics(emb, labels, captions, names, ev.TEMPLATES['image'], FakeText())
-    assert m['zs_top1'] == 0.75 and m['zs_top5'] == 1.0 and m['zs_chance_top1'] == 1 / 3
-    # captions of samples 0, 1, 3 (sample 2 has none): 0 -> circle, 1 -> star, 3 -> circle (ties count for it)
-    assert m['t2m_R@1'] == 2 / 3 and m['m2t_R@1'] == 2 / 3 and m['t2m_R@5'] == 1.0 and not notes
-    m, notes = ev.understanding_metrics(torch.ones(2, 5), [0, 1], ['a', 'b'], names, ['{}'], FakeText())
-    assert m == {} and 'width 5 != text tower width 3' in notes[0]
+    ce = ev.zero_shot_classifier(FakeText(), [ev.with_article(n) for n in names], ev.TEMPLATES['image'])
+    torch.testing.assert_close(ce, torch.eye(3))
+    zs, per_class = ev.zero_shot_scores(ev.zero_shot_predict(emb, ce), labels, names)
+    assert zs['zs_top1'] == 0.75 and zs['zs_top5'] == 1.0 and zs['zs_chance_top1'] == 1 / 3
+    assert per_class == {'red circle': 0.5, 'orange star': 1.0, 'blue cube': 1.0}
+    # captions of samples 0, 1, 3: 0 -> circle, 1 -> star, 3 -> circle (ties count for it)
+    m = ev.retrieval_metrics(emb[[0, 1, 3]], [['a red circle'], ['an orange star'], ['a red circle on a background']],
+                             FakeText())
+    assert m['t2m_R@1'] == 2 / 3 and m['m2t_R@1'] == 2 / 3 and m['t2m_R@5'] == 1.0
 
-
-def test_inception_sees_minus_one_to_one():
-    """torchvision's Inception-v3 ImageNet weights expect (x - 0.5) / 0.5 (its transform_input), i.e. our range."""
-    f = ev.FeatureExtractor('inception', random=True)
-    f.net = lambda x: x.mean((2, 3))                                  # what the network would be fed
-    out = f(torch.full((1, 40, 30, 3), 0.25))
-    torch.testing.assert_close(out, torch.full((1, 3), 0.25))
 
 
 def test_unavailable_metric_weights_are_skipped_with_a_note(tmp_path, exported):
@@ -477,3 +475,278 @@ def test_unavailable_metric_weights_are_skipped_with_a_note(tmp_path, exported):
                      '--n_videos=0', '--n_3d=0', '--res=32,32', '--understanding=false', f'--out_dir={tmp_path}'])
     assert set(r['metrics']['image']) == {'psnr', 'ssim', 'bicubic_psnr', 'code_usage', 'code_ppl'}
     assert any(w.startswith('LPIPS skipped') and 'no_alexnet.pth' in w for w in r['warnings'])
+
+
+# -----------------------------------------------------------------------------
+# rFID / rFVD networks (random weights saved to files: no network), protocols, streaming
+
+
+def random_inception(path, live_64=None):
+    """torch-fidelity's TF-Inception with random weights, saved as the state-dict file --fid_weights takes.
+    Convolutions get He-normal weights so features stay O(1) through the ~90 layers. live_64: keep only the
+    first live_64 channels of the '64' pool alive (the others exactly 0), so that its 64 x 64 covariances of
+    a few images are full rank on the live block and every FID implementation is exact there."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Blank(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):    # keep the random initialisation
+            return None
+
+    torch.save({}, str(path) + '.empty')
+    torch.manual_seed(0)
+    net = Blank('inception-v3-compat', ['2048'], feature_extractor_weights_path=str(path) + '.empty')
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity='relu')
+    if live_64:
+        with torch.no_grad():
+            net.Conv2d_2b_3x3.bn.weight[live_64:] = 0
+            net.Conv2d_2b_3x3.bn.bias[live_64:] = 0
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def inception_weights(tmp_path_factory):
+    return random_inception(tmp_path_factory.mktemp('fid') / 'inception.pth')
+
+
+class StandInI3D(torch.nn.Module):
+    """A stand-in for StyleGAN-V's i3d_torchscript.pt with its calling convention: x [B, 3, T, H, W] in uint8
+    levels; rescale maps them to [-1, 1], resize would go to 224 x 224 (here: 8 x 8, cheap); features [B, 6]:
+    channel means and standard deviations."""
+    def forward(self, x, rescale: bool = False, resize: bool = False, return_features: bool = False):
+        if not (rescale and resize and return_features):
+            raise ValueError('called with the wrong flags')
+        x = x / 127.5 - 1
+        B, C, T = x.shape[0], x.shape[1], x.shape[2]
+        x = torch.nn.functional.interpolate(x.reshape(B, C * T, x.shape[3], x.shape[4]), size=(8, 8),
+                                            mode='bilinear', align_corners=False).reshape(B, C, T, 8, 8)
+        return torch.cat([x.mean((2, 3, 4)), x.std((2, 3, 4))], 1)
+
+
+@pytest.fixture(scope='module')
+def i3d_stand_in(tmp_path_factory):
+    path = tmp_path_factory.mktemp('fvd') / 'i3d_torchscript.pt'
+    torch.jit.save(torch.jit.script(StandInI3D()), str(path))
+    return str(path)
+
+
+def test_fid_equals_torch_fidelity_on_two_folders(tmp_path):
+    """Our rFID path (files -> [-1, 1] -> uint8 -> TF-Inception -> streaming statistics -> Frechet distance)
+    equals torch-fidelity's own calculate_metrics on the same folders and the same weights file. Layer '64'
+    (the first pool) keeps it fast; the network, resize and formula are those of layer '2048'."""
+    import torch_fidelity
+    w = random_inception(tmp_path / 'w.pth', live_64=3)
+    rng = np.random.default_rng(0)
+    sets = {}
+    for d, n, lo in (('a', 6, 0), ('b', 5, 100)):                               # b: brighter on average
+        (tmp_path / d).mkdir()
+        sets[d] = [rng.integers(lo, 256, (37, 53, 3), dtype=np.uint8) for _ in range(n)]
+        sets[d][0][:10] = 255                                                     # some structure
+        for i, a in enumerate(sets[d]):
+            Image.fromarray(a).save(tmp_path / d / f'{i}.png')
+    lib = torch_fidelity.calculate_metrics(input1=str(tmp_path / 'a'), input2=str(tmp_path / 'b'), fid=True,
+                                           feature_layer_fid='64', feature_extractor_weights_path=w, cuda=False,
+                                           cache=False, verbose=False, save_cpu_ram=True, batch_size=4)
+    net = ev.InceptionFID(w, layer='64')
+    stats = {}
+    for d in ('a', 'b'):
+        stats[d] = ev.FrechetStats()
+        for f in sorted((tmp_path / d).iterdir()):
+            x = model.from_uint8(torch.from_numpy(np.array(Image.open(f))))  # what the loaders give
+            stats[d].add(net(x[None]))
+    ours = ev.frechet_of_stats(stats['a'], stats['b'])
+    assert ours > 0.1 and abs(ours - lib['frechet_inception_distance']) <= 1e-6 * ours
+
+
+def test_inception_fid_default_is_the_2048_pool(inception_weights):
+    f = ev.InceptionFID(inception_weights)(torch.rand(1, 40, 30, 3) * 2 - 1)
+    assert f.shape == (1, 2048) and f.dtype == torch.float64 and f.abs().sum() > 0
+
+
+def test_frechet_stats_streaming_equals_direct():
+    """Past D rows the statistics fold into running sums (bounded memory): same distance as from all rows."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(30, 4, generator=g, dtype=torch.float64), 2 + torch.randn(25, 4, generator=g, dtype=torch.float64)
+    sa, sb = ev.FrechetStats(), ev.FrechetStats()
+    for k in range(0, 30, 7):
+        sa.add(a[k:k + 7])
+    sb.add(b[:3]), sb.add(b[3:])
+    assert sa.sum is not None and sa.count() == 30 and len(sa.rows) == 0
+    few = ev.FrechetStats()
+    few.add(a[:3])
+    assert few.sum is None                                                       # still rows: 3 <= D = 4
+    expect = ev.frechet_distance(a, b)
+    assert abs(ev.frechet_of_stats(sa, sb) - expect) < 1e-9 * expect
+    resumed = ev.FrechetStats().load(torch.load(io.BytesIO(_saved(sa.state())), weights_only=False))
+    assert abs(ev.frechet_of_stats(resumed, sb) - expect) < 1e-9 * expect
+
+
+def _saved(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def test_fvd_with_a_stand_in_torchscript_vs_scipy(i3d_stand_in):
+    """rFVD: 16-frame clips, uint8 levels, the StyleGAN-V call; Frechet distance as scipy's sqrtm formula."""
+    from scipy import linalg
+    net = ev.I3DFVD(i3d_stand_in)
+    g = torch.Generator().manual_seed(1)
+    real = [torch.rand(33, 12, 10, 3, generator=g) * 2 - 1 for _ in range(5)]    # 2 clips each, 1 frame left over
+    fake = [(v + 0.3 * torch.randn(v.shape, generator=g)).clamp(-1, 1) for v in real]
+    sr, sf = ev.FrechetStats(), ev.FrechetStats()
+    for r, f in zip(real, fake):
+        sr.add(net(r)), sf.add(net(f))
+    assert sr.count() == 10
+    feats = lambda vs: torch.cat([StandInI3D()(model.to_uint8(v[:32]).float().reshape(2, 16, 12, 10, 3)
+                                               .permute(0, 4, 1, 2, 3), True, True, True) for v in vs]).double().numpy()
+    a, b = feats(real), feats(fake)
+    m1, m2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expect = float(((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
+    assert abs(ev.frechet_of_stats(sr, sf) - expect) < 1e-6 * expect
+    assert len(net(real[0][:15])) == 0                                           # shorter than 16 frames: no clip
+
+
+def test_missing_weight_files_name_their_flag(tmp_path, exported):
+    with pytest.raises(FileNotFoundError, match='--fid_weights'):
+        ev.InceptionFID(str(tmp_path / 'nope.pth'))
+    with pytest.raises(FileNotFoundError, match='--fvd_weights'):
+        ev.I3DFVD(str(tmp_path / 'nope.pt'))
+    (tmp_path / 'junk.pt').write_bytes(b'not torchscript')
+    with pytest.raises(ValueError, match='--fvd_weights'):
+        ev.I3DFVD(str(tmp_path / 'junk.pt'))
+    with pytest.raises(ValueError, match='--images'):
+        ev.main([f'--checkpoint={exported}', '--protocol=imagenet256'])
+    with pytest.raises(ValueError, match='--captions'):
+        ev.main([f'--checkpoint={exported}', '--protocol=msrvtt', f'--videos={tmp_path}'])
+    with pytest.raises(ValueError, match='imagenet256'):
+        ev.main([f'--checkpoint={exported}', '--protocol=imagenet', f'--images={tmp_path}'])
+
+
+def test_resize_center_crop_equals_torchvision():
+    import torchvision.transforms as T
+    rng = np.random.default_rng(3)
+    tv = T.Compose([T.Resize(256), T.CenterCrop(256)])
+    for w, h in ((301, 257), (257, 383), (199, 141), (513, 255)):
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ours = ev.resize_center_crop(im, 256)
+        assert ours.size == (256, 256)
+        assert np.array_equal(np.asarray(ours), np.asarray(tv(im)))
+
+
+def test_protocol_sets_its_settings_and_flags_win(tmp_path):
+    cfg = ev.config_from_argv(['--protocol=imagenet256', f'--images={tmp_path}'])
+    assert (cfg.resize_crop, cfg.templates, cfg.fid) == (256, 'imagenet', True)
+    cfg = ev.config_from_argv(['--protocol=tokenbench720', f'--videos={tmp_path}', '--decoder_cache_frames=0'])
+    assert cfg.native and cfg.frames == 0 and cfg.decoder_cache_frames == 0
+    assert set(ev.PROTOCOLS) == {'imagenet256', 'coco256', 'tokenbench720', 'davis1080', 'msrvtt', 'msvd', 'toys4k'}
+
+
+def test_zero_shot_folder_per_class_by_hand(tmp_path):
+    """3 class folders (2, 3 and 1 images); predictions chosen by hand: per-class top-1 1/2, 2/3, 1/1."""
+    for cls, n in (('apple_tree', 2), ('bus', 3), ('cat', 1)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            write_photo(tmp_path / cls / f'{i}.png', (40, 30), i)
+    ds = ev.ProtocolImages(str(tmp_path), 32, (4, 8, 8))
+    assert ds.classes == ['apple tree', 'bus', 'cat'] and len(ds) == 6
+    labels = [ds[i].label for i in range(6)]
+    assert labels == [0, 0, 1, 1, 1, 2] and ds[0].media.shape == (32, 32, 3)
+    class_emb = torch.eye(3)
+    emb = torch.tensor([[1., 0, 0], [0, 1, 0],                 # apple: right, wrong
+                        [0, 1, 0], [0, .9, 1], [.2, 1, 0],     # bus: right, wrong, right
+                        [0, 0, 1]])                            # cat: right
+    zs, per_class = ev.zero_shot_scores(ev.zero_shot_predict(emb, class_emb), labels, ds.classes)
+    assert per_class == {'apple tree': 0.5, 'bus': 2 / 3, 'cat': 1.0}
+    assert zs['zs_top1'] == 4 / 6 and abs(zs['zs_mean_class_top1'] - (0.5 + 2 / 3 + 1) / 3) < 1e-12
+    assert zs['zs_top5'] == 1.0                                 # 3 classes: every label in the top 3
+
+
+def test_recall_at_k_by_hand_4x4():
+    sim = torch.tensor([[0.9, 0.1, 0.3, 0.2],      # query 0: its item ranks 1st
+                        [0.8, 0.5, 0.6, 0.1],      # query 1: 3rd (0.8, 0.6 beat 0.5)
+                        [0.1, 0.2, 0.3, 0.4],      # query 2: 2nd
+                        [0.5, 0.6, 0.7, 0.1]])     # query 3: 4th
+    assert ev.recall_at_k(sim, ks=(1, 2, 3, 4)) == {1: 0.25, 2: 0.5, 3: 0.75, 4: 1.0}
+    # several right items (MSVD: many captions per video): the best one counts
+    match = torch.eye(4, dtype=torch.bool)
+    match[3, 2] = True
+    assert ev.recall_at_k(sim, ks=(1,), match=match) == {1: 0.5}
+
+
+def test_frame_averaging():
+    assert ev.frame_indices(100, 12) == [int(x) for x in np.linspace(0, 99, 12)]
+    assert ev.frame_indices(5, 12) == [0, 1, 2, 3, 4]
+    f = torch.tensor([[3.0, 0.0], [0.0, 0.5]])           # normalised: (1, 0) and (0, 1) -> mean (0.5, 0.5)
+    torch.testing.assert_close(ev.average_frame_embeddings(f), torch.tensor([1.0, 1.0]) / math.sqrt(2))
+
+
+def write_video(path, frames, size=(48, 32), seed=0):
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), 'w') as c:
+        s = c.add_stream('mpeg4', rate=8)
+        s.width, s.height, s.pix_fmt = size[0], size[1], 'yuv420p'
+        for k in range(frames):
+            frame = np.clip(rng.normal(128, 40, (size[1], size[0], 3)) + 5 * k, 0, 255).astype(np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_cli_video_protocols_native_fvd_and_retrieval(tmp_path, exported, i3d_stand_in):
+    vids = tmp_path / 'videos'
+    vids.mkdir()
+    for i, n in enumerate((16, 20, 17)):
+        write_video(vids / f'{i}.mp4', n, seed=i)
+    r = run_cli(tmp_path, f'--checkpoint={exported}', '--protocol=davis1080', f'--videos={vids}',
+                f'--fvd_weights={i3d_stand_in}', '--max_grids=1')
+    m = r['metrics']['video']
+    assert r['counts']['video'] == {'evaluated': 3, 'skipped': 0} and r['protocol']['name'] == 'davis1080'
+    assert {'psnr', 'ssim', 'lpips', 'rfvd'} <= set(m) and math.isfinite(m['rfvd'])
+    assert r['config']['native'] and r['model_config']['decoder_cache_frames'] == 4
+    (tmp_path / 'caps.json').write_text(json.dumps({'0.mp4': 'a grey clip', '1.mp4': ['noise', 'more noise'],
+                                                    '2.mp4': 'brighter'}))
+    r = run_cli(tmp_path, f'--checkpoint={exported}', '--protocol=msvd', f'--videos={vids}',
+                f'--captions={tmp_path / "caps.json"}', '--resize_crop=32', '--retrieval_frames=3')
+    m = r['metrics']['video']
+    assert {'t2m_R@1', 't2m_R@10', 'm2t_R@1'} <= set(m) and m['t2m_R@10'] == 1.0 and 'psnr' not in m
+    assert r['counts']['video']['evaluated'] == 3
+
+
+def test_cli_imagenet_protocol_on_class_folders(tmp_path, exported, inception_weights):
+    root = tmp_path / 'val'
+    for cls in ('n01', 'n02', 'n03'):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            write_photo(root / cls / f'{i}.jpg', (70, 50), i + 10 * len(cls), quality=90)
+    r = run_cli(tmp_path, f'--checkpoint={exported}', '--protocol=imagenet256', f'--images={root}',
+                '--resize_crop=32', f'--fid_weights={inception_weights}', '--max_grids=0')
+    m = r['metrics']['image']
+    assert {'psnr', 'ssim', 'rfid', 'zs_top1', 'zs_top5', 'zs_mean_class_top1'} <= set(m)
+    assert set(r['per_class']['image']) == {'n01', 'n02', 'n03'} and m['zs_chance_top1'] == 1 / 3
+    assert r['protocol']['paper']['So/C']['rfid'] == 0.209
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, exported, monkeypatch):
+    flags = [f'--checkpoint={exported}', '--n_images=4', '--n_videos=0', '--n_3d=0', '--res=32,48', '--fid=false',
+             '--batch_tokens=1', '--save_every=1', '--max_grids=0']
+    whole = run_cli(tmp_path / 'a', *flags)
+    calls, real = [], ev.run_batch
+
+    def crash_on_third(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(ev, 'run_batch', crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(tmp_path / 'b', *flags)
+    part = torch.load(tmp_path / 'b' / 'out' / 'partial_image.pt', weights_only=False)
+    assert part['next'] == 2
+    monkeypatch.setattr(ev, 'run_batch', real)
+    resumed = run_cli(tmp_path / 'b', *flags)
+    assert resumed['metrics'] == whole['metrics'] and resumed['counts'] == whole['counts']
+    assert not (tmp_path / 'b' / 'out' / 'partial_image.pt').exists()
