@@ -75,6 +75,11 @@ def test_fsq_round_trip_is_exact(tmp_path, ckpt, images):
             assert torch.equal(it['coords'], c)
         for got, want, it in zip(shards.decode_samples(tok, items, 16384), tok.reconstruct(media), items):
             assert got.shape == want.shape == tuple(it['shape']) and torch.equal(got, want)
+    # the README's generator feed: a DataLoader (a worker process opens its own file handles) + collate_tokens
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1, collate_fn=data.collate_tokens)
+    b = next(iter(loader))
+    assert torch.equal(b['tokens'], torch.cat([ds[i]['tokens'] for i in range(4)]))
+    assert b['seqlens'] == [len(ds[i]['coords']) for i in range(4)] and len(b['captions']) == 4
     raw = __import__('safetensors.torch').torch.load_file(os.path.join(out, 'shard-00000-of-00003.safetensors'))
     assert raw['tokens'].dtype == torch.int16 and raw['coords'].dtype == torch.int16
     assert raw['offsets'].tolist()[0] == 0 and raw['offsets'][-1] == len(raw['tokens'])
