@@ -178,6 +178,10 @@ def check_init(cfg):
     for key, needs in (('init_config', 'init_from'), ('init_gs_config', 'init_gs')):
         if getattr(cfg, key) and not getattr(cfg, needs):
             raise ValueError(f"{key}={getattr(cfg, key)!r} without {needs}")
+    if cfg.freeze_encoder and cfg.loss.get('image_und', 'distill') == 'distill' and \
+            any('image_und' in s['mix'] for s in cfg.stages):
+        raise ValueError("freeze_encoder=True with the 'image_und' task: its distillation loss reaches only the frozen "
+                         "encoder, so it trains nothing (and has no gradient); drop 'image_und' from the stage mix")
     for key in ('init_from', 'init_config', 'init_gs', 'init_gs_config'):
         path = getattr(cfg, key)
         if path and not os.path.exists(path) and path not in atoken.PRETRAINED:

@@ -11,7 +11,7 @@
 # pre-training's and warms up over 500 steps so the released weights move slowly; EMA 0.999 suits a short run.
 # Understanding needs captions: give a JSONL / CSV manifest (file, caption) as image_dir, or drop 'image_und'.
 # Variants: --freeze_encoder=True keeps the released encoder and embeddings exactly (the decoder adapts to your
-# domain); --freeze_decoder=True adapts only the encoder side. Add '3d_rec' with asset_dir and
+# domain; drop 'image_und', which then trains nothing); --freeze_decoder=True adapts only the encoder side. Add '3d_rec' with asset_dir and
 # init_gs = '3d_decode_gs' to fine-tune the Gaussian decoder too. eval.py --checkpoint=out/finetune/tokenizer.pt
 # --images=<held-out folder> --latent=fsq measures the result.
 out_dir = 'out/finetune'

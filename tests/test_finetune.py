@@ -39,7 +39,7 @@ def official(tmp_path):
     return str(ckpt), str(cfg), str(folder / 'manifest.jsonl')
 
 
-def run_cfg(tmp_path, official, steps, *flags, name='run'):
+def run_cfg(tmp_path, official, steps, *flags, name='run', mix="{'image_rec': 1, 'image_und': 1}"):
     ckpt, cfg, manifest = official
     path = tmp_path / f'{name}.py'
     path.write_text(f"""
@@ -48,7 +48,7 @@ loss = dict(siglip_model='tiny', random_frozen=True, perceptual_size=32, lpips=0
 lr, min_lr, warmup_steps, ema_decay = 1e-3, 1e-4, 2, 0.9
 log_interval, ckpt_interval, eval_n = 1, 1000, 2
 out_dir = {str(tmp_path / name)!r}
-stages = [dict(name='ft', steps={steps}, mix={{'image_rec': 1, 'image_und': 1}}, grad_accum=2, tokens=64,
+stages = [dict(name='ft', steps={steps}, mix={mix}, grad_accum=2, tokens=64,
                image_res=(48, 48))]
 """)
     return train.load_config([str(path), *flags])
@@ -150,9 +150,10 @@ def test_finetune_run_loss_falls_and_exports_load(tmp_path, official):
 def test_finetune_resume_is_exact_and_freezing_freezes(tmp_path, official):
     """freeze_encoder: the encoder keeps the official weights and has no optimizer state; 4 steps in one go ==
     2 steps, resume, 2 steps (weights, EMA), starting from init_from both times."""
-    a = run_cfg(tmp_path, official, 4, '--freeze_encoder=True', name='a')
+    rec = "{'image_rec': 1}"              # image_und would train nothing with the encoder frozen (refused below)
+    a = run_cfg(tmp_path, official, 4, '--freeze_encoder=True', name='a', mix=rec)
     train.main(a)
-    b = run_cfg(tmp_path, official, 4, '--freeze_encoder=True', '--max_steps=2', name='b')
+    b = run_cfg(tmp_path, official, 4, '--freeze_encoder=True', '--max_steps=2', name='b', mix=rec)
     assert train.main(b) == 2
     b.max_steps = 0
     assert train.main(b) == 4
@@ -168,6 +169,8 @@ def test_finetune_resume_is_exact_and_freezing_freezes(tmp_path, official):
     state = ca['optimizer']['state']
     assert state and not any(k.startswith('tok.encoder.') for k in state)
     assert any(k.startswith('tok.decoder.') for k in state)
+    with pytest.raises(ValueError, match='image_und'):
+        run_cfg(tmp_path, official, 4, '--freeze_encoder=True')
 
 
 def test_init_config_errors(tmp_path, official):
