@@ -1048,3 +1048,69 @@ def skip_report(dataset, skipped):
         return ''
     head = f"{len(found)} files skipped ({len(dataset.skipped)} when scanning, {len(skipped)} when decoding):"
     return '\n'.join([head] + [f"  {source}: {reason}" for source, reason in found])
+
+
+# -----------------------------------------------------------------------------
+# token shards (written by shards.py): pre-tokenised data for a downstream generator
+
+
+class TokenShards(Dataset):
+    """The samples of a folder of token shards (`python shards.py encode ...`), in shard order. ds[i] -> dict:
+    tokens [N_i, G] int64 FSQ indices (or mean [N_i, L] float32, and logvar when stored), coords [N_i, 4] int64
+    (t, row, column, z), and the metadata source, kind, shape (of the reconstruction), grid, caption, label.
+    Rows are read lazily from the memory-mapped files (one handle per process, so DataLoader workers work).
+    Shards made with different models or latents in one folder are an error naming them."""
+
+    def __init__(self, path):
+        from safetensors import safe_open
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: no such folder of token shards")
+        self.files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                            if f.startswith('shard-') and f.endswith('.safetensors'))
+        if not self.files:
+            raise ValueError(f"{path}: no shard-*.safetensors files (write them with shards.py encode)")
+        self.index, self.offsets, self.samples, self._handles = [], [], [], {}
+        first = None
+        for k, file in enumerate(self.files):
+            with safe_open(file, 'pt') as f:
+                meta, offsets, keys = f.metadata(), f.get_tensor('offsets'), set(f.keys())
+            made = (meta['model_config'], meta['latent'])
+            first = first or (made, file)
+            if made != first[0]:
+                raise ValueError(f"{file}: made with another model or latent than {first[1]}")
+            self.keys = [n for n in ('tokens', 'mean', 'logvar') if n in keys]
+            self.offsets.append(offsets.tolist())
+            self.samples.append(json.loads(meta['samples']))
+            self.index += [(k, j) for j in range(len(offsets) - 1)]
+        self.latent = first[0][1]
+        self.model_config = json.loads(first[0][0])
+
+    def __len__(self):
+        return len(self.index)
+
+    def _handle(self, k):
+        from safetensors import safe_open
+        if (os.getpid(), k) not in self._handles:
+            self._handles[(os.getpid(), k)] = safe_open(self.files[k], 'pt')
+        return self._handles[(os.getpid(), k)]
+
+    def __getstate__(self):     # handles stay in their process; a worker opens its own
+        return {**self.__dict__, '_handles': {}}
+
+    def __getitem__(self, i):
+        k, j = self.index[i]
+        a, b = self.offsets[k][j], self.offsets[k][j + 1]
+        f = self._handle(k)
+        item = {n: f.get_slice(n)[a:b] for n in self.keys + ['coords']}
+        item = {n: v.long() if n in ('tokens', 'coords') else v.float() for n, v in item.items()}
+        return {**item, **self.samples[k][j]}
+
+
+def collate_tokens(items):
+    """TokenShards items -> one packed batch (no padding, DESIGN §2): tokens or mean [sum N_i, ...], coords
+    [sum N_i, 4], seqlens, kinds, grids, captions, labels, sources."""
+    key = 'tokens' if 'tokens' in items[0] else 'mean'
+    return dict(**{key: torch.cat([it[key] for it in items])}, coords=torch.cat([it['coords'] for it in items]),
+                seqlens=[len(it['coords']) for it in items], kinds=[it['kind'] for it in items],
+                grids=[it['grid'] for it in items], captions=[it['caption'] for it in items],
+                labels=[it['label'] for it in items], sources=[it['source'] for it in items])

@@ -705,7 +705,7 @@ def load_gs_decoder(cfg, model_config, state=None):
         return None
     with torch.device('meta'):
         gs = GaussianDecoder(model_config)
-    AToken.load_checkpoint_state(gs, state, source=f"{cfg.checkpoint} ['gs_decoder']")
+    gs.load_checkpoint_state(state, source=f"{cfg.checkpoint} ['gs_decoder']")
     return gs.eval()
 
 

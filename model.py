@@ -1126,13 +1126,7 @@ class AToken(nn.Module):
         else:
             sd = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
         if config_path is not None:
-            import yaml
-            with open(config_path) as f:
-                y = yaml.safe_load(f)
-            try:
-                arch = y['model']['model_cfg']['arch_cfg']
-            except (KeyError, TypeError):
-                raise ValueError(f"{config_path}: no model.model_cfg.arch_cfg block (not an official AToken YAML)")
+            arch = read_official_yaml(config_path)
         if arch is not None:                    # the YAML's, else the released name's embedded preset
             config = official_config(arch)
         elif isinstance(sd, dict) and 'model_config' in sd:
@@ -1268,12 +1262,7 @@ class GaussianDecoder(nn.Module):
                 raise FileNotFoundError(f"not found: {p}" + (f" (released names: {_names('gaussian')})"
                                                              if p is checkpoint_path else ''))
         if config_path is not None:
-            import yaml
-            with open(config_path) as f:
-                y = yaml.safe_load(f)
-            m = y.get('model', y) if isinstance(y, dict) else None
-            if not isinstance(m, dict) or 'model_channels' not in m:
-                raise ValueError(f"{config_path}: no `model:` block with model_channels (not a 3d_decode_gs YAML)")
+            m = read_official_gs_yaml(config_path)
         elif m is None:
             raise ValueError(f"{checkpoint_path}: an official Gaussian decoder checkpoint needs its YAML "
                              f"(config_path), or give a released name: {_names('gaussian')}")
@@ -1339,6 +1328,120 @@ def official_config(arch):
     return c
 
 
+def official_arch(config):
+    """ModelConfig -> the official YAML's `arch_cfg` dict: the inverse of official_config (tested as a round
+    trip). Settings the official architecture cannot express (they have no arch_cfg field and the official code
+    hard-codes them) must keep their official values; anything else is a ValueError naming the field.
+    decoder_cache_frames is an inference option (the official decoder sets it as attributes), so it is not
+    part of the architecture; the gs_* fields belong to the Gaussian decoder's own YAML (official_gs_model)."""
+    fixed = dict(fsq_levels=4, pos_grid=16, rope_theta=10000.0, tile_frames=16)
+    bad = {k: getattr(config, k) for k, v in fixed.items() if getattr(config, k) != v}
+    if bad:
+        raise ValueError(f"not expressible in the official arch_cfg (it hard-codes {fixed}): {bad}")
+    c = config
+    arch = dict(patch_size=list(c.patch_size), in_channels=c.in_channels, out_channels=c.in_channels,
+                latent_channels=c.latent_channels,
+                encoder_model_channels=c.encoder_width, encoder_num_blocks=c.encoder_depth,
+                encoder_num_heads=c.encoder_heads, encoder_mlp_channels=c.encoder_mlp, encoder_attn_mode='full',
+                encoder_pe_mode='joint', encoder_qk_rms_norm=False, encoder_use_bias=True, encoder_use_rms_norm=False,
+                decoder_model_channels=c.decoder_width, decoder_num_blocks=c.decoder_depth,
+                decoder_num_heads=c.decoder_heads, decoder_mlp_channels=c.decoder_mlp, decoder_attn_mode='full',
+                decoder_pe_mode='joint', decoder_qk_rms_norm=True, decoder_use_bias=False, decoder_use_rms_norm=True,
+                use_decoder=True, use_quantizer=c.use_quantizer)
+    if c.use_quantizer:     # FSQ with 4 levels per dim: codebook 4^(L/G) per group, over all L latents
+        arch.update(quantizer_type='fsq', quantizer_codebook_size=c.fsq_levels ** (c.latent_channels // c.fsq_groups),
+                    quantizer_feature_dim=c.latent_channels, quantizer_num_codebooks=c.fsq_groups,
+                    quantizer_chunk_size=1)
+    return arch
+
+
+def read_official_yaml(config_path):
+    """Official tokenizer YAML -> its model.model_cfg.arch_cfg dict (a clear error for any other file)."""
+    import yaml
+    with open(config_path) as f:
+        y = yaml.safe_load(f)
+    try:
+        return y['model']['model_cfg']['arch_cfg']
+    except (KeyError, TypeError):
+        raise ValueError(f"{config_path}: no model.model_cfg.arch_cfg block (not an official AToken YAML)") from None
+
+
+def pretrained_config(checkpoint_path, config_path=None):
+    """The ModelConfig AToken.from_pretrained(checkpoint_path, config_path) would build, without loading the
+    weights where it can: from the YAML, from a released name's embedded arch, or from the 'model_config' of one
+    of our exports (memory-mapped). train.py uses it to size the run before the weights are loaded."""
+    import os
+    if config_path is not None:
+        return official_config(read_official_yaml(config_path))
+    if isinstance(checkpoint_path, str) and checkpoint_path in PRETRAINED and not os.path.exists(checkpoint_path):
+        if PRETRAINED[checkpoint_path]['kind'] != 'tokenizer':
+            raise ValueError(f"'{checkpoint_path}' is not a tokenizer (released tokenizers: {_names('tokenizer')})")
+        return official_config(PRETRAINED[checkpoint_path]['arch'])
+    if not os.path.exists(checkpoint_path):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path} (released names: {_names('tokenizer')})")
+    sd = {} if str(checkpoint_path).endswith('.safetensors') else \
+        torch.load(checkpoint_path, map_location='cpu', weights_only=True, mmap=True)
+    if not isinstance(sd, dict) or 'model_config' not in sd:
+        raise ValueError(f"{checkpoint_path}: a flat official state dict needs its YAML (config_path)")
+    return ModelConfig(**dict(sd['model_config'], patch_size=tuple(sd['model_config']['patch_size'])))
+
+
+def official_gs_model(config):
+    """ModelConfig (gs_* fields) -> the official 3d_decode_gs.yaml `model:` dict: the inverse of
+    _official_gs_config (the representation settings are the official constants this file implements)."""
+    import copy
+    ph, pw = config.patch_size[1:]
+    if ph != pw:
+        raise ValueError(f"the official Gaussian decoder reads square patches, got {ph}x{pw}")
+    m = copy.deepcopy(_GS_ARCH)
+    m.update(resolution=config.gs_resolution, model_channels=config.gs_width, latent_channels=ph * pw * 3,
+             num_blocks=config.gs_depth, num_heads=config.gs_heads, mlp_channels=config.gs_mlp,
+             window_size=config.gs_window)
+    m['representation_config']['num_gaussians'] = config.gs_per_voxel
+    return m
+
+
+def save_official(module, checkpoint_path, config_path):
+    """Write an AToken or a GaussianDecoder in Apple's layout: a flat state dict (.pt, or .safetensors by the
+    file name) with the official key names (ours are the same names) and its official YAML, so the pair loads
+    in apple/ml-atoken (ATokenWrapper) as well as in from_pretrained here. Both files are written to a
+    temporary name and renamed, so an interrupted export leaves no half file."""
+    import yaml
+    if isinstance(module, AToken):
+        y = {'model': {'class_name': 'models.pretrained.autoencoder_kl.AutoencoderKLTrain',
+                       'model_cfg': {'eval_imagenet_zeroshot': False, 'disentangle_itc_rec': False,
+                                     'eval_fid': False, 'arch_cfg': official_arch(module.config)}}}
+    elif isinstance(module, GaussianDecoder):
+        y = {'model': official_gs_model(module.cfg)}      # the official loader ignores class_name: none needed
+    else:
+        raise TypeError(f"save_official: expected an AToken or a GaussianDecoder, got {type(module).__name__}")
+    sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    _replace_atomic(checkpoint_path, lambda f: _save_flat(sd, f, str(checkpoint_path).endswith('.safetensors')))
+    _replace_atomic(config_path, lambda f: _write_text(f, yaml.safe_dump(y, sort_keys=False)))
+
+
+def _replace_atomic(path, write):
+    """write(tmp) into a temporary file next to `path`, then rename it to `path`."""
+    import os
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_flat(sd, path, safetensors):
+    if safetensors:
+        from safetensors.torch import save_file
+        save_file(sd, path)
+    else:
+        torch.save(sd, path)
+
+
+def _write_text(path, text):
+    with open(path, 'w') as f:
+        f.write(text)
+
+
 def _official_gs_config(m):
     """Official 3d_decode_gs.yaml `model:` dict -> ModelConfig (gs_* fields), refusing unsupported settings."""
     rep = m.get('representation_config', {})
@@ -1358,6 +1461,31 @@ def _official_gs_config(m):
     return ModelConfig(patch_size=(4, side, side), gs_width=m['model_channels'], gs_depth=m['num_blocks'],
                        gs_heads=m['num_heads'], gs_mlp=m['mlp_channels'], gs_window=m.get('window_size', 8),
                        gs_per_voxel=rep.get('num_gaussians', 32), gs_resolution=m.get('resolution', 64))
+
+
+def read_official_gs_yaml(config_path):
+    """Official 3d_decode_gs.yaml -> its `model:` dict (a clear error for any other file)."""
+    import yaml
+    with open(config_path) as f:
+        y = yaml.safe_load(f)
+    m = y.get('model', y) if isinstance(y, dict) else None
+    if not isinstance(m, dict) or 'model_channels' not in m:
+        raise ValueError(f"{config_path}: no `model:` block with model_channels (not a 3d_decode_gs YAML)")
+    return m
+
+
+def pretrained_gs_config(checkpoint_path, config_path=None):
+    """The ModelConfig (gs_* fields, patch size) GaussianDecoder.from_pretrained would build, from the YAML or a
+    released name, without loading weights (train.py sizes a fine-tuning run with it)."""
+    import os
+    if config_path is not None:
+        return _official_gs_config(read_official_gs_yaml(config_path))
+    if checkpoint_path in PRETRAINED and not os.path.exists(checkpoint_path):
+        if PRETRAINED[checkpoint_path]['kind'] != 'gaussian':
+            raise ValueError(f"'{checkpoint_path}' is not a Gaussian decoder (released: {_names('gaussian')})")
+        return _official_gs_config(PRETRAINED[checkpoint_path]['arch'])
+    raise ValueError(f"{checkpoint_path}: an official Gaussian decoder checkpoint needs its YAML "
+                     f"(or give a released name: {_names('gaussian')})")
 
 
 # -----------------------------------------------------------------------------

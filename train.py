@@ -50,6 +50,15 @@ class TrainConfig:
     preset: str = 'tiny'            # model.PRESETS key; `model` overrides its fields
     model: dict = field(default_factory=dict)
     init_siglip2: str = ''          # SigLIP2 tower for the encoder ('' = random init); see model.load_siglip2_tower
+    # fine-tuning (configs/finetune.py): start from a released tokenizer instead of SigLIP2 / random init. The
+    # model config then comes from that checkpoint (`preset` is not used; `model` and the stage still override).
+    init_from: str = ''             # official checkpoint (+ init_config), a model.PRETRAINED name, or our tokenizer.pt
+    init_config: str = ''           # the official YAML of init_from (model.model_cfg.arch_cfg)
+    init_gs: str = ''               # official Gaussian decoder: '3d_decode_gs', or a file + init_gs_config
+    init_gs_config: str = ''
+    freeze_encoder: bool = False    # encoder + pooling head frozen (no grads, not in the optimizer): embeddings stay
+    freeze_decoder: bool = False    # pixel decoder frozen: only the encoder side adapts to the released decoder
+    export_official: bool = False   # at each stage's end also write out_dir/official_<stage>/ in Apple's layout + YAML
     loss: dict = field(default_factory=dict)    # LossConfig overrides
     # data: built-in procedural data, or folders (any of them; empty = built-in for that modality)
     image_dir: str = ''
@@ -169,7 +178,25 @@ def load_config(argv):
             raise ValueError(f"{key}={getattr(cfg, key)}: expected 0 (default) or a positive count")
     if cfg.parallel not in ('none', 'ddp', 'fsdp'):
         raise ValueError(f"parallel={cfg.parallel!r}: expected none | ddp | fsdp")
+    check_init(cfg)
     return cfg
+
+
+def check_init(cfg):
+    """Fine-tuning fields: consistent, and their files exist (before anything is built)."""
+    if cfg.init_from and cfg.init_siglip2:
+        raise ValueError(f"init_from={cfg.init_from!r} and init_siglip2={cfg.init_siglip2!r}: choose one start")
+    for key, needs in (('init_config', 'init_from'), ('init_gs_config', 'init_gs')):
+        if getattr(cfg, key) and not getattr(cfg, needs):
+            raise ValueError(f"{key}={getattr(cfg, key)!r} without {needs}")
+    if cfg.freeze_encoder and cfg.loss.get('image_und', 'distill') == 'distill' and \
+            any('image_und' in s['mix'] for s in cfg.stages):
+        raise ValueError("freeze_encoder=True with the 'image_und' task: its distillation loss reaches only the frozen "
+                         "encoder, so it trains nothing (and has no gradient); drop 'image_und' from the stage mix")
+    for key in ('init_from', 'init_config', 'init_gs', 'init_gs_config'):
+        path = getattr(cfg, key)
+        if path and not os.path.exists(path) and path not in atoken.PRETRAINED:
+            raise FileNotFoundError(f"{key}={path!r}: no such file, and not a released name ({sorted(atoken.PRETRAINED)})")
 
 
 def check_stages(stages):
@@ -516,8 +543,23 @@ class Trainable(torch.nn.Module):
                 for i, r in zip(ids, renders)}
 
 
+def base_model_config(cfg):
+    """The run's model before overrides: the init_from checkpoint's config (with init_gs's Gaussian-decoder
+    sizes), else the preset."""
+    if not cfg.init_from:
+        return atoken.PRESETS[cfg.preset]
+    c = atoken.pretrained_config(cfg.init_from, cfg.init_config or None)
+    if cfg.init_gs:
+        g = atoken.pretrained_gs_config(cfg.init_gs, cfg.init_gs_config or None)
+        if g.patch_size[1:] != c.patch_size[1:]:
+            raise ValueError(f"init_gs reads {g.patch_size[1:]} patches, init_from makes {c.patch_size[1:]}")
+        c = replace(c, **{f: getattr(g, f) for f in ('gs_width', 'gs_depth', 'gs_heads', 'gs_mlp', 'gs_window',
+                                                      'gs_per_voxel', 'gs_resolution')})
+    return c
+
+
 def stage_model_config(cfg, stage):
-    return replace(atoken.PRESETS[cfg.preset], **cfg.model,
+    return replace(base_model_config(cfg), **cfg.model,
                    **{k: stage[k] for k in ('latent_channels', 'use_quantizer') if k in stage})
 
 
@@ -533,6 +575,8 @@ def build_trainable(cfg, stage, state, frozen, loss_cfg):
         gs.init_weights()
         if cfg.init_siglip2:
             tok.init_from_siglip2(cfg.init_siglip2)
+        if cfg.init_from:
+            load_init(cfg, tok, gs)
     else:
         sd = dict(state['tok'])
         old = sd['decoder.input_layer.weight'].shape[1]
@@ -544,7 +588,40 @@ def build_trainable(cfg, stage, state, frozen, loss_cfg):
         temp.load_state_dict(state['temperature'])
         if text is not None and state.get('text'):
             text.load_state_dict(state['text'])
+    freeze(cfg, tok)
     return Trainable(tok, gs, temp, frozen, loss_cfg, text)
+
+
+@torch.no_grad()
+def load_init(cfg, tok, gs):
+    """Fine-tuning start: the init_from tokenizer's weights into tok (widened when the stage's latent is wider, e.g.
+    an s1 checkpoint into a 48-channel stage), and the Gaussian decoder from init_gs, or from init_from itself
+    when that is one of our exports with a 'gs_decoder'. Loads are strict and name every mismatched key."""
+    src = atoken.AToken.from_pretrained(cfg.init_from, cfg.init_config or None)
+    sd = src.state_dict()
+    old = sd['decoder.input_layer.weight'].shape[1]
+    if old != tok.config.latent_channels:
+        print0(f"init_from: widening the latent {old} -> {tok.config.latent_channels}")
+        sd = widen_latent(dict(sd), old, tok.config.latent_channels)
+    tok.load_checkpoint_state(sd, source=f"init_from={cfg.init_from}")
+    if cfg.init_gs:
+        g = atoken.GaussianDecoder.from_pretrained(cfg.init_gs, cfg.init_gs_config or None)
+        gs.load_checkpoint_state(g.state_dict(), source=f"init_gs={cfg.init_gs}")
+    elif os.path.isfile(cfg.init_from) and not cfg.init_config and not cfg.init_from.endswith('.safetensors'):
+        ck = torch.load(cfg.init_from, map_location='cpu', weights_only=True, mmap=True)
+        if ck.get('gs_decoder'):
+            gs.load_checkpoint_state(ck['gs_decoder'], source=f"{cfg.init_from} ['gs_decoder']")
+    print0(f"fine-tuning from {cfg.init_from}" + (f" ({cfg.init_config})" if cfg.init_config else '') +
+           (f", Gaussian decoder {cfg.init_gs}" if cfg.init_gs else ''))
+
+
+def freeze(cfg, tok):
+    """freeze_encoder / freeze_decoder: requires_grad False, so param_groups leaves them out of the optimizer,
+    they get no gradients, and their EMA stays equal to them."""
+    if cfg.freeze_encoder:
+        tok.encoder.requires_grad_(False)
+    if cfg.freeze_decoder:
+        tok.decoder.requires_grad_(False)
 
 
 def wrap(net, cfg, world, device):
@@ -783,6 +860,8 @@ def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_s
         save_atomic(export, os.path.join(cfg.out_dir, 'tokenizer.pt'))
         if end_of_stage:    # each stage's tokenizer stays (paper: So/C = stage 3, continuous; So/D = stage 4)
             save_atomic(export, os.path.join(cfg.out_dir, f"tokenizer_{cfg.stages[stage_i]['name']}.pt"))
+        if end_of_stage and cfg.export_official:
+            export_official(cfg, export, os.path.join(cfg.out_dir, f"official_{cfg.stages[stage_i]['name']}"))
     return trainable
 
 
@@ -795,6 +874,23 @@ def tokenizer_export(raw, trainable, ema, step):
     return dict(model_config=asdict(raw.tok.config), model=part('tok'), gs_decoder=part('gs'),
                 loss_config=asdict(raw.loss_cfg), step=step, commit=git_commit(),
                 **({'text_tower': text} if text else {}))
+
+
+def export_official(cfg, export, folder):
+    """A tokenizer export (EMA weights) -> folder/atoken.pt + atoken.yaml in Apple's layout (model.save_official:
+    loads in apple/ml-atoken and in AToken.from_pretrained(path, yaml)), plus 3d_decode_gs.pt + .yaml when the
+    run has a Gaussian decoder worth keeping (init_gs, or a stage that trains 3D reconstruction)."""
+    mc = dict(export['model_config'], patch_size=tuple(export['model_config']['patch_size']))
+    with torch.device('meta'):
+        tok = atoken.AToken(atoken.ModelConfig(**mc))
+    tok.load_checkpoint_state(export['model'], 'tokenizer export')
+    atoken.save_official(tok, os.path.join(folder, 'atoken.pt'), os.path.join(folder, 'atoken.yaml'))
+    if cfg.init_gs or any('3d_rec' in s['mix'] for s in cfg.stages):
+        with torch.device('meta'):
+            gs = atoken.GaussianDecoder(tok.config)
+        gs.load_checkpoint_state(export['gs_decoder'], 'Gaussian decoder export')
+        atoken.save_official(gs, os.path.join(folder, '3d_decode_gs.pt'), os.path.join(folder, '3d_decode_gs.yaml'))
+    print0(f"official layout: {folder}/atoken.pt + atoken.yaml")
 
 
 def save_untrained(cfg, frozen, loss_cfg, path):
@@ -815,7 +911,7 @@ def periodic_evaluation(cfg, stage_i, step):
     mods = {t.split('_')[0] for s in cfg.stages[:stage_i + 1] for t in s['mix']}
     try:
         evaluate_run(cfg, os.path.join(cfg.out_dir, f'eval_{step}'), max(2, cfg.eval_n // 4),
-                     latent='fsq' if stage.get('use_quantizer') else 'mean', modalities=mods)
+                     latent='fsq' if stage_model_config(cfg, stage).use_quantizer else 'mean', modalities=mods)
     except Exception as e:      # noqa: BLE001 (evaluation must not end a long run; the final one raises)
         warnings.warn(f"step {step}: periodic evaluation failed ({type(e).__name__}: {e}); training goes on")
 
@@ -827,7 +923,7 @@ def evaluate_run(cfg, out_dir, n, checkpoint='tokenizer.pt', latent=None, modali
     import eval as ev
     mods = modalities or {t.split('_')[0] for s in cfg.stages for t in s['mix']}
     last = cfg.stages[-1]
-    latent = latent or ('fsq' if last.get('use_quantizer') else 'mean')
+    latent = latent or ('fsq' if stage_model_config(cfg, last).use_quantizer else 'mean')
     ecfg = ev.EvalConfig(checkpoint=os.path.join(cfg.out_dir, checkpoint), out_dir=out_dir,
                          n_images=n if 'image' in mods else 0, n_videos=n // 2 if 'video' in mods else 0,
                          n_3d=n // 2 if '3d' in mods else 0, seed=cfg.seed,
@@ -858,8 +954,8 @@ def final_evaluation(cfg):
     mods = {t.split('_')[0] for s in cfg.stages for t in s['mix']}
     path = lambda name: os.path.join(cfg.out_dir, name)
     final = evaluate_run(cfg, path('eval'), n)['metrics']
-    cont_stages = [i for i, s in enumerate(cfg.stages) if not s.get('use_quantizer')]
-    quantized = bool(cfg.stages[-1].get('use_quantizer'))
+    cont_stages = [i for i, s in enumerate(cfg.stages) if not stage_model_config(cfg, s).use_quantizer]
+    quantized = stage_model_config(cfg, cfg.stages[-1]).use_quantizer
     cont, cont_name = final, names[-1]
     if quantized and cont_stages and mods & {'image', 'video'}:
         cont_name = names[cont_stages[-1]]
