@@ -20,12 +20,11 @@ rFID / rFVD weights: --fid_weights=weights-inception-2015-12-05-6726825d.pth, --
 or their download into $TORCH_HOME/hub/checkpoints. Long runs save out_dir/partial_<kind>.pt and resume.
 Writes out_dir/report.json, report.md and side-by-side grids (original | reconstruction | error): PNG for
 images and 3D views, MP4 for videos. Unreadable inputs are skipped and listed in the report.
-train.py calls evaluate(model, EvalConfig(...)) for held-out evaluation of an in-memory model.
+train.py calls evaluate(tok, EvalConfig(...)) for held-out evaluation of an in-memory tokenizer.
 """
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -37,8 +36,8 @@ import torch.nn.functional as F
 import data
 import losses
 import render3d
-from model import PRETRAINED, AToken, GaussianDecoder, ModelConfig, from_uint8, prepare, unpack
-from model import to_uint8 as round_to_uint8
+import model
+from train import DTYPES, apply_flags, git_commit, pick_device   # one config, device and dtype mechanism
 
 # -----------------------------------------------------------------------------
 # pixel metrics. Inputs: (..., H, W, 3) tensors (or numpy arrays) in [-1, 1], the repo's convention, or in
@@ -287,7 +286,7 @@ class InceptionFID:
     @torch.no_grad()
     def __call__(self, images):
         """images [B, H, W, 3] in [-1, 1] -> features [B, D] float64."""
-        u8 = round_to_uint8(images.float().cpu()).permute(0, 3, 1, 2).contiguous()     # [B, 3, H, W]
+        u8 = model.to_uint8(images.float().cpu()).permute(0, 3, 1, 2).contiguous()     # [B, 3, H, W]
         return self.net(u8.to(self.device))[0].double().cpu()
 
 
@@ -314,7 +313,7 @@ class I3DFVD:
     def clips(self, video):
         """video (T, H, W, 3) in [-1, 1] -> [n, 3, 16, H, W] float uint8 levels, n = T // 16."""
         n = video.shape[0] // self.FRAMES
-        u8 = round_to_uint8(video[:n * self.FRAMES].float().cpu())                        # (16n, H, W, 3)
+        u8 = model.to_uint8(video[:n * self.FRAMES].float().cpu())                        # (16n, H, W, 3)
         return u8.reshape(n, self.FRAMES, *u8.shape[1:]).permute(0, 4, 1, 2, 3).float()  # [n, 3, 16, H, W]
 
     @torch.no_grad()
@@ -535,38 +534,6 @@ class EvalConfig:
     max_grids: int = 8          # samples per modality shown in side-by-side grids
 
 
-def _convert(key, value, default):
-    """A flag's text -> the type of the field's default."""
-    try:
-        if isinstance(default, bool):
-            if value.lower() not in ('1', 'true', 'yes', 'on', '0', 'false', 'no', 'off'):
-                raise ValueError(value)
-            return value.lower() in ('1', 'true', 'yes', 'on')
-        if isinstance(default, tuple):
-            parts = tuple(type(default[0])(v) for v in value.split(','))
-            if len(parts) != len(default):
-                raise ValueError(value)
-            return parts
-        return type(default)(value)
-    except ValueError:
-        raise ValueError(f"--{key}={value}: expected {type(default).__name__} like {default!r}") from None
-
-
-def parse_overrides(cfg, argv):
-    """Apply `--key=value` flags to a dataclass instance (returned). Values take the type of the field's
-    default (bool: true/false/1/0, a bare --flag is true; tuple: comma-separated). Unknown keys and
-    unreadable values raise a ValueError naming them."""
-    known = {f.name for f in fields(cfg)}
-    for arg in argv:
-        key, sep, value = arg[2:].partition('=') if arg.startswith('--') else (arg, '', '')
-        if key not in known:
-            raise ValueError(f"unknown option {arg!r}: expected --key=value with key in {sorted(known)}")
-        if not sep and not isinstance(getattr(cfg, key), bool):
-            raise ValueError(f"option --{key} needs a value: --{key}=...")
-        setattr(cfg, key, _convert(key, value, getattr(cfg, key)) if sep else True)
-    return cfg
-
-
 # -----------------------------------------------------------------------------
 # the paper's evaluation protocols as presets: `python eval.py --protocol=imagenet256 --checkpoint=...
 # --images=...`. Each sets EvalConfig fields (any flag given as well wins), names the data it needs and
@@ -623,13 +590,13 @@ PROTOCOLS = {
 def config_from_argv(argv):
     """--key=value flags -> EvalConfig; with --protocol=NAME the preset's settings first, the flags on top.
     A protocol without its data flag is an error naming the flag and the layout it expects."""
-    cfg = parse_overrides(EvalConfig(), argv)
+    cfg = apply_flags(EvalConfig(), argv)
     if not cfg.protocol:
         return cfg
     if cfg.protocol not in PROTOCOLS:
         raise ValueError(f"--protocol={cfg.protocol}: expected one of {sorted(PROTOCOLS)}")
     p = PROTOCOLS[cfg.protocol]
-    cfg = parse_overrides(replace(EvalConfig(), **p['settings']), argv)
+    cfg = apply_flags(replace(EvalConfig(), **p['settings']), argv)
     if not getattr(cfg, p['needs']):
         raise ValueError(f"--protocol={cfg.protocol} ({p['section']}) needs --{p['needs']}=<{p['layout']}>")
     if cfg.retrieval_frames and not cfg.captions:
@@ -641,25 +608,15 @@ def config_from_argv(argv):
 # loading: tokenizer (ours or official), Gaussian decoder, text tower
 
 
-def pick_device(name):
-    if name != 'auto':
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
-        return torch.device('mps')
-    return torch.device('cpu')
-
-
 def _released(name):
     """True for the name of one of Apple's released checkpoints (model.PRETRAINED) that is not a local path:
-    AToken / GaussianDecoder.from_pretrained download it (once, into $ATOKEN_CACHE)."""
-    return bool(name) and name in PRETRAINED and not os.path.exists(name)
+    model.AToken / model.GaussianDecoder.from_pretrained download it (once, into $ATOKEN_CACHE)."""
+    return bool(name) and name in model.PRETRAINED and not os.path.exists(name)
 
 
 def load_tokenizer(cfg):
     """-> (AToken in eval mode on CPU, info dict). Official: a released name, or checkpoint + YAML
-    (AToken.from_pretrained). Ours:
+    (model.AToken.from_pretrained). Ours:
     a dict with 'model_config' and 'model' (model.export(), or a training checkpoint that may also hold
     'ema' (preferred), 'loss_config' and 'gs_decoder'). Missing files: FileNotFoundError; weights that do
     not fit the config: the ValueError of AToken.load_checkpoint_state, naming the keys."""
@@ -669,9 +626,9 @@ def load_tokenizer(cfg):
             raise FileNotFoundError(f"not found: {path}")
     if not cfg.checkpoint:
         raise ValueError("give --checkpoint=<file> (ours, or an official one with --config=<yaml>) or a released "
-                         f"name ({', '.join(n for n, e in PRETRAINED.items() if e['kind'] == 'tokenizer')})")
+                         f"name ({', '.join(n for n, e in model.PRETRAINED.items() if e['kind'] == 'tokenizer')})")
     if cfg.config or named:
-        return (AToken.from_pretrained(cfg.checkpoint, cfg.config or None),
+        return (model.AToken.from_pretrained(cfg.checkpoint, cfg.config or None),
                 dict(kind='official', weights='model', loss_config=None, gs_decoder=None))
     if cfg.checkpoint.endswith('.safetensors'):
         raise ValueError(f"{cfg.checkpoint}: an official checkpoint needs its YAML: --config=<yaml>")
@@ -679,14 +636,10 @@ def load_tokenizer(cfg):
     if not isinstance(ck, dict) or 'model_config' not in ck or 'model' not in ck:
         raise ValueError(f"{cfg.checkpoint}: not one of ours (no 'model_config' and 'model'); an official "
                          f"checkpoint needs --config=<its yaml>")
-    mc = dict(ck['model_config'], patch_size=tuple(ck['model_config']['patch_size']))
-    try:
-        config = ModelConfig(**mc)
-    except TypeError as e:
-        raise ValueError(f"{cfg.checkpoint}: model_config does not fit ModelConfig ({e})") from e
+    config = model.ModelConfig.from_dict(ck['model_config'], f"{cfg.checkpoint} ['model_config']")
     weights = 'ema' if ck.get('ema') is not None else 'model'
     with torch.device('meta'):
-        tok = AToken(config)
+        tok = model.AToken(config)
     tok.load_checkpoint_state(ck[weights], source=f"{cfg.checkpoint} ['{weights}']")
     info = dict(kind='training' if len(set(ck) - {'model', 'model_config'}) else 'export', weights=weights,
                 loss_config=ck.get('loss_config'), gs_decoder=ck.get('gs_decoder'), text_tower=ck.get('text_tower'))
@@ -700,11 +653,11 @@ def load_gs_decoder(cfg, model_config, state=None):
         if not (cfg.gs_checkpoint and (cfg.gs_config or _released(cfg.gs_checkpoint))):
             raise ValueError("the official Gaussian decoder needs both --gs_checkpoint and --gs_config "
                              "(or --gs_checkpoint=3d_decode_gs, the released name)")
-        return GaussianDecoder.from_pretrained(cfg.gs_checkpoint, cfg.gs_config or None)
+        return model.GaussianDecoder.from_pretrained(cfg.gs_checkpoint, cfg.gs_config or None)
     if state is None:
         return None
     with torch.device('meta'):
-        gs = GaussianDecoder(model_config)
+        gs = model.GaussianDecoder(model_config)
     gs.load_checkpoint_state(state, source=f"{cfg.checkpoint} ['gs_decoder']")
     return gs.eval()
 
@@ -773,20 +726,20 @@ def with_article(name):
     return ('an ' if name[:1].lower() in tuple('aeiou') else 'a ') + name
 
 
-def check_options(model, cfg, gs=None):
+def check_options(tok, cfg, gs=None):
     """Errors for options that do not fit the model, raised before any data or metric net is built."""
     if cfg.latent not in ('mean', 'fsq'):
         raise ValueError(f"--latent={cfg.latent}: expected 'mean' or 'fsq'")
-    if cfg.latent == 'fsq' and not model.config.use_quantizer:
+    if cfg.latent == 'fsq' and not tok.config.use_quantizer:
         raise ValueError("--latent=fsq needs a checkpoint with an FSQ quantizer (use_quantizer=True, the So/D "
                          "models); this one is continuous: use --latent=mean")
-    pt, tile = model.config.patch_size[0], model.config.tile_frames
+    pt, tile = tok.config.patch_size[0], tok.config.tile_frames
     k = cfg.decoder_cache_frames
     if k not in (-1, 0) and not (k % pt == 0 and 0 < k < tile):
         raise ValueError(f"--decoder_cache_frames={k}: -1 (keep), 0 (off) or a multiple of {pt} below {tile}")
-    if gs is not None and tuple(gs.cfg.patch_size[1:]) != tuple(model.config.patch_size[1:]):
+    if gs is not None and tuple(gs.cfg.patch_size[1:]) != tuple(tok.config.patch_size[1:]):
         raise ValueError(f"Gaussian decoder takes {gs.cfg.patch_size[1:]} patches, the tokenizer makes "
-                         f"{model.config.patch_size[1:]}")
+                         f"{tok.config.patch_size[1:]}")
 
 
 # protocol data: deterministic preprocessing (no random size or clip draws), labels from class folders,
@@ -869,7 +822,7 @@ class ProtocolImages:
         except data.READ_ERRORS as e:
             return data.Skipped(file, str(e) or type(e).__name__)
         name = self.names[i]
-        return data.Sample(from_uint8(u8), 'image', caption, self.classes.index(name) if name else -1, name, file)
+        return data.Sample(model.from_uint8(u8), 'image', caption, self.classes.index(name) if name else -1, name, file)
 
 
 class ProtocolVideos:
@@ -913,8 +866,8 @@ class ProtocolVideos:
         except data.READ_ERRORS as e:
             return data.Skipped(file, str(e) or type(e).__name__)
         if self.retrieval_frames:
-            crops = [np.asarray(resize_center_crop(Image.fromarray(round_to_uint8(f).numpy()), self.size)) for f in x]
-            x = from_uint8(torch.from_numpy(np.stack(crops)))                            # (k, S, S, 3)
+            crops = [np.asarray(resize_center_crop(Image.fromarray(model.to_uint8(f).numpy()), self.size)) for f in x]
+            x = model.from_uint8(torch.from_numpy(np.stack(crops)))                            # (k, S, S, 3)
         else:
             x = x[: len(x) // self.patch_size[0] * self.patch_size[0]]
         caps = self.caption_list(i)
@@ -962,14 +915,14 @@ def token_batches(ds, budget, start=0):
 
 
 @torch.no_grad()
-def run_batch(model, media, latent):
+def run_batch(tok, media, latent):
     """One encoder pass serves reconstruction and understanding -> (reconstructions as model.reconstruct
     returns them, embeddings [B, D], per-sample FSQ indices [N_i, G] or None)."""
-    x = model.pack(media)
-    h = model.encode(x)
-    z, mean, _, idx = model.bottleneck(h)                   # z = FSQ codes with a quantizer, else the mean
-    rec = unpack(model.decode(z if latent == 'fsq' else mean, x), x, model.config.patch_size)
-    emb = model.embed_features(h, x).float().cpu()
+    x = tok.pack(media)
+    h = tok.encode(x)
+    z, mean, _, idx = tok.bottleneck(h)                   # z = FSQ codes with a quantizer, else the mean
+    rec = model.unpack(tok.decode(z if latent == 'fsq' else mean, x), x, tok.config.patch_size)
+    emb = tok.embed_features(h, x).float().cpu()
     idx = list(idx.cpu().split(x.seqlens)) if idx is not None else [None] * len(media)
     return [r.float().cpu() for r in rec], emb, idx
 
@@ -1004,7 +957,7 @@ def score_sample(s, rec, lpips_fn, gs, patch_size, budget=None):
     (model.prepare), and with budget ({kind: latent floats per pixel}) also scored for the bicubic codec
     that keeps as many floats (bicubic_psnr); 3D: PSNR of the reconstructed voxel features, and the renders vs the true views."""
     if s.kind != '3d':
-        target = prepare(torch.as_tensor(s.media), patch_size)[0]
+        target = model.prepare(torch.as_tensor(s.media), patch_size)[0]
         target = target[0] if s.kind == 'image' else target  # (H', W', 3) | (T', H', W', 3)
         scores = pixel_scores(target, rec, lpips_fn)
         if budget is not None:                                # the bicubic codec at the same float budget
@@ -1085,19 +1038,19 @@ def load_partial(path, fingerprint):
     return state
 
 
-def embed_frames(model, frames):
+def embed_frames(tok, frames):
     """Retrieval: a video's frames (k, H, W, 3), each embedded as an image (padded to pt frames with zeros,
     the paper's "frame embedding averaging with zero-padding") -> one embedding [D]."""
-    return average_frame_embeddings(model.embed(list(frames)).float().cpu())
+    return average_frame_embeddings(tok.embed(list(frames)).float().cpu())
 
 
 def add_sample(c, s, rec, emb, idx, kind, ctx):
     """One evaluated sample into the state c: scores, distribution features, FSQ counts, zero-shot
     prediction, retrieval embedding, grid."""
-    model, cfg, nets = ctx['model'], ctx['cfg'], ctx['nets']
+    tok, cfg, nets = ctx['tok'], ctx['cfg'], ctx['nets']
     if rec is not None:
-        budget = {k: latent_floats_per_pixel(k, model.config) for k in ('image', 'video')}
-        scores, target, shown = score_sample(s, rec, nets['lpips'], nets['gs'], model.config.patch_size, budget)
+        budget = {k: latent_floats_per_pixel(k, tok.config) for k in ('image', 'video')}
+        scores, target, shown = score_sample(s, rec, nets['lpips'], nets['gs'], tok.config.patch_size, budget)
         c['scores'].append(scores)
         if nets['dist'] is not None and kind == 'image':
             f = nets['dist'](torch.stack([target, shown]))                     # one pass for the pair
@@ -1115,7 +1068,7 @@ def add_sample(c, s, rec, emb, idx, kind, ctx):
                 c['grids'].append(write_grid(kind, c['pending'], len(c['grids']), cfg.out_dir))
                 c['pending'] = []
     if idx is not None:
-        size = model.config.fsq_levels ** (model.config.latent_channels // model.config.fsq_groups)
+        size = tok.config.fsq_levels ** (tok.config.latent_channels // tok.config.fsq_groups)
         n = code_counts(idx, size)
         c['counts'] = n if c['counts'] is None else c['counts'] + n
     if ctx['classifier'] is not None and s.label >= 0:
@@ -1125,7 +1078,7 @@ def add_sample(c, s, rec, emb, idx, kind, ctx):
         c['emb'].append(emb), c['captions'].append(caps)
 
 
-def collect(model, ds, kind, cfg, nets, text, classifier):
+def collect(tok, ds, kind, cfg, nets, text, classifier):
     """Run a dataset through the tokenizer, batches of up to batch_tokens packed tokens (several samples per
     forward), with a progress bar, into new_state()'s record; every save_every samples the record goes to
     out_dir/partial_<kind>.pt, and a rerun resumes from it (removed when the modality is done)."""
@@ -1142,11 +1095,11 @@ def collect(model, ds, kind, cfg, nets, text, classifier):
         c['skipped'] += [(it.source, it.reason) for it in items if isinstance(it, data.Skipped)]
         good = [(i, it) for i, it in zip(batch, items) if isinstance(it, data.Sample)]
         if good and kind == 'video' and cfg.retrieval_frames:
-            outs = [(None, embed_frames(model, s.media), None) for _, s in good]   # embeddings only
+            outs = [(None, embed_frames(tok, s.media), None) for _, s in good]   # embeddings only
         elif good:
-            outs = list(zip(*run_batch(model, [s.media for _, s in good], cfg.latent)))
+            outs = list(zip(*run_batch(tok, [s.media for _, s in good], cfg.latent)))
         for (i, s), (rec, emb, idx) in zip(good, outs if good else []):
-            add_sample(c, s, rec, emb, idx, kind, dict(model=model, cfg=cfg, nets=nets, classifier=classifier,
+            add_sample(c, s, rec, emb, idx, kind, dict(tok=tok, cfg=cfg, nets=nets, classifier=classifier,
                                                       text=text, ds=ds, i=i))
         c['next'] = batch[-1] + 1
         bar.update(len(batch))
@@ -1161,7 +1114,7 @@ def collect(model, ds, kind, cfg, nets, text, classifier):
     return c
 
 
-def summarise(kind, c, model, classes, text):
+def summarise(kind, c, tok, classes, text):
     """The collected record -> (metrics, codebook stats or None, per-class zero-shot accuracy or None, notes)."""
     metrics, notes, per_class, codebook = {}, [], None, None
     for key in (c['scores'][0] if c['scores'] else {}):
@@ -1239,40 +1192,40 @@ def distribution_net(kind, cfg, device, notes):
     return build() if cfg.protocol else optional(build, 'rFID' if kind == 'image' else 'rFVD', notes)
 
 
-def evaluate(model, cfg, gs_decoder=None, text=None):
+def evaluate(tok, cfg, gs_decoder=None, text=None):
     """Evaluate an in-memory tokenizer on the data cfg names (train.py calls this for held-out evaluation).
 
     Returns dict(metrics={kind: {name: value}}, codebook={kind: {'usage': [G], 'perplexity': [G]}},
     per_class={kind: {class: top-1}}, counts={kind: {'evaluated', 'skipped'}}, skipped=[{kind, source,
     reason}], grids=[file names in cfg.out_dir], warnings=[...]). text: an object with encode_text
     (TextTower); None skips understanding. The model's training mode and decoder cache setting are restored."""
-    check_options(model, cfg, gs_decoder)
+    check_options(tok, cfg, gs_decoder)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    device = next(model.parameters()).device
-    grid = cfg.grid_3d or (gs_decoder.cfg if gs_decoder is not None else model.config).gs_resolution
-    datasets = build_datasets(cfg, model.config.patch_size, grid)
+    device = next(tok.parameters()).device
+    grid = cfg.grid_3d or (gs_decoder.cfg if gs_decoder is not None else tok.config).gs_resolution
+    datasets = build_datasets(cfg, tok.config.patch_size, grid)
     res = dict(metrics={}, codebook={}, per_class={}, counts={}, skipped=[], grids=[],
                warnings=setup_warnings(cfg, datasets, gs_decoder, text))
     text = text if cfg.understanding else None
-    if text is not None and text.encode_text(['a']).shape[1] != model.config.encoder_width:
+    if text is not None and text.encode_text(['a']).shape[1] != tok.config.encoder_width:
         res['warnings'].append(f"understanding metrics skipped: tokenizer embedding width "
-                               f"{model.config.encoder_width} != text tower width {text.encode_text(['a']).shape[1]}")
+                               f"{tok.config.encoder_width} != text tower width {text.encode_text(['a']).shape[1]}")
         text = None
     need_lpips = any(k != '3d' and not (k == 'video' and cfg.retrieval_frames) for k in datasets) or \
         ('3d' in datasets and gs_decoder is not None)
     lpips_fn = optional(lambda: LPIPSMetric(cfg.lpips_weights, cfg.random_nets, device), 'LPIPS',
                         res['warnings']) if need_lpips else None
-    was_training, cache = model.training, model.config.decoder_cache_frames
+    was_training, cache = tok.training, tok.config.decoder_cache_frames
     if cfg.decoder_cache_frames >= 0:
-        model.config.decoder_cache_frames = cfg.decoder_cache_frames
-    model.eval()
+        tok.config.decoder_cache_frames = cfg.decoder_cache_frames
+    tok.eval()
     try:
         for kind, ds in datasets.items():
             nets = dict(lpips=lpips_fn, gs=gs_decoder, dist=distribution_net(kind, cfg, device, res['warnings']))
             templates, name = template_set(cfg, kind)
             classifier = (zero_shot_classifier(text, [name(n) for n in ds.classes], templates)
                           if text is not None and len(ds.classes) >= 2 else None)
-            c = collect(model, ds, kind, cfg, nets, text, classifier)
+            c = collect(tok, ds, kind, cfg, nets, text, classifier)
             skipped = list(ds.skipped) + c['skipped']
             res['counts'][kind] = dict(evaluated=len(c['scores']) or len(c['emb']), skipped=len(skipped))
             res['skipped'] += [dict(kind=kind, source=s, reason=r) for s, r in skipped]
@@ -1280,32 +1233,20 @@ def evaluate(model, cfg, gs_decoder=None, text=None):
             if not (c['scores'] or c['emb'] or c['topk']):
                 res['warnings'].append(f'{kind}: nothing could be evaluated')
                 continue
-            res['metrics'][kind], codebook, per_class, notes = summarise(kind, c, model, list(ds.classes), text)
+            res['metrics'][kind], codebook, per_class, notes = summarise(kind, c, tok, list(ds.classes), text)
             if codebook is not None:
                 res['codebook'][kind] = codebook
             if per_class is not None:
                 res['per_class'][kind] = per_class
             res['warnings'] += notes
     finally:
-        model.train(was_training)
-        model.config.decoder_cache_frames = cache
+        tok.train(was_training)
+        tok.config.decoder_cache_frames = cache
     return res
 
 
 # -----------------------------------------------------------------------------
 # the command line: load, evaluate, write report.json + report.md + grids
-
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
-
-def git_commit():
-    try:
-        out = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=os.path.dirname(os.path.abspath(__file__)),
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else 'unknown'
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown'
-
 
 def jsonable(x):
     """Report values -> strict JSON: tuples -> lists, tensors -> numbers/lists, inf/nan -> None."""
@@ -1360,12 +1301,9 @@ def usage():
     return __doc__ + '\nOptions (defaults):\n' + '\n'.join(rows)
 
 
-def main(argv):
-    """Evaluate a checkpoint; writes out_dir/report.json, report.md and the grids; returns the report."""
-    if '-h' in argv or '--help' in argv:
-        print(usage())
-        return None
-    cfg = config_from_argv(argv)
+def run(cfg):
+    """Evaluate cfg.checkpoint on what cfg names; writes out_dir/report.json, report.md and the grids; returns
+    the report. The in-process entry point (train.py and the tests call it with an EvalConfig)."""
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype={cfg.dtype}: expected one of {list(DTYPES)}")
     t0, started = time.time(), time.strftime('%Y-%m-%d %H:%M:%S %z')
@@ -1408,6 +1346,91 @@ def main(argv):
         f.write(md + '\n')
     print(md)
     return report
+
+
+# -----------------------------------------------------------------------------
+# a finished training run: held-out evaluation of its exports and the summary against non-learned baselines.
+# train.py calls summarise_run at the end of a curriculum; the CPU demo's targets (configs/cpu_tiny.py) are here.
+
+# (metric, what it is compared with, margin): any run prints them; they are the bar for the CPU demo.
+TARGETS = dict(image_vs_bicubic=2.0, video_vs_bicubic=1.0, fsq_gap=3.0, psnr_3d=18.0, psnr_3d_vs_untrained=6.0,
+               zero_shot_top1=0.70)
+
+
+def evaluate_export(base, run_dir, out_dir, n, checkpoint='tokenizer.pt', latent='mean',
+                    modalities=('image', 'video', '3d')):
+    """Evaluate one export of a training run (run_dir/checkpoint, with its Gaussian decoder) on n held-out
+    built-in images and n // 2 videos and 3D objects; base: the run's EvalConfig (sizes, frames, seed)."""
+    cfg = replace(base, checkpoint=os.path.join(run_dir, checkpoint), out_dir=out_dir, latent=latent,
+                  n_images=n if 'image' in modalities else 0, n_videos=n // 2 if 'video' in modalities else 0,
+                  n_3d=n // 2 if '3d' in modalities else 0)
+    report = run(cfg)
+    print(f"evaluation report: {os.path.join(out_dir, 'report.json')}")
+    return report
+
+
+def summarise_run(base, run_dir, stages, n):
+    """Held-out evaluation of a finished curriculum (run_dir/eval*/report.json), then its summary against
+    baselines, printed and written to run_dir/summary.json. stages: [(name, FSQ on, modalities)] in order.
+      image / video PSNR of the last continuous stage's tokenizer (posterior mean) vs bicubic down- and
+        up-sampling that keeps as many floats per image / video frame as its latent (bicubic_baseline);
+      image PSNR with FSQ codes (the final stage, when it quantizes) vs the continuous one;
+      3D multiview PSNR of the final tokenizer vs the untrained model of the same seed (tokenizer_init.pt);
+      zero-shot top-1 over the held-out classes vs chance."""
+    names, quantized = [s[0] for s in stages], stages[-1][1]
+    mods = set().union(*(s[2] for s in stages))
+    path = lambda name: os.path.join(run_dir, name)
+    final = evaluate_export(base, run_dir, path('eval'), n, latent='fsq' if quantized else 'mean',
+                            modalities=mods)['metrics']
+    cont_stages = [i for i, s in enumerate(stages) if not s[1]]
+    cont, cont_name = final, names[-1]
+    if quantized and cont_stages and mods & {'image', 'video'}:
+        cont_name = names[cont_stages[-1]]
+        cont = evaluate_export(base, run_dir, path('eval_continuous'), n, f'tokenizer_{cont_name}.pt', 'mean',
+                               mods & {'image', 'video'})['metrics']
+    untrained = None
+    if '3d' in mods and os.path.exists(path('tokenizer_init.pt')):
+        untrained = evaluate_export(base, run_dir, path('eval_untrained'), n, 'tokenizer_init.pt', 'mean',
+                                    {'3d'})['metrics']
+    rows = []      # (what, value, compared with, target, met)
+    get = lambda m, kind, key: m.get(kind, {}).get(key, float('nan'))
+    for kind, margin in (('image', TARGETS['image_vs_bicubic']), ('video', TARGETS['video_vs_bicubic'])):
+        if kind in mods:
+            v, b = get(cont, kind, 'psnr'), get(cont, kind, 'bicubic_psnr')
+            rows.append((f"{kind} PSNR, continuous ({cont_name})", v, f"bicubic {b:.2f}", f">= {b + margin:.2f}",
+                         v >= b + margin))
+    if quantized and 'image' in mods:
+        v, c = get(final, 'image', 'psnr'), get(cont, 'image', 'psnr')
+        rows.append((f"image PSNR, FSQ ({names[-1]})", v, f"continuous {c:.2f}", f">= {c - TARGETS['fsq_gap']:.2f}",
+                     v >= c - TARGETS['fsq_gap']))
+    if '3d' in mods:
+        v, u = get(final, '3d', 'psnr'), get(untrained or {}, '3d', 'psnr')
+        need = max(TARGETS['psnr_3d'], u + TARGETS['psnr_3d_vs_untrained'])
+        rows.append((f"3D multiview PSNR ({names[-1]})", v, f"untrained {u:.2f}", f">= {need:.2f}", v >= need))
+    for kind in sorted(mods):
+        if 'zs_top1' in final.get(kind, {}):
+            v, c = final[kind]['zs_top1'], final[kind]['zs_chance_top1']
+            target = TARGETS['zero_shot_top1'] if kind == 'image' else None
+            rows.append((f"{kind} zero-shot top-1", v, f"chance {c:.3f}", f">= {target:.2f}" if target else '-',
+                         v >= target if target else None))
+    summary = [dict(what=w, value=v, baseline=b, target=t, met=m) for w, v, b, t, m in rows]
+    tmp = path(f'summary.json.tmp{os.getpid()}')
+    with open(tmp, 'w') as f:
+        json.dump(summary, f, indent=1, default=float)
+    os.replace(tmp, path('summary.json'))
+    print(f"\nsummary vs baselines (held-out built-in data; {path('summary.json')}):")
+    print(f"  {'':44s} {'value':>8s}  {'baseline':20s} {'target':12s} met")
+    for w, v, b, t, m in rows:
+        print(f"  {w:44s} {v:8.3f}  {b:20s} {t:12s} {'-' if m is None else 'yes' if m else 'NO'}")
+    return dict(final=final, continuous=cont, untrained=untrained, summary=summary)
+
+
+def main(argv):
+    """The command line: --key=value flags (EvalConfig fields, read by train.apply_flags) -> run(config)."""
+    if '-h' in argv or '--help' in argv:
+        print(usage())
+        return None
+    return run(config_from_argv(argv))
 
 
 if __name__ == '__main__':

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import model as atoken
+import model
 
 
 @dataclass

@@ -1383,7 +1383,7 @@ def pretrained_config(checkpoint_path, config_path=None):
         torch.load(checkpoint_path, map_location='cpu', weights_only=True, mmap=True)
     if not isinstance(sd, dict) or 'model_config' not in sd:
         raise ValueError(f"{checkpoint_path}: a flat official state dict needs its YAML (config_path)")
-    return ModelConfig(**dict(sd['model_config'], patch_size=tuple(sd['model_config']['patch_size'])))
+    return ModelConfig.from_dict(sd['model_config'], f"{checkpoint_path} ['model_config']")
 
 
 def official_gs_model(config):

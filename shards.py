@@ -38,7 +38,7 @@ import torch
 
 import data
 import model
-from eval import parse_overrides, pick_device     # the one --key=value parser and device picker
+from train import apply_flags, pick_device     # the one --key=value parser and device picker
 
 
 @dataclass
@@ -387,7 +387,7 @@ def decode(cfg):
 def main(argv):
     if not argv or argv[0] not in ('encode', 'decode'):
         raise SystemExit("usage: python shards.py encode|decode --key=value ...\n" + __doc__)
-    cfg = parse_overrides(ShardConfig(), argv[1:])
+    cfg = apply_flags(ShardConfig(), argv[1:])
     if argv[0] == 'decode':
         return decode(cfg)
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import data
 import losses
-import model as atoken
+import model
 
 TASKS = ('image_rec', 'image_und', 'video_rec', 'video_und', '3d_rec', '3d_und')
 
@@ -113,15 +113,15 @@ PAPER_BATCH = {'image_und': (8192, 8192), 'image_rec': (1024, 4096), 'video_rec'
 # config loading: python files + --key=value, checked against the dataclasses
 
 
-def _parse(text):
-    """A CLI value: a Python literal when it parses as one (1, 2.5, True, (64, 512), [..]), else a string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+# One mechanism for every command line of the repo (train.py, eval.py, shards.py): --key=value flags checked
+# against a dataclass's fields and the types of their defaults. A flag's text becomes a value of the default's
+# type: strings stay as given (quotes removed); bools accept true/false/yes/no/on/off/1/0 (a bare --flag is true); anything else
+# is read as a Python literal (2.5, 64,512 or (64, 512), [..], {..}). Config files (train.py) are Python.
+
+BOOLS = {'1': True, 'true': True, 'yes': True, 'on': True, '0': False, 'false': False, 'no': False, 'off': False}
 
 
-def _coerce(where, value, default):
+def coerce(where, value, default):
     """Check `value` against the type of `default` (int -> float and list <-> tuple allowed)."""
     t = type(default)
     if t is float and type(value) is int:
@@ -129,29 +129,68 @@ def _coerce(where, value, default):
     if t in (tuple, list) and isinstance(value, (tuple, list)):
         return t(value)
     if type(value) is not t:
-        raise TypeError(f"{where}: expected {t.__name__}, got {type(value).__name__} {value!r}")
+        raise ValueError(f"{where}: expected {t.__name__} like {default!r}, got {type(value).__name__} {value!r}")
     return value
 
 
-def _set_sub(cfg, name, key, value, cls):
-    """--model.key / --loss.key: validate against ModelConfig / LossConfig fields."""
+def parse_flag(where, text, default):
+    """A flag's text (None for a bare --flag) -> a value of the type of `default`."""
+    if text is None:
+        if type(default) is not bool:
+            raise ValueError(f"{where} needs a value: {where}=...")
+        return True
+    if type(default) is str:                    # as given; a quoted Python string is unquoted
+        return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in '"\'' else text
+    if type(default) is bool:
+        if text.lower() not in BOOLS:
+            raise ValueError(f"{where}={text}: expected true or false")
+        return BOOLS[text.lower()]
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"{where}={text}: expected {type(default).__name__} like {default!r}") from None
+    return coerce(f"{where}={text}", value, default)
+
+
+def flags(argv):
+    """--key=value / --flag arguments -> [(key, text or None)]; anything else is an error naming it."""
+    out = []
+    for arg in argv:
+        if not arg.startswith('--') or len(arg) < 3:
+            raise ValueError(f"argument {arg!r}: expected --key=value")
+        key, sep, value = arg[2:].partition('=')
+        out.append((key, value if sep else None))
+    return out
+
+
+def apply_flags(obj, argv):
+    """Apply --key=value flags to a dataclass instance (returned); unknown keys raise, naming the known ones."""
+    known = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    for key, text in flags(argv):
+        if key not in known:
+            raise ValueError(f"unknown option --{key}: expected one of {sorted(known)}")
+        setattr(obj, key, parse_flag(f"--{key}", text, known[key]))
+    return obj
+
+
+def _set_sub(cfg, name, key, value, cls, where):
+    """model.key / loss.key: validate against ModelConfig / LossConfig fields (value: from a file, or a
+    function of the field's default for a flag)."""
     known = {f.name: f.default for f in fields(cls)}
     if key not in known:
-        raise KeyError(f"unknown {name} key {key!r}; {cls.__name__} has {sorted(known)}")
-    getattr(cfg, name)[key] = _coerce(f"{name}.{key}", value, known[key])
+        raise ValueError(f"{where}: unknown {name} key {key!r}; {cls.__name__} has {sorted(known)}")
+    getattr(cfg, name)[key] = value(known[key]) if callable(value) else coerce(where, value, known[key])
 
 
 def load_config(argv):
     """[config.py ...] [--key=value ...] -> TrainConfig. Files run in a fresh namespace; their names and the
     flags are applied with type checks; unknown keys raise."""
     cfg, known = TrainConfig(), {f.name: f for f in fields(TrainConfig)}
-    updates = []
+    updates = []        # (where, key, value): values from files, or a function of the default (a flag's text)
     for arg in argv:
         if arg.startswith('--'):
-            key, sep, value = arg[2:].partition('=')
-            if not sep:
-                raise ValueError(f"flag {arg!r}: expected --key=value")
-            updates.append((f"flag --{key}", key, _parse(value)))
+            [(key, text)] = flags([arg])
+            updates.append((f"--{key}", key, lambda d, w=f"--{key}", t=text: parse_flag(w, t, d)))
         else:
             ns = {'__file__': os.path.abspath(arg)}
             with open(arg) as f:
@@ -161,18 +200,21 @@ def load_config(argv):
     for where, key, value in updates:
         head, _, sub = key.partition('.')
         if sub and head in ('model', 'loss'):
-            _set_sub(cfg, head, sub, value, atoken.ModelConfig if head == 'model' else losses.LossConfig)
-        elif key in ('model', 'loss') and isinstance(value, dict):
+            _set_sub(cfg, head, sub, value, model.ModelConfig if head == 'model' else losses.LossConfig, where)
+        elif key in ('model', 'loss'):
+            value = value({}) if callable(value) else value
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: expected a dict of {key} fields, got {value!r}")
             for k, v in value.items():
-                _set_sub(cfg, key, k, v, atoken.ModelConfig if key == 'model' else losses.LossConfig)
+                _set_sub(cfg, key, k, v, model.ModelConfig if key == 'model' else losses.LossConfig, where)
         elif key in known:
             default = getattr(TrainConfig(), key)
-            setattr(cfg, key, _coerce(where, value, default))
+            setattr(cfg, key, value(default) if callable(value) else coerce(where, value, default))
         else:
-            raise KeyError(f"{where}: unknown config key {key!r}")
+            raise ValueError(f"{where}: unknown config key {key!r}")
     check_stages(cfg.stages)
-    if cfg.preset not in atoken.PRESETS:
-        raise KeyError(f"preset {cfg.preset!r} not in {sorted(atoken.PRESETS)}")
+    if cfg.preset not in model.PRESETS:
+        raise ValueError(f"preset {cfg.preset!r} not in {sorted(model.PRESETS)}")
     for key in ('threads', 'num_workers'):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{key}={getattr(cfg, key)}: expected 0 (default) or a positive count")
@@ -195,8 +237,8 @@ def check_init(cfg):
                          "encoder, so it trains nothing (and has no gradient); drop 'image_und' from the stage mix")
     for key in ('init_from', 'init_config', 'init_gs', 'init_gs_config'):
         path = getattr(cfg, key)
-        if path and not os.path.exists(path) and path not in atoken.PRETRAINED:
-            raise FileNotFoundError(f"{key}={path!r}: no such file, and not a released name ({sorted(atoken.PRETRAINED)})")
+        if path and not os.path.exists(path) and path not in model.PRETRAINED:
+            raise FileNotFoundError(f"{key}={path!r}: no such file, and not a released name ({sorted(model.PRETRAINED)})")
 
 
 def check_stages(stages):
@@ -205,11 +247,11 @@ def check_stages(stages):
     for i, s in enumerate(stages):
         for k, v in s.items():
             if k not in STAGE_KEYS:
-                raise KeyError(f"stage {i}: unknown key {k!r}; known: {sorted(STAGE_KEYS)}")
-            _coerce(f"stage {i}.{k}", v, STAGE_KEYS[k]())
+                raise ValueError(f"stage {i}: unknown key {k!r}; known: {sorted(STAGE_KEYS)}")
+            coerce(f"stage {i}.{k}", v, STAGE_KEYS[k]())
         for k in ('name', 'steps', 'mix'):
             if k not in s:
-                raise KeyError(f"stage {i}: missing {k!r}")
+                raise ValueError(f"stage {i}: missing {k!r}")
         bad = set(s['mix']) - set(TASKS)
         if bad or not s['mix'] or any(type(w) is not int or w < 1 for w in s['mix'].values()):
             raise ValueError(f"stage {i} mix {s['mix']}: tasks must be in {TASKS} with positive integer ratios")
@@ -322,10 +364,7 @@ def init_compute(cfg):
     """Detect torchrun, pick the device, init the process group. -> (rank, local_rank, world, device)."""
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('LOCAL_RANK', 0),
                                                                        ('WORLD_SIZE', 1)))
-    if cfg.device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    else:
-        device = cfg.device
+    device = pick_device(cfg.device).type if cfg.device == 'auto' else cfg.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device == 'cuda':
@@ -340,6 +379,20 @@ def init_compute(cfg):
     elif cfg.parallel != 'none':
         print(f"parallel={cfg.parallel} without torchrun: running as one process")
     return rank, local_rank, world, device
+
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def pick_device(name):
+    """'auto' -> cuda, else mps, else cpu; any other name as given."""
+    if name != 'auto':
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
+        return torch.device('mps')
+    return torch.device('cpu')
 
 
 def print0(*a, **k):
@@ -539,7 +592,7 @@ class Trainable(torch.nn.Module):
         g = self.gs(feats, coords, lens, st.gs)
         K = self.gs.cfg.gs_per_voxel
         renders = render3d.render_samples(g, [n * K for n in lens], [batch.views[i][1] for i in ids])
-        return {i: (r * 2 - 1, atoken.from_uint8(batch.views[i][0].to(r.device, non_blocking=True)))
+        return {i: (r * 2 - 1, model.from_uint8(batch.views[i][0].to(r.device, non_blocking=True)))
                 for i, r in zip(ids, renders)}
 
 
@@ -547,10 +600,10 @@ def base_model_config(cfg):
     """The run's model before overrides: the init_from checkpoint's config (with init_gs's Gaussian-decoder
     sizes), else the preset."""
     if not cfg.init_from:
-        return atoken.PRESETS[cfg.preset]
-    c = atoken.pretrained_config(cfg.init_from, cfg.init_config or None)
+        return model.PRESETS[cfg.preset]
+    c = model.pretrained_config(cfg.init_from, cfg.init_config or None)
     if cfg.init_gs:
-        g = atoken.pretrained_gs_config(cfg.init_gs, cfg.init_gs_config or None)
+        g = model.pretrained_gs_config(cfg.init_gs, cfg.init_gs_config or None)
         if g.patch_size[1:] != c.patch_size[1:]:
             raise ValueError(f"init_gs reads {g.patch_size[1:]} patches, init_from makes {c.patch_size[1:]}")
         c = replace(c, **{f: getattr(g, f) for f in ('gs_width', 'gs_depth', 'gs_heads', 'gs_mlp', 'gs_window',
@@ -567,7 +620,7 @@ def build_trainable(cfg, stage, state, frozen, loss_cfg):
     """Fresh (init_weights, SigLIP2 encoder) or from `state` ({'tok', 'gs', 'temperature'} state dicts,
     widened when the stage's latent is wider)."""
     mcfg = stage_model_config(cfg, stage)
-    tok, gs = atoken.AToken(mcfg), atoken.GaussianDecoder(mcfg)
+    tok, gs = model.AToken(mcfg), model.GaussianDecoder(mcfg)
     temp = losses.SigmoidTemperature(loss_cfg.sigmoid_bias_init)
     text = losses.TrainableText(frozen) if loss_cfg.train_text else None   # starts as the frozen tower
     if state is None:
@@ -597,7 +650,7 @@ def load_init(cfg, tok, gs):
     """Fine-tuning start: the init_from tokenizer's weights into tok (widened when the stage's latent is wider, e.g.
     an s1 checkpoint into a 48-channel stage), and the Gaussian decoder from init_gs, or from init_from itself
     when that is one of our exports with a 'gs_decoder'. Loads are strict and name every mismatched key."""
-    src = atoken.AToken.from_pretrained(cfg.init_from, cfg.init_config or None)
+    src = model.AToken.from_pretrained(cfg.init_from, cfg.init_config or None)
     sd = src.state_dict()
     old = sd['decoder.input_layer.weight'].shape[1]
     if old != tok.config.latent_channels:
@@ -605,7 +658,7 @@ def load_init(cfg, tok, gs):
         sd = widen_latent(dict(sd), old, tok.config.latent_channels)
     tok.load_checkpoint_state(sd, source=f"init_from={cfg.init_from}")
     if cfg.init_gs:
-        g = atoken.GaussianDecoder.from_pretrained(cfg.init_gs, cfg.init_gs_config or None)
+        g = model.GaussianDecoder.from_pretrained(cfg.init_gs, cfg.init_gs_config or None)
         gs.load_checkpoint_state(g.state_dict(), source=f"init_gs={cfg.init_gs}")
     elif os.path.isfile(cfg.init_from) and not cfg.init_config and not cfg.init_from.endswith('.safetensors'):
         ck = torch.load(cfg.init_from, map_location='cpu', weights_only=True, mmap=True)
@@ -665,7 +718,7 @@ def main(cfg):
     master = rank == 0
     torch.manual_seed(cfg.seed + rank)
     cuda = device.startswith('cuda')
-    ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[cfg.dtype]
+    ptdtype = DTYPES[cfg.dtype]
     autocast = torch.autocast('cuda', dtype=ptdtype) if cuda and ptdtype != torch.float32 else nullcontext()
     print0(f"device {device} x {world} ({cfg.parallel}), "
            f"{'autocast ' + cfg.dtype if cuda else 'fp32 (autocast is CUDA-only here)'}")
@@ -828,7 +881,8 @@ def main(cfg):
     # --- final evaluation (EMA weights, held-out built-in data) and cleanup ----------------
     report = None
     if master and step == total_steps and stop['signal'] is None:
-        report = final_evaluation(cfg)
+        from eval import summarise_run
+        report = summarise_run(held_out(cfg), cfg.out_dir, curriculum(cfg), cfg.eval_n)
     if stop['signal'] is not None:
         print0(f"signal {stop['signal']}: checkpoint saved at step {step} in {ckpt_path}; exiting")
     elif step < total_steps:
@@ -880,16 +934,15 @@ def export_official(cfg, export, folder):
     """A tokenizer export (EMA weights) -> folder/atoken.pt + atoken.yaml in Apple's layout (model.save_official:
     loads in apple/ml-atoken and in AToken.from_pretrained(path, yaml)), plus 3d_decode_gs.pt + .yaml when the
     run has a Gaussian decoder worth keeping (init_gs, or a stage that trains 3D reconstruction)."""
-    mc = dict(export['model_config'], patch_size=tuple(export['model_config']['patch_size']))
     with torch.device('meta'):
-        tok = atoken.AToken(atoken.ModelConfig(**mc))
+        tok = model.AToken(model.ModelConfig.from_dict(export['model_config'], 'tokenizer export'))
     tok.load_checkpoint_state(export['model'], 'tokenizer export')
-    atoken.save_official(tok, os.path.join(folder, 'atoken.pt'), os.path.join(folder, 'atoken.yaml'))
+    model.save_official(tok, os.path.join(folder, 'atoken.pt'), os.path.join(folder, 'atoken.yaml'))
     if cfg.init_gs or any('3d_rec' in s['mix'] for s in cfg.stages):
         with torch.device('meta'):
-            gs = atoken.GaussianDecoder(tok.config)
+            gs = model.GaussianDecoder(tok.config)
         gs.load_checkpoint_state(export['gs_decoder'], 'Gaussian decoder export')
-        atoken.save_official(gs, os.path.join(folder, '3d_decode_gs.pt'), os.path.join(folder, '3d_decode_gs.yaml'))
+        model.save_official(gs, os.path.join(folder, '3d_decode_gs.pt'), os.path.join(folder, '3d_decode_gs.yaml'))
     print0(f"official layout: {folder}/atoken.pt + atoken.yaml")
 
 
@@ -904,101 +957,32 @@ def save_untrained(cfg, frozen, loss_cfg, path):
     save_atomic(tokenizer_export(net, sd, {}, 0), path)
 
 
+def held_out(cfg):
+    """The EvalConfig of this run's held-out evaluation: the built-in 'val' split at the last stage's sizes,
+    random metric networks when the run's frozen networks are random, no rFID (CPU-friendly)."""
+    from eval import EvalConfig
+    return EvalConfig(seed=cfg.seed, res=tuple(cfg.stages[-1].get('image_res', (64, 256))), frames=cfg.video_frames,
+                      views_3d=cfg.views_3d, view_res_3d=cfg.view_res_3d,
+                      random_nets=bool(cfg.loss.get('random_frozen', False)), fid=False)
+
+
+def curriculum(cfg):
+    """[(stage name, FSQ on, modalities it trains)]: what eval.summarise_run needs to know of the stages."""
+    return [(s['name'], stage_model_config(cfg, s).use_quantizer, {t.split('_')[0] for t in s['mix']})
+            for s in cfg.stages]
+
+
 def periodic_evaluation(cfg, stage_i, step):
     """Held-out evaluation of the current tokenizer.pt during training (eval_<step>/), on the modalities
     trained so far and with the current stage's latent. A failure is a warning: the run goes on."""
-    stage = cfg.stages[stage_i]
-    mods = {t.split('_')[0] for s in cfg.stages[:stage_i + 1] for t in s['mix']}
+    from eval import evaluate_export
+    stages = curriculum(cfg)[:stage_i + 1]
     try:
-        evaluate_run(cfg, os.path.join(cfg.out_dir, f'eval_{step}'), max(2, cfg.eval_n // 4),
-                     latent='fsq' if stage_model_config(cfg, stage).use_quantizer else 'mean', modalities=mods)
+        evaluate_export(held_out(cfg), cfg.out_dir, os.path.join(cfg.out_dir, f'eval_{step}'),
+                        max(2, cfg.eval_n // 4), latent='fsq' if stages[-1][1] else 'mean',
+                        modalities=set().union(*(m for _, _, m in stages)))
     except Exception as e:      # noqa: BLE001 (evaluation must not end a long run; the final one raises)
         warnings.warn(f"step {step}: periodic evaluation failed ({type(e).__name__}: {e}); training goes on")
-
-
-def evaluate_run(cfg, out_dir, n, checkpoint='tokenizer.pt', latent=None, modalities=None):
-    """Evaluate the exported EMA tokenizer (out_dir/tokenizer.pt, with its Gaussian decoder) on the
-    held-out built-in data of the modalities the curriculum trains; writes report.json / report.md and
-    grids into out_dir and prints the table. Folder data (image_dir, ...) is evaluated by eval.py itself."""
-    import eval as ev
-    mods = modalities or {t.split('_')[0] for s in cfg.stages for t in s['mix']}
-    last = cfg.stages[-1]
-    latent = latent or ('fsq' if stage_model_config(cfg, last).use_quantizer else 'mean')
-    ecfg = ev.EvalConfig(checkpoint=os.path.join(cfg.out_dir, checkpoint), out_dir=out_dir,
-                         n_images=n if 'image' in mods else 0, n_videos=n // 2 if 'video' in mods else 0,
-                         n_3d=n // 2 if '3d' in mods else 0, seed=cfg.seed,
-                         res=tuple(last.get('image_res', (64, 256))), frames=cfg.video_frames,
-                         views_3d=cfg.views_3d, view_res_3d=cfg.view_res_3d,
-                         latent=latent, random_nets=bool(cfg.loss.get('random_frozen', False)), fid=False)
-    flag = lambda v: ','.join(map(str, v)) if isinstance(v, tuple) else v      # eval.py's tuple syntax
-    report = ev.main([f'--{k}={flag(v)}' for k, v in asdict(ecfg).items()])
-    print0(f"evaluation report: {os.path.join(out_dir, 'report.json')}")
-    return report
-
-
-# The CPU demo's targets (configs/cpu_tiny.py), judged against non-learned baselines on held-out data:
-# (metric, what it is compared with, margin). Any run prints them; they are the bar for the demo.
-TARGETS = dict(image_vs_bicubic=2.0, video_vs_bicubic=1.0, fsq_gap=3.0, psnr_3d=18.0, psnr_3d_vs_untrained=6.0,
-               zero_shot_top1=0.70)
-
-
-def final_evaluation(cfg):
-    """Held-out evaluation of the finished curriculum (out_dir/eval*/report.json), then the summary against
-    baselines, printed and written to out_dir/summary.json:
-      image / video PSNR of the last continuous stage's tokenizer (posterior mean) vs bicubic down- and
-        up-sampling that keeps as many floats per image / video frame as its latent (eval.bicubic_baseline);
-      image PSNR with FSQ codes (the final stage, when it quantizes) vs the continuous one;
-      3D multiview PSNR of the final tokenizer vs the untrained model of the same seed (tokenizer_init.pt);
-      zero-shot top-1 over the held-out classes vs chance."""
-    n, names = cfg.eval_n, [s['name'] for s in cfg.stages]
-    mods = {t.split('_')[0] for s in cfg.stages for t in s['mix']}
-    path = lambda name: os.path.join(cfg.out_dir, name)
-    final = evaluate_run(cfg, path('eval'), n)['metrics']
-    cont_stages = [i for i, s in enumerate(cfg.stages) if not stage_model_config(cfg, s).use_quantizer]
-    quantized = stage_model_config(cfg, cfg.stages[-1]).use_quantizer
-    cont, cont_name = final, names[-1]
-    if quantized and cont_stages and mods & {'image', 'video'}:
-        cont_name = names[cont_stages[-1]]
-        cont = evaluate_run(cfg, path('eval_continuous'), n, f'tokenizer_{cont_name}.pt', 'mean',
-                            mods & {'image', 'video'})['metrics']
-    untrained = None
-    if '3d' in mods and os.path.exists(path('tokenizer_init.pt')):
-        untrained = evaluate_run(cfg, path('eval_untrained'), n, 'tokenizer_init.pt', 'mean', {'3d'})['metrics']
-    rows = []      # (what, value, compared with, target, met)
-    get = lambda m, kind, key: m.get(kind, {}).get(key, float('nan'))
-    for kind, margin in (('image', TARGETS['image_vs_bicubic']), ('video', TARGETS['video_vs_bicubic'])):
-        if kind in mods:
-            v, b = get(cont, kind, 'psnr'), get(cont, kind, 'bicubic_psnr')
-            rows.append((f"{kind} PSNR, continuous ({cont_name})", v, f"bicubic {b:.2f}", f">= {b + margin:.2f}",
-                         v >= b + margin))
-    if quantized and 'image' in mods:
-        v, c = get(final, 'image', 'psnr'), get(cont, 'image', 'psnr')
-        rows.append((f"image PSNR, FSQ ({names[-1]})", v, f"continuous {c:.2f}", f">= {c - TARGETS['fsq_gap']:.2f}",
-                     v >= c - TARGETS['fsq_gap']))
-    if '3d' in mods:
-        v, u = get(final, '3d', 'psnr'), get(untrained or {}, '3d', 'psnr')
-        need = max(TARGETS['psnr_3d'], u + TARGETS['psnr_3d_vs_untrained'])
-        rows.append((f"3D multiview PSNR ({names[-1]})", v, f"untrained {u:.2f}", f">= {need:.2f}", v >= need))
-    for kind in sorted(mods):
-        if 'zs_top1' in final.get(kind, {}):
-            v, c = final[kind]['zs_top1'], final[kind]['zs_chance_top1']
-            target = TARGETS['zero_shot_top1'] if kind == 'image' else None
-            rows.append((f"{kind} zero-shot top-1", v, f"chance {c:.3f}", f">= {target:.2f}" if target else '-',
-                         v >= target if target else None))
-    summary = [dict(what=w, value=v, baseline=b, target=t, met=m) for w, v, b, t, m in rows]
-    save_atomic_json(summary, path('summary.json'))
-    print0(f"\nsummary vs baselines (held-out built-in data; {path('summary.json')}):")
-    print0(f"  {'':44s} {'value':>8s}  {'baseline':20s} {'target':12s} met")
-    for w, v, b, t, m in rows:
-        print0(f"  {w:44s} {v:8.3f}  {b:20s} {t:12s} {'-' if m is None else 'yes' if m else 'NO'}")
-    return dict(final=final, continuous=cont, untrained=untrained, summary=summary)
-
-
-def save_atomic_json(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
 
 
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
@@ -1012,7 +996,7 @@ def compile_blocks(net):
     (kernels/attention.py), so it stays inside the graph. Module.compile() keeps parameter names, so checkpoints
     and EMA are unaffected."""
     for m in net.modules():
-        if isinstance(m, atoken.Block):
+        if isinstance(m, model.Block):
             m.compile(fullgraph=True, dynamic=True)
 
 

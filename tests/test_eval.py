@@ -250,19 +250,24 @@ def test_codebook_stats():
 # config flags
 
 
-def test_parse_overrides_types_and_errors():
-    cfg = ev.parse_overrides(ev.EvalConfig(), ['--n_images=3', '--res=32,64', '--random_nets', '--fid=false',
-                                               '--latent=fsq', '--out_dir=x'])
+def test_flags_types_and_errors():
+    """eval.py reads its flags with train.py's one mechanism (train.apply_flags), with the same syntax."""
+    import train
+    cfg = train.apply_flags(ev.EvalConfig(), ['--n_images=3', '--res=32,64', '--random_nets', '--fid=false',
+                                              '--latent=fsq', '--out_dir=x'])
     got = (cfg.n_images, cfg.res, cfg.random_nets, cfg.fid, cfg.latent, cfg.out_dir)
     assert got == (3, (32, 64), True, False, 'fsq', 'x')
+    assert ev.config_from_argv(['--res=(16, 48)', '--fid=0']).res == (16, 48)
     with pytest.raises(ValueError, match='bogus'):
-        ev.parse_overrides(ev.EvalConfig(), ['--bogus=1'])
+        train.apply_flags(ev.EvalConfig(), ['--bogus=1'])
     with pytest.raises(ValueError, match='n_images'):
-        ev.parse_overrides(ev.EvalConfig(), ['--n_images=many'])
+        train.apply_flags(ev.EvalConfig(), ['--n_images=many'])
     with pytest.raises(ValueError, match='res'):
-        ev.parse_overrides(ev.EvalConfig(), ['--res=32'])
+        train.apply_flags(ev.EvalConfig(), ['--res=32'])
     with pytest.raises(ValueError, match='random_nets'):
-        ev.parse_overrides(ev.EvalConfig(), ['--random_nets=maybe'])
+        train.apply_flags(ev.EvalConfig(), ['--random_nets=maybe'])
+    with pytest.raises(ValueError, match='out_dir needs a value'):
+        train.apply_flags(ev.EvalConfig(), ['--out_dir'])
 
 
 # -----------------------------------------------------------------------------
