@@ -13,7 +13,7 @@ tokenizer's 3D input), and Gaussian splats -> images (the 3D reconstruction targ
               model_input turns them into the asset dict model.pack tokenizes (feats in [-1, 1], coords).
               pack_asset does all of it for one mesh; `prepare` does it for a folder, load_prepared reads back.
   splats      render(gaussians, camera, backend): render_reference (pure torch, differentiable, EWA
-              splatting with the mip-splatting 2D filter) or render_gsplat (CUDA, gsplat); multiview_l1.
+              splatting with the mip-splatting 2D filter) or render_gsplat (CUDA, gsplat); render_samples.
 
 Sources (ideas and conventions; no code copied):
   TRELLIS (Xiang et al. 2024, microsoft/TRELLIS): camera sampling (Hammersley yaw/pitch, radius 2, FoV 40,
@@ -1139,14 +1139,6 @@ def render_samples(gaussians, counts, cameras, backend='auto', background=(0.0, 
         out.append(torch.stack([render(g, c, backend, background)['rgb'] for c in cams]))
         start += n
     return out
-
-
-def multiview_l1(gaussians, cameras, target_views, backend='auto', background=(0.0, 0.0, 0.0)):
-    """3D reconstruction loss (paper: L_rec = L1 for 3D): mean |render - target| over views and pixels.
-    target_views [V, H, W, 3] in [-1, 1] (repo convention, black background = -1); compared in [0, 1] as the
-    TRELLIS-style renderer outputs."""
-    pred = render_samples(gaussians, [len(gaussians['xyz'])], [cameras], backend, background)[0]
-    return (pred - (target_views.to(pred) + 1) / 2).abs().mean()
 
 
 # -----------------------------------------------------------------------------
