@@ -301,7 +301,7 @@ def random_scene(rng, video):
     return dict(bg=bg, objects=small + [main], colour=colour, shape=shape, motion=motion_words)
 
 
-def _caption(rng, scene):
+def scene_caption(rng, scene):
     """One caption from the templates; it names the class, the textures and (videos) the motion."""
     main, obj = scene['objects'][-1], f"{scene['colour']} {scene['shape']}"
     an = lambda s: ('an ' if s[0] in 'aeiou' else 'a ') + s
@@ -410,7 +410,7 @@ def _synthetic_item(ds, key, kind):
         rng = content()
         scene = random_scene(rng, video=kind == 'video')
         t = torch.arange(ds._length(i), dtype=torch.float32) if kind == 'video' else torch.zeros(1)
-        entry = ds._cache[i] = (model.to_uint8(render(scene, *native, t)), _caption(rng, scene),
+        entry = ds._cache[i] = (model.to_uint8(render(scene, *native, t)), scene_caption(rng, scene),
                                 f"{scene['colour']} {scene['shape']}", {})
     u8, caption, name, sizes = entry
     if hw != native and hw not in sizes:    # permute: channels_last memory, so the result permutes back
@@ -538,15 +538,6 @@ class Synthetic3D(Dataset):
 
     def __getitem__(self, key):
         return self.items[_key(key, self.n)[0]]
-
-
-def synthetic_media(n_images, n_videos, split='train', seed=0, patch=8):
-    """A fixed list of media tensors (the CPU demo's data): n_images images (longer side 32-64 px) then
-    n_videos videos of 4 or 8 frames (longer side 32-48 px) from one split."""
-    ps = (4, patch, patch)
-    images = SyntheticImages(n_images, split, seed, res=(32, 64), patch_size=ps)
-    videos = SyntheticVideos(n_videos, split, seed, res=(32, 48), patch_size=ps, frames=8)
-    return [images[i].media for i in range(n_images)] + [videos[i].media for i in range(n_videos)]
 
 
 # -----------------------------------------------------------------------------
@@ -877,7 +868,7 @@ class Concat(Dataset):
 # packing: a token budget per step instead of a batch size (DESIGN §2)
 
 
-def _even_out(batches, world_size):
+def even_out(batches, world_size):
     """Split the batch with the most samples in two until the count is a multiple of world_size, so that
     every rank runs the same number of steps (DDP would hang otherwise). That fails only if every batch
     is a single sample; then the first batches are repeated, the one case where a sample comes twice."""
@@ -896,7 +887,7 @@ class TokenBudgetSampler(Sampler):
 
     Per epoch: shuffle all indices (seeded by seed and epoch), pack them greedily in that order (a batch
     closes when the next sample would overflow it or it holds max_samples), even the batch count out to a
-    multiple of world_size (_even_out), and give batch b to rank b % world_size. Ranks see disjoint samples, run
+    multiple of world_size (even_out), and give batch b to rank b % world_size. Ranks see disjoint samples, run
     the same number of steps, and together see every sample exactly once. Token counts come from
     dataset.num_tokens, which decodes nothing. Call set_epoch(e) before each epoch (as with DistributedSampler).
 
@@ -924,7 +915,7 @@ class TokenBudgetSampler(Sampler):
         """-> (batches of keys, fitted [(source, tokens, tokens after)], left out [(source, reason)]), cached."""
         if self._cache[0] != epoch:
             keys, fitted, dropped = self._pack(epoch)
-            keys = _even_out(keys, self.world_size)
+            keys = even_out(keys, self.world_size)
             self._cache = (epoch, keys, [[k[0] for k in b] for b in keys], (fitted, dropped))
         return self._cache
 

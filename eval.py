@@ -712,7 +712,7 @@ def load_text_tower(cfg, loss_config, embed_dim, device, notes, text_state=None)
 # -----------------------------------------------------------------------------
 # evaluation: held-out data -> reconstructions, embeddings and FSQ indices -> metrics and grids
 
-# Zero-shot prompts in the style of the built-in captions (data._caption: "a red circle on a striped
+# Zero-shot prompts in the style of the built-in captions (data.scene_caption: "a red circle on a striped
 # background", "a photo of a solid red circle", "a video of a red circle spinning"; render3d's 3D captions:
 # "a red striped cube"). '{}' receives the class name with its article ("an orange star"); each class is
 # the mean of its prompts' text embeddings (CLIP prompt ensembling, class_embeddings).

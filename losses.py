@@ -159,7 +159,7 @@ def resize(images, size):
 # frozen networks
 
 
-def _load_vgg16(lp, cfg):
+def load_vgg16(lp, cfg):
     """Put ImageNet VGG16 weights into the LPIPS backbone (whose slices keep torchvision's layer indices)."""
     import torchvision
     try:
@@ -230,7 +230,7 @@ class FrozenNets(nn.Module):
             print("losses: random_frozen=True: LPIPS/Gram VGG16 and SigLIP2 are RANDOM, not pretrained")
         else:
             with torch.no_grad():
-                _load_vgg16(self.lpips, cfg)
+                load_vgg16(self.lpips, cfg)
         self.siglip, self.tokenizer = load_siglip(cfg, embed_dim)
         self.requires_grad_(False)
         self.eval()

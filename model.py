@@ -1266,7 +1266,7 @@ class GaussianDecoder(nn.Module):
         elif m is None:
             raise ValueError(f"{checkpoint_path}: an official Gaussian decoder checkpoint needs its YAML "
                              f"(config_path), or give a released name: {_names('gaussian')}")
-        cfg = _official_gs_config(m)
+        cfg = official_gs_config(m)
         sd = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
         sd = {k: v for k, v in sd.items() if not k.startswith('lpips_loss.')}
         with torch.device('meta'):
@@ -1388,7 +1388,7 @@ def pretrained_config(checkpoint_path, config_path=None):
 
 def official_gs_model(config):
     """ModelConfig (gs_* fields) -> the official 3d_decode_gs.yaml `model:` dict: the inverse of
-    _official_gs_config (the representation settings are the official constants this file implements)."""
+    official_gs_config (the representation settings are the official constants this file implements)."""
     import copy
     ph, pw = config.patch_size[1:]
     if ph != pw:
@@ -1442,7 +1442,7 @@ def _write_text(path, text):
         f.write(text)
 
 
-def _official_gs_config(m):
+def official_gs_config(m):
     """Official 3d_decode_gs.yaml `model:` dict -> ModelConfig (gs_* fields), refusing unsupported settings."""
     rep = m.get('representation_config', {})
     expect = {'voxel_size': GS_VOXEL_SIZE, 'scaling_bias': GS_SCALE_BIAS, 'opacity_bias': GS_OPACITY_BIAS,
@@ -1479,11 +1479,11 @@ def pretrained_gs_config(checkpoint_path, config_path=None):
     released name, without loading weights (train.py sizes a fine-tuning run with it)."""
     import os
     if config_path is not None:
-        return _official_gs_config(read_official_gs_yaml(config_path))
+        return official_gs_config(read_official_gs_yaml(config_path))
     if checkpoint_path in PRETRAINED and not os.path.exists(checkpoint_path):
         if PRETRAINED[checkpoint_path]['kind'] != 'gaussian':
             raise ValueError(f"'{checkpoint_path}' is not a Gaussian decoder (released: {_names('gaussian')})")
-        return _official_gs_config(PRETRAINED[checkpoint_path]['arch'])
+        return official_gs_config(PRETRAINED[checkpoint_path]['arch'])
     raise ValueError(f"{checkpoint_path}: an official Gaussian decoder checkpoint needs its YAML "
                      f"(or give a released name: {_names('gaussian')})")
 

@@ -157,7 +157,7 @@ def native_render(ds, i, video):
     t = torch.arange(ds._length(i), dtype=torch.float32) if video else torch.zeros(1)
     x = data.render(scene, H, W, t)
     u8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return u8.float() / 127.5 - 1, data._caption(rng, scene)
+    return u8.float() / 127.5 - 1, data.scene_caption(rng, scene)
 
 
 def on_uint8_grid(x):
@@ -219,12 +219,6 @@ def test_synthetic_pixels_on_uint8_grid():
         for i in range(len(ds)):
             for epoch in range(3):
                 assert on_uint8_grid(ds[(i, epoch)].media)
-
-
-def test_synthetic_media_wrapper():
-    media = data.synthetic_media(3, 2, 'val', seed=5, patch=8)
-    assert [m.dim() for m in media] == [3, 3, 3, 4, 4]
-    assert all(m.shape[-2] % 8 == 0 and max(m.shape[-3:-1]) <= 64 for m in media)
 
 
 # -----------------------------------------------------------------------------
@@ -392,9 +386,9 @@ def test_sampler_budget_ranks_once():
 
 
 def test_sampler_even_steps_by_splitting():
-    batches = data._even_out([[0, 1, 2], [3]], 3)
+    batches = data.even_out([[0, 1, 2], [3]], 3)
     assert len(batches) == 3 and sorted(i for b in batches for i in b) == [0, 1, 2, 3]
-    assert data._even_out([[0], [1], [2]], 2) == [[0], [1], [2], [0]]          # singletons: documented repeat
+    assert data.even_out([[0], [1], [2]], 2) == [[0], [1], [2], [0]]          # singletons: documented repeat
 
 
 def test_sampler_no_sample_fits_names_one():

@@ -71,7 +71,7 @@ def test_official_arch_round_trip():
         assert back == arch
     so400m = model.official_config(model.PRETRAINED['atoken-sod']['arch'])
     assert model.official_arch(so400m) == model.PRETRAINED['atoken-sod']['arch']
-    assert model.official_gs_model(model._official_gs_config(GS_REF['config'])) == GS_REF['config']
+    assert model.official_gs_model(model.official_gs_config(GS_REF['config'])) == GS_REF['config']
     with pytest.raises(ValueError, match='pos_grid'):
         model.official_arch(model.ModelConfig(pos_grid=8))
 

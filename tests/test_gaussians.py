@@ -17,7 +17,7 @@ REF = torch.load(os.path.join(os.path.dirname(__file__), 'data', 'official_gs_ti
 
 
 def official_decoder():
-    g = model.GaussianDecoder(model._official_gs_config(REF['config']))
+    g = model.GaussianDecoder(model.official_gs_config(REF['config']))
     g.load_checkpoint_state(REF['state_dict'])
     return g.eval()
 
@@ -35,7 +35,7 @@ def test_matches_official():
 
 def test_windowing_matters():
     """The reference pins the 8^3 windows: one global window gives clearly different Gaussians."""
-    cfg = dataclasses.replace(model._official_gs_config(REF['config']), gs_window=64)
+    cfg = dataclasses.replace(model.official_gs_config(REF['config']), gs_window=64)
     g = model.GaussianDecoder(cfg)
     g.load_checkpoint_state(REF['state_dict'])
     with torch.no_grad():

@@ -429,7 +429,7 @@ def test_frozen_nets_follow_dtype(frozen):
 def test_frozen_nets_fail_fast_offline(frozen):
     lp = copy.deepcopy(frozen.lpips)
     with pytest.raises(RuntimeError, match='vgg_weights'):
-        losses._load_vgg16(lp, losses.LossConfig(vgg_weights='/nonexistent/vgg16.pth'))
+        losses.load_vgg16(lp, losses.LossConfig(vgg_weights='/nonexistent/vgg16.pth'))
     t0 = time.time()
     with pytest.raises(RuntimeError, match='no-such-siglip-model'):
         losses.load_siglip(losses.LossConfig(siglip_model='no-such-siglip-model'), 64)
@@ -449,7 +449,7 @@ def test_encode_text(frozen):
         assert (e[i] - e[j]).abs().max() > 1e-3
 
 
-def test_load_vgg16_from_state_dict_file(frozen, tmp_path):
+def testload_vgg16_from_state_dict_file(frozen, tmp_path):
     import torchvision
     torch.manual_seed(1)
     sd = torchvision.models.vgg16().state_dict()      # random weights, torchvision's key names
@@ -457,7 +457,7 @@ def test_load_vgg16_from_state_dict_file(frozen, tmp_path):
     torch.save(sd, path)
     lp = copy.deepcopy(frozen.lpips)                  # an lpips.LPIPS(pnet_rand=True): other random weights
     assert not torch.equal(lp.net.slice1[0].weight, sd['features.0.weight'])
-    losses._load_vgg16(lp, losses.LossConfig(vgg_weights=str(path)))
+    losses.load_vgg16(lp, losses.LossConfig(vgg_weights=str(path)))
     assert torch.equal(lp.net.slice1[0].weight, sd['features.0.weight'])
     assert torch.equal(lp.net.slice5._modules['28'].weight, sd['features.28.weight'])
     assert torch.equal(lp.net.slice5._modules['28'].bias, sd['features.28.bias'])

@@ -211,7 +211,7 @@ def test_tokenizer_presets_build_with_official_counts(name):
 
 def test_gaussian_preset_builds_with_official_count():
     with torch.device('meta'):
-        g = model.GaussianDecoder(model._official_gs_config(model.PRETRAINED['3d_decode_gs']['arch']))
+        g = model.GaussianDecoder(model.official_gs_config(model.PRETRAINED['3d_decode_gs']['arch']))
     sd = g.state_dict()
     assert sum(p.numel() for p in g.parameters()) == 85_887_424
     assert len(sd) == 76 and sum(v.numel() for v in sd.values()) == 85_887_520
