@@ -709,189 +709,114 @@ def local(t):
     return t.full_tensor() if hasattr(t, 'full_tensor') else t
 
 # -----------------------------------------------------------------------------
-# the run
+# the run: a stage's set-up, one optimizer step, checkpoints and evaluation hooks; main() at the end
 
 
-def main(cfg):
-    # --- compute init -----------------------------------------------------------
-    rank, local_rank, world, device = init_compute(cfg)
-    master = rank == 0
-    torch.manual_seed(cfg.seed + rank)
+@dataclass
+class Stage:
+    """What one stage of the curriculum trains with (start_stage builds it; train_step uses it)."""
+    index: int
+    net: torch.nn.Module        # the Trainable, wrapped in DDP / FSDP2 under torchrun
+    raw: Trainable              # the same, unwrapped
+    opt: torch.optim.Optimizer
+    ema: dict                   # EMA parameters by Trainable name
+    params: list                # parameters and their EMA copies, in the same order (one foreach lerp)
+    ema_params: list
+    streams: dict               # task -> TaskStream
+    fused_opt: bool
+    grad_accum: int
+    bar: object = None          # tqdm progress bar (rank 0)
+
+
+def start_stage(cfg, i, stage, s_step, prev, ckpt, frozen, loss_cfg, rank, world, device):
+    """Model (from the previous stage's weights `prev`), optimizer, EMA and data streams for stage i; with
+    ckpt (a checkpoint taken inside this stage) restores optimizer, EMA, streams and RNG from it."""
     cuda = device.startswith('cuda')
-    ptdtype = DTYPES[cfg.dtype]
-    autocast = torch.autocast('cuda', dtype=ptdtype) if cuda and ptdtype != torch.float32 else nullcontext()
-    print0(f"device {device} x {world} ({cfg.parallel}), "
-           f"{'autocast ' + cfg.dtype if cuda else 'fp32 (autocast is CUDA-only here)'}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
-    loss_cfg = replace(losses.LossConfig(), **cfg.loss)
-    total_steps = sum(s['steps'] for s in cfg.stages)
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False) if cfg.resume and \
-        os.path.exists(ckpt_path) else None
-    step = ckpt['step'] if ckpt else 0
-    print0(f"curriculum ({total_steps} steps):\n{describe(cfg, world)}")
-    if ckpt:
-        print0(f"resuming {ckpt_path} at step {step}")
-    stop = {'signal': None}
-    signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))   # save, then exit at a step boundary
-    last = min(total_steps, step + cfg.max_steps) if cfg.max_steps else total_steps
+    torch.manual_seed(cfg.seed + 7919 * i)     # the same initial weights on every rank
+    raw = build_trainable(cfg, stage, prev, frozen, loss_cfg)
+    torch.manual_seed(cfg.seed + 7919 * i + 1 + rank)
+    if ckpt is not None and ckpt['trainable']['tok']['decoder.input_layer.weight'].shape[1] != \
+            raw.tok.config.latent_channels:
+        raise ValueError(f"checkpoint: latent width does not match stage {stage['name']}")
+    raw = raw.to(device)
+    net = wrap(raw, cfg, world, device)
+    if cfg.compile:
+        compile_blocks(raw)
+    fused_opt = not (cfg.parallel == 'fsdp' and world > 1)      # fused AdamW: CPU and CUDA, not DTensors
+    opt = torch.optim.AdamW(param_groups({'tok': raw.tok, 'gs': raw.gs, 'temp': raw.temperature,
+                                          **({'text': raw.text} if raw.text is not None else {})}, cfg),
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused_opt)
+    ema = {n: p.detach().clone() for n, p in raw.named_parameters()}
+    dsets = build_datasets(cfg, stage, raw.tok.config)
+    streams = {t: TaskStream(d, task_budget(stage, t), raw.tok.config, cfg.seed + 1000 * TASKS.index(t), rank,
+                             world, cfg.num_workers, grouped=not cuda, pin=cuda,
+                             max_samples=task_samples(stage, t, world)) for t, d in dsets.items()}
+    if ckpt is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(net, opt, ckpt['optimizer'],   # strict=False: parts with no
+                                 options=StateDictOptions(full_state_dict=True, strict=False))  # grads yet
+        for n, t in ema.items():
+            t.copy_(ckpt['ema'][n] if not hasattr(t, 'full_tensor') else
+                    torch.distributed.tensor.distribute_tensor(ckpt['ema'][n], t.device_mesh, t.placements))
+        for t, s in ckpt['streams'].items():
+            streams[t].load(s)
+        set_rng_states(ckpt['rng'])
+    grad_accum = stage.get('grad_accum', 1)
+    n_params = sum(p.numel() for p in raw.tok.parameters())
+    print0(f"stage {i + 1}/{len(cfg.stages)} '{stage['name']}': {stage['steps']} steps, first step's tasks "
+           f"{step_tasks(stage['mix'], grad_accum, s_step)}, {stage.get('tokens', 4096)} tokens per micro-batch, "
+           f"{n_params / 1e6:.2f}M tokenizer parameters, latent "
+           f"{raw.tok.config.latent_channels}{' + FSQ' if raw.tok.config.use_quantizer else ''}")
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=stage['steps'], initial=s_step, desc=stage['name'], dynamic_ncols=True, mininterval=2.0)
+    names = [n for n, _ in raw.named_parameters()]
+    return Stage(i, net, raw, opt, ema, [p for _, p in raw.named_parameters()], [ema[n] for n in names], streams,
+                 fused_opt, grad_accum, bar)
 
-    # --- frozen networks (built once; never trained or saved) --------------------
-    mcfg0 = stage_model_config(cfg, cfg.stages[0])
-    frozen = losses.FrozenNets(loss_cfg, embed_dim=mcfg0.encoder_width).to(device)
-    log = open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') if master else None
 
-    if master and ckpt is None:     # the untrained baseline of the final summary
-        save_untrained(cfg, frozen, loss_cfg, os.path.join(cfg.out_dir, 'tokenizer_init.pt'))
-
-    stage_i, state = None, None
-    bad_run = skipped = torch.zeros((), dtype=torch.long, device=device)   # non-finite steps (in a row / since log)
-    while step < last and stop['signal'] is None:
-        i, stage, s_step = get_stage(step, cfg.stages)
-        if i != stage_i:
-            # --- model, optimizer, data for this stage -------------------------------
-            resuming = ckpt is not None and ckpt['stage'] == i
-            prev = ckpt['trainable'] if resuming else state
-            torch.manual_seed(cfg.seed + 7919 * i)     # the same initial weights on every rank
-            net = build_trainable(cfg, stage, prev, frozen, loss_cfg)
-            torch.manual_seed(cfg.seed + 7919 * i + 1 + rank)
-            if resuming and ckpt['trainable']['tok']['decoder.input_layer.weight'].shape[1] != \
-                    net.tok.config.latent_channels:
-                raise ValueError(f"{ckpt_path}: latent width does not match stage {stage['name']}")
-            net = net.to(device)
-            raw = net
-            net = wrap(net, cfg, world, device)
-            if cfg.compile:
-                compile_blocks(raw)
-            fused_opt = not (cfg.parallel == 'fsdp' and world > 1)      # fused AdamW: CPU and CUDA, not DTensors
-            opt = torch.optim.AdamW(param_groups({'tok': raw.tok, 'gs': raw.gs, 'temp': raw.temperature,
-                                                  **({'text': raw.text} if raw.text is not None else {})}, cfg),
-                                    lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused_opt)
-            ema = {n: p.detach().clone() for n, p in raw.named_parameters()}
-            params_list = [p for _, p in raw.named_parameters()]
-            ema_list = [ema[n] for n, _ in raw.named_parameters()]
-            grad_accum = stage.get('grad_accum', 1)
-            dsets = build_datasets(cfg, stage, raw.tok.config)
-            streams = {t: TaskStream(d, task_budget(stage, t), raw.tok.config, cfg.seed + 1000 * TASKS.index(t), rank,
-                                     world, cfg.num_workers, grouped=not cuda, pin=cuda,
-                                     max_samples=task_samples(stage, t, world)) for t, d in dsets.items()}
-            if resuming:
-                from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                                     set_optimizer_state_dict)
-                set_optimizer_state_dict(net, opt, ckpt['optimizer'],   # strict=False: parts with no
-                                         options=StateDictOptions(full_state_dict=True, strict=False))  # grads yet
-                for n, t in ema.items():
-                    t.copy_(ckpt['ema'][n] if not hasattr(t, 'full_tensor') else
-                            torch.distributed.tensor.distribute_tensor(ckpt['ema'][n], t.device_mesh, t.placements))
-                for t, s in ckpt['streams'].items():
-                    streams[t].load(s)
-                set_rng_states(ckpt['rng'])
-                bad_run = torch.full((), ckpt.get('bad_steps', 0), device=device)
-                ckpt = None                    # consumed
-            stage_i = i
-            n_params = sum(p.numel() for p in raw.tok.parameters())
-            print0(f"stage {i + 1}/{len(cfg.stages)} '{stage['name']}': {stage['steps']} steps, first step's tasks "
-                   f"{step_tasks(stage['mix'], grad_accum, s_step)}, "
-                   f"{stage.get('tokens', 4096)} tokens per micro-batch, {n_params / 1e6:.2f}M tokenizer parameters, latent "
-                   f"{raw.tok.config.latent_channels}{' + FSQ' if raw.tok.config.use_quantizer else ''}")
-            bar = None
-            if master:
-                from tqdm import tqdm
-                bar = tqdm(total=stage['steps'], initial=s_step, desc=stage['name'], dynamic_ncols=True,
-                           mininterval=2.0)
-
-        # --- one optimizer step: round-robin micro-batches, gradient accumulation ---
-        # Nothing here reads the device: loss terms, the finite flag and the gradient norm stay there until
-        # the log step; a non-finite step is skipped by the fused optimizer itself (found_inf), as AMP does.
-        t0 = time.time()
-        lr = get_lr(s_step, stage['steps'], cfg)
-        for g in opt.param_groups:
-            g['lr'] = lr * g['lr_mult']
-        terms, tokens, samples, flops = {}, 0, 0, 0
-        finite = torch.ones((), dtype=torch.bool, device=device)
-        schedule = step_tasks(stage['mix'], grad_accum, s_step)    # this step's micro-batch tasks
-        for j, task in enumerate(schedule):
-            batch = streams[task].next()
-            if batch.packed is None or not batch.packed.seqlens:
-                raise RuntimeError(f"{task}: a whole batch failed to decode ({batch.skipped})")
-            flops += raw.tok.estimate_flops(batch.packed)              # host-side lengths
-            batch.packed = batch.packed.to(device)
-            sync = (j == len(schedule) - 1)
-            ctx = net.no_sync() if (cfg.parallel == 'ddp' and world > 1 and not sync) else nullcontext()
-            if cfg.parallel == 'fsdp' and world > 1:
-                raw.set_requires_gradient_sync(sync)
-            with ctx:
-                with autocast:
-                    loss, parts = net(batch, task)
-                finite &= torch.isfinite(loss)
-                (loss / len(schedule)).backward()
-            for k, v in parts.items():
-                terms[f"{task}/{k}"] = terms.get(f"{task}/{k}", 0.0) + v / schedule.count(task)
-            tokens += sum(batch.packed.seqlens)
-            samples += len(batch.packed.seqlens)
-        gnorm = local(torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip, foreach=True))
-        ok = all_reduce_mean((finite & torch.isfinite(gnorm)).float(), world) == 1.0   # every rank finite
-        if fused_opt:
-            opt.found_inf = (~ok).float()
-            opt.step()                          # a no-op where found_inf = 1 (step counts stay too)
-        elif bool(ok):                          # FSDP2's DTensors: plain AdamW, one flag read per step
-            opt.step()
-        with torch.no_grad():                   # EMA, one foreach op (a skipped step left the params as they were)
-            torch._foreach_lerp_(ema_list, [p.detach() for p in params_list], 1 - cfg.ema_decay)
-        bad_run = (bad_run + 1) * (~ok)         # consecutive skipped steps, on the device
-        skipped = skipped + (~ok)
-        opt.zero_grad(set_to_none=True)
-        step, s_step = step + 1, s_step + 1
-
-        # --- logging: the device is read here only, every log_interval steps ---------------
-        dt = time.time() - t0
-        if bar is not None:
-            bar.update(1)
-        if step % cfg.log_interval == 0 or s_step == stage['steps']:
-            bad_steps, n_skipped = int(bad_run), int(skipped)
-            if n_skipped:
-                warnings.warn(f"step {step}: {n_skipped} step(s) with a non-finite loss or gradient skipped since "
-                              f"the last log ({bad_steps} in a row now)")
-                skipped = torch.zeros_like(skipped)
-            if bad_steps >= cfg.max_bad_steps:
-                raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {step}: stopping. Lower the "
-                                   f"lr, check the data ({[b for s in streams.values() for b in s.skipped]}), "
-                                   f"or resume from {ckpt_path}")
-            if master:
-                terms = {k: float(v) for k, v in terms.items()}
-                mfu = flops * world / dt / peak_flops(device) if cuda else None
-                bar.set_postfix(loss=f"{sum(v for k, v in terms.items() if k.endswith('/total')):.4f}",
-                                tok_s=f"{tokens * world / dt:.0f}", smp_s=f"{samples * world / dt:.1f}",
-                                **({'mfu': f"{100 * mfu:.1f}%"} if mfu is not None else {}))
-                rec = dict(step=step, stage=stage['name'], lr=lr, grad_norm=float(gnorm), dt=dt,
-                           tokens=tokens * world, skipped_step=not bool(ok), **terms)
-                log.write(json.dumps(rec) + '\n')
-                log.flush()
-
-        # --- checkpoints ------------------------------------------------------------
-        end_of_stage = s_step == stage['steps']
-        if step % cfg.ckpt_interval == 0 or end_of_stage or step == last or stop['signal']:
-            state = save_checkpoint(cfg, ckpt_path, net, raw, opt, ema, streams, step, stage_i, int(bad_run),
-                                    master, end_of_stage)
-        if end_of_stage and bar is not None:
-            bar.close()
-        if cfg.eval_interval and step % cfg.eval_interval == 0 and master and step < last:
-            periodic_evaluation(cfg, stage_i, step)
-
-    # --- final evaluation (EMA weights, held-out built-in data) and cleanup ----------------
-    report = None
-    if master and step == total_steps and stop['signal'] is None:
-        from eval import summarise_run
-        report = summarise_run(held_out(cfg), cfg.out_dir, curriculum(cfg), cfg.eval_n)
-    if stop['signal'] is not None:
-        print0(f"signal {stop['signal']}: checkpoint saved at step {step} in {ckpt_path}; exiting")
-    elif step < total_steps:
-        print0(f"max_steps={cfg.max_steps}: stopped at step {step}/{total_steps}; run again to resume")
-    if log:
-        log.close()
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    return step
+def train_step(cfg, st, stage, s_step, world, device, autocast):
+    """One optimizer step: this step's round-robin micro-batches with gradient accumulation, clipping, AdamW,
+    EMA. Nothing here reads the device: loss terms, the finite flag and the gradient norm stay there until the
+    log step; a non-finite step is skipped by the fused optimizer itself (found_inf), as AMP does.
+    -> (ok flag, gradient norm, {task/term: value}, tokens, samples, FLOPs) of this rank."""
+    lr = get_lr(s_step, stage['steps'], cfg)
+    for g in st.opt.param_groups:
+        g['lr'] = lr * g['lr_mult']
+    terms, tokens, samples, flops = {}, 0, 0, 0
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    schedule = step_tasks(stage['mix'], st.grad_accum, s_step)    # this step's micro-batch tasks
+    for j, task in enumerate(schedule):
+        batch = st.streams[task].next()
+        if batch.packed is None or not batch.packed.seqlens:
+            raise RuntimeError(f"{task}: a whole batch failed to decode ({batch.skipped})")
+        flops += st.raw.tok.estimate_flops(batch.packed)              # host-side lengths
+        batch.packed = batch.packed.to(device)
+        sync = (j == len(schedule) - 1)
+        ctx = st.net.no_sync() if (cfg.parallel == 'ddp' and world > 1 and not sync) else nullcontext()
+        if cfg.parallel == 'fsdp' and world > 1:
+            st.raw.set_requires_gradient_sync(sync)
+        with ctx:
+            with autocast:
+                loss, parts = st.net(batch, task)
+            finite &= torch.isfinite(loss)
+            (loss / len(schedule)).backward()
+        for k, v in parts.items():
+            terms[f"{task}/{k}"] = terms.get(f"{task}/{k}", 0.0) + v / schedule.count(task)
+        tokens += sum(batch.packed.seqlens)
+        samples += len(batch.packed.seqlens)
+    gnorm = local(torch.nn.utils.clip_grad_norm_(st.raw.parameters(), cfg.grad_clip, foreach=True))
+    ok = all_reduce_mean((finite & torch.isfinite(gnorm)).float(), world) == 1.0   # every rank finite
+    if st.fused_opt:
+        st.opt.found_inf = (~ok).float()
+        st.opt.step()                       # a no-op where found_inf = 1 (step counts stay too)
+    elif bool(ok):                          # FSDP2's DTensors: plain AdamW, one flag read per step
+        st.opt.step()
+    with torch.no_grad():                   # EMA, one foreach op (a skipped step left the params as they were)
+        torch._foreach_lerp_(st.ema_params, [p.detach() for p in st.params], 1 - cfg.ema_decay)
+    st.opt.zero_grad(set_to_none=True)
+    return ok, gnorm, lr, terms, tokens, samples, flops
 
 
 def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_steps, master, end_of_stage=False):
@@ -1004,6 +929,100 @@ def peak_flops(device):
     """Dense bf16 peak of the GPU (by name) for MFU; nan when the GPU is not in the table."""
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), float('nan'))
+
+
+def main(cfg):
+    # --- compute, checkpoint to resume, frozen networks (built once; never trained or saved) ---
+    rank, local_rank, world, device = init_compute(cfg)
+    master = rank == 0
+    torch.manual_seed(cfg.seed + rank)
+    cuda = device.startswith('cuda')
+    ptdtype = DTYPES[cfg.dtype]
+    autocast = torch.autocast('cuda', dtype=ptdtype) if cuda and ptdtype != torch.float32 else nullcontext()
+    print0(f"device {device} x {world} ({cfg.parallel}), "
+           f"{'autocast ' + cfg.dtype if cuda else 'fp32 (autocast is CUDA-only here)'}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    loss_cfg = replace(losses.LossConfig(), **cfg.loss)
+    total_steps = sum(s['steps'] for s in cfg.stages)
+    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False) if cfg.resume and \
+        os.path.exists(ckpt_path) else None
+    step = ckpt['step'] if ckpt else 0
+    print0(f"curriculum ({total_steps} steps):\n{describe(cfg, world)}")
+    if ckpt:
+        print0(f"resuming {ckpt_path} at step {step}")
+    stop = {'signal': None}
+    signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))   # save, then exit at a step boundary
+    last = min(total_steps, step + cfg.max_steps) if cfg.max_steps else total_steps
+    frozen = losses.FrozenNets(loss_cfg, embed_dim=stage_model_config(cfg, cfg.stages[0]).encoder_width).to(device)
+    log = open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') if master else None
+    if master and ckpt is None:     # the untrained baseline of the final summary
+        save_untrained(cfg, frozen, loss_cfg, os.path.join(cfg.out_dir, 'tokenizer_init.pt'))
+
+    st, state = None, None          # the current Stage; the previous stage's weights
+    bad_run = skipped = torch.zeros((), dtype=torch.long, device=device)   # non-finite steps (in a row / since log)
+    while step < last and stop['signal'] is None:
+        i, stage, s_step = get_stage(step, cfg.stages)
+        if st is None or i != st.index:
+            resume = ckpt if ckpt is not None and ckpt['stage'] == i else None
+            st = start_stage(cfg, i, stage, s_step, resume['trainable'] if resume else state, resume, frozen,
+                             loss_cfg, rank, world, device)
+            if resume is not None:
+                bad_run, ckpt = torch.full((), resume.get('bad_steps', 0), device=device), None   # consumed
+        t0 = time.time()
+        ok, gnorm, lr, terms, tokens, samples, flops = train_step(cfg, st, stage, s_step, world, device, autocast)
+        bad_run = (bad_run + 1) * (~ok)         # consecutive skipped steps, on the device
+        skipped = skipped + (~ok)
+        step, s_step = step + 1, s_step + 1
+
+        # --- logging: the device is read here only, every log_interval steps ---------------
+        dt = time.time() - t0
+        if st.bar is not None:
+            st.bar.update(1)
+        if step % cfg.log_interval == 0 or s_step == stage['steps']:
+            bad_steps, n_skipped = int(bad_run), int(skipped)
+            if n_skipped:
+                warnings.warn(f"step {step}: {n_skipped} step(s) with a non-finite loss or gradient skipped since "
+                              f"the last log ({bad_steps} in a row now)")
+                skipped = torch.zeros_like(skipped)
+            if bad_steps >= cfg.max_bad_steps:
+                raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {step}: stopping. Lower the "
+                                   f"lr, check the data ({[b for s in st.streams.values() for b in s.skipped]}), "
+                                   f"or resume from {ckpt_path}")
+            if master:
+                terms = {k: float(v) for k, v in terms.items()}
+                mfu = flops * world / dt / peak_flops(device) if cuda else None
+                st.bar.set_postfix(loss=f"{sum(v for k, v in terms.items() if k.endswith('/total')):.4f}",
+                                   tok_s=f"{tokens * world / dt:.0f}", smp_s=f"{samples * world / dt:.1f}",
+                                   **({'mfu': f"{100 * mfu:.1f}%"} if mfu is not None else {}))
+                rec = dict(step=step, stage=stage['name'], lr=lr, grad_norm=float(gnorm), dt=dt,
+                           tokens=tokens * world, skipped_step=not bool(ok), **terms)
+                log.write(json.dumps(rec) + '\n')
+                log.flush()
+
+        # --- checkpoints and periodic evaluation ---------------------------------------
+        end_of_stage = s_step == stage['steps']
+        if step % cfg.ckpt_interval == 0 or end_of_stage or step == last or stop['signal']:
+            state = save_checkpoint(cfg, ckpt_path, st.net, st.raw, st.opt, st.ema, st.streams, step, st.index,
+                                    int(bad_run), master, end_of_stage)
+        if end_of_stage and st.bar is not None:
+            st.bar.close()
+        if cfg.eval_interval and step % cfg.eval_interval == 0 and master and step < last:
+            periodic_evaluation(cfg, st.index, step)
+
+    # --- final evaluation (EMA weights, held-out built-in data) and cleanup ----------------
+    if master and step == total_steps and stop['signal'] is None:
+        from eval import summarise_run
+        summarise_run(held_out(cfg), cfg.out_dir, curriculum(cfg), cfg.eval_n)
+    if stop['signal'] is not None:
+        print0(f"signal {stop['signal']}: checkpoint saved at step {step} in {ckpt_path}; exiting")
+    elif step < total_steps:
+        print0(f"max_steps={cfg.max_steps}: stopped at step {step}/{total_steps}; run again to resume")
+    if log:
+        log.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return step
 
 
 if __name__ == '__main__':
