@@ -451,11 +451,10 @@ def save_image_grid(pairs, path, max_width=1536):
     img.save(path)
 
 
-def save_video_grid(orig, rec, path, fps=8):
-    """A video pair (T, H, W, 3) in [-1, 1] -> MP4 (PyAV, H.264 or MPEG-4) of side-by-side frames."""
+def save_video(frames, path, fps=8):
+    """Frames (T, H, W, 3) uint8 -> MP4 (PyAV, H.264 or MPEG-4), padded to even sizes."""
     import av
-    frames = side_by_side(orig, rec)                                            # (T, H, 3W+8, 3)
-    H, W = frames.shape[1] + frames.shape[1] % 2, frames.shape[2] + frames.shape[2] % 2   # even sizes
+    H, W = frames.shape[1] + frames.shape[1] % 2, frames.shape[2] + frames.shape[2] % 2
     frames = F.pad(frames.permute(0, 3, 1, 2), (0, W - frames.shape[2], 0, H - frames.shape[1])).permute(0, 2, 3, 1)
     codec = 'libx264' if 'libx264' in av.codecs_available else 'mpeg4'
     with av.open(str(path), mode='w') as out:
@@ -466,6 +465,11 @@ def save_video_grid(orig, rec, path, fps=8):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+
+
+def save_video_grid(orig, rec, path, fps=8):
+    """A video pair (T, H, W, 3) in [-1, 1] -> MP4 of side-by-side frames (original | reconstruction | error)."""
+    save_video(side_by_side(orig, rec), path, fps)
 
 
 def markdown_table(metrics):
@@ -532,6 +536,7 @@ class EvalConfig:
     # outputs
     out_dir: str = 'out/eval'
     max_grids: int = 8          # samples per modality shown in side-by-side grids
+    turntable: int = 0          # 3D: frames of a turntable MP4 of each shown reconstruction (0 = none)
 
 
 # -----------------------------------------------------------------------------
@@ -1067,6 +1072,8 @@ def add_sample(c, s, rec, emb, idx, kind, ctx):
             if kind != 'image' or len(c['pending']) == 4 or c['shown'] == cfg.max_grids:
                 c['grids'].append(write_grid(kind, c['pending'], len(c['grids']), cfg.out_dir))
                 c['pending'] = []
+            if kind == '3d' and cfg.turntable:   # the decoded Gaussians from every side, as an MP4
+                c['grids'].append(write_turntable(nets['gs'], rec, s, cfg.turntable, c['shown'] - 1, cfg.out_dir))
     if idx is not None:
         size = tok.config.fsq_levels ** (tok.config.latent_channels // tok.config.fsq_groups)
         n = code_counts(idx, size)
@@ -1155,6 +1162,15 @@ def write_grid(kind, pairs, j, out_dir):
     else:
         name = f'3d_{j:03d}.png'
         save_image_grid(list(zip(pairs[0][0][:4], pairs[0][1][:4])), os.path.join(out_dir, name))
+    return name
+
+
+def write_turntable(gs, rec, s, frames, j, out_dir):
+    """3D sample s's reconstructed voxel features -> Gaussians -> `frames` renders around it at the size of
+    its views (render3d.turntable_cameras) -> out_dir/3d_<j>_turntable.mp4; returns the file name."""
+    cams = render3d.turntable_cameras(frames, resolution=s.media['views'].shape[-2])
+    name = f'3d_{j:03d}_turntable.mp4'
+    save_video(to_uint8(render_views(gs, rec, s.media['coords'], cams)), os.path.join(out_dir, name), fps=12)
     return name
 
 

@@ -609,6 +609,15 @@ def sphere_cameras(n, radius=2.0, fov_deg=40.0, offset=(0.0, 0.0), resolution=51
     return cams
 
 
+def turntable_cameras(n, elevation_deg=20.0, radius=2.0, fov_deg=40.0, resolution=512):
+    """n cameras on a circle around the z axis (Z up, as sphere_cameras), elevation_deg above the equator,
+    azimuths 0, 360/n, ... degrees, looking at the origin: the frames of a turntable video."""
+    pitch = math.radians(elevation_deg)
+    return [look_at(radius * np.array([math.cos(yaw) * math.cos(pitch), math.sin(yaw) * math.cos(pitch),
+                                       math.sin(pitch)]), fov_deg=fov_deg, width=resolution, height=resolution)
+            for yaw in (2 * math.pi * i / n for i in range(n))]
+
+
 def camera_from_nerf(transform_matrix, camera_angle_x, width, height):
     """A Blender/NeRF transforms.json frame (c2w with OpenGL axes: x right, y up, z backward) -> Camera, as the
     official packing does: negate c2w columns 1 and 2 (-> OpenCV), then w2c = inverse(c2w).

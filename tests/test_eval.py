@@ -324,9 +324,14 @@ def test_cli_training_checkpoint_3d_with_gaussian_decoder(tmp_path):
     assert info['weights'] == 'ema' and info['kind'] == 'training'
     assert all(torch.equal(v, ema[k]) for k, v in loaded.state_dict().items())
     r = run_cli(tmp_path, f'--checkpoint={tmp_path / "train.pt"}', '--n_images=0', '--n_videos=0', '--n_3d=2',
-                '--views_3d=2', '--view_res_3d=32', '--max_grids=1')
+                '--views_3d=2', '--view_res_3d=32', '--max_grids=1', '--turntable=3')
     m = r['metrics']['3d']
-    assert r['counts']['3d'] == {'evaluated': 2, 'skipped': 0} and r['grids'] == ['3d_000.png']
+    assert r['counts']['3d'] == {'evaluated': 2, 'skipped': 0}
+    assert r['grids'] == ['3d_000.png', '3d_000_turntable.mp4']         # one shown sample, its turntable
+    import av
+    with av.open(str(tmp_path / 'out' / '3d_000_turntable.mp4')) as f:
+        frames = [fr.to_ndarray(format='rgb24') for fr in f.decode(video=0)]
+    assert len(frames) == 3 and frames[0].shape == (32, 32, 3)
     assert {'feat_psnr', 'psnr', 'ssim', 'lpips', 'zs_top1', 't2m_R@1'} <= set(m)
     assert m['zs_chance_top1'] == 1 / 5 and r['checkpoint']['weights'] == 'ema'
     assert r['checkpoint']['gs_decoder'] == 'training checkpoint'

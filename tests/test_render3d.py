@@ -568,3 +568,21 @@ def test_procedural_mesh_renders_and_is_deterministic():
     rgb, alpha, _ = r3.render_mesh(first[0], r3.sphere_cameras(1, offset=(0.3, 0.3), resolution=48)[0])
     assert alpha.sum() > 100 and rgb[alpha > 0].max() > 0.3
     assert len(seen) >= 4
+
+
+def test_turntable_cameras():
+    """Evenly spaced azimuths at one elevation and radius, each camera looking at the origin (which lands on
+    the image centre), as a turntable video needs."""
+    cams = r3.turntable_cameras(8, elevation_deg=30.0, radius=2.5, resolution=40)
+    eyes = []
+    for cam in cams:
+        w2c = cam.w2c.double()
+        eye = -w2c[:3, :3].T @ w2c[:3, 3]                              # camera centre in world coordinates
+        eyes.append(eye)
+        assert eye.norm().item() == pytest.approx(2.5, abs=1e-5)
+        assert math.degrees(math.asin(eye[2].item() / 2.5)) == pytest.approx(30.0, abs=1e-4)
+        origin = w2c[:3, 3]                                             # the origin in camera coordinates
+        assert origin[0].item() == pytest.approx(0, abs=1e-5) and origin[1].item() == pytest.approx(0, abs=1e-5)
+        assert origin[2].item() > 0                                     # in front of the camera
+    yaw = [math.degrees(math.atan2(e[1].item(), e[0].item())) % 360 for e in eyes]
+    assert yaw == pytest.approx([45.0 * i for i in range(8)], abs=1e-4)
