@@ -785,11 +785,16 @@ class AssetFolder(Dataset):
     cameras.json, voxels.npz, meta.json). Token counts come from meta.json; a folder missing its files is
     skipped (or an error with strict=True). Caption from `captions` (read_captions: the paper's Objaverse
     captions come from Cap3D, keyed by asset id = the sub-folder's name, or the asset file's stem) when it
-    has the asset, else from meta.json; no labels."""
+    has the asset, else from meta.json. Class labels (zero-shot, e.g. Toys4k's categories): labels='folder'
+    takes the top folder of each asset's source path (the first part of the name `prepare` gives a nested
+    file: <category>__<object>__<stem>), or a CSV / JSON file maps asset ids to class names (read_captions'
+    format); classes are the sorted names. Without labels an asset's label is -1."""
 
-    def __init__(self, root, patch_size=(4, 16, 16), strict=False, captions=''):
+    def __init__(self, root, patch_size=(4, 16, 16), strict=False, captions='', labels=''):
         self.root, self.patch_size, self.strict, self.classes, self.skipped = root, patch_size, strict, [], []
         self.captions = read_captions(captions) if captions else {}
+        self.label_of = {} if labels in ('', 'folder') else read_captions(labels)
+        self.labels = labels
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{root}: no such folder of prepared 3D assets")
         self.folders, self.voxels = [], []
@@ -807,9 +812,18 @@ class AssetFolder(Dataset):
                 self.skipped.append(_skip(folder, e, strict))
         if not self.folders:
             raise ValueError(f"{root}: no usable prepared 3D assets")
+        if labels:
+            self.classes = sorted({c for c in map(self.class_name, range(len(self))) if c})
 
     def __len__(self):
         return len(self.folders)
+
+    def class_name(self, i):
+        """The class of asset i ('' when labels has none for it)."""
+        name = os.path.basename(self.folders[i])
+        if self.labels == 'folder':
+            return name.split('__')[0] if '__' in name else ''
+        return self.label_of.get(name) or self.label_of.get(name.rsplit('__', 1)[-1], '')
 
     def source(self, i):
         return self.folders[i]
@@ -827,7 +841,8 @@ class AssetFolder(Dataset):
         media = dict(feats=a['feats'] * 2 - 1, coords=a['coords'], views=a['views'], cameras=a['cameras'])
         name = os.path.basename(folder)          # prepare names a nested file dir__sub__<stem>: Objaverse's uid is the stem
         caption = self.captions.get(name) or self.captions.get(name.rsplit('__', 1)[-1]) or a['meta'].get('caption', '')
-        return Sample(media, '3d', caption, -1, '', folder)
+        cls = self.class_name(_key(key, len(self))[0]) if self.labels else ''
+        return Sample(media, '3d', caption, self.classes.index(cls) if cls else -1, cls, folder)
 
 
 class Concat(Dataset):

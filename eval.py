@@ -530,6 +530,7 @@ class EvalConfig:
     native: bool = False        # videos at native size, frames from the first on (up to `frames`; 0 = all)
     retrieval_frames: int = 0   # > 0: a video is the average of this many frames' embeddings (no reconstruction)
     captions: str = ''          # retrieval captions: JSON {file: caption or [captions]} or CSV file,caption
+    labels_3d: str = ''         # 3D classes for zero-shot: 'folder' (top source folder, Toys4k) or CSV/JSON id,class
     templates: str = 'builtin'  # zero-shot prompts: builtin (TEMPLATES) | imagenet (open_clip's 80 OpenAI ones)
     save_every: int = 1000      # samples between partial results (out_dir/partial_<kind>.pt), resumed if found
     resume: bool = True         # false: ignore (and overwrite) a partial result
@@ -586,7 +587,7 @@ PROTOCOLS = {
     'toys4k': dict(
         section='Sec. 4.4, Tables 3 and 8', needs='assets',
         layout='Toys4k assets prepared with `python render3d.py prepare` (+ --gs_checkpoint=3d_decode_gs)',
-        settings=dict(fid=False, understanding=True),
+        settings=dict(fid=False, understanding=True, labels_3d='folder'),
         paper={'So/C': dict(psnr=28.28, ssim=0.951, lpips=0.062, zs_top1=0.909),
                'So/D': dict(psnr=28.17, ssim=0.951, lpips=0.063, zs_top1=0.913)}),
 }
@@ -893,7 +894,7 @@ def build_datasets(cfg, patch_size, grid):
         elif cfg.videos:
             out['video'] = data.VideoFolder(cfg.videos, 'recon', cfg.res, patch_size, cfg.frames, cfg.seed)
         if cfg.assets:
-            out['3d'] = data.AssetFolder(cfg.assets, patch_size)
+            out['3d'] = data.AssetFolder(cfg.assets, patch_size, labels=cfg.labels_3d)
         return out
     out = {}
     if cfg.n_images:

@@ -607,3 +607,26 @@ def test_asset_captions_from_a_cap3d_style_file(tmp_path):
     (tmp_path / 'bad.csv').write_text('uid1,a,b\n')
     with pytest.raises(ValueError, match=r'bad\.csv: row 1 has 3 fields'):
         data.AssetFolder(str(tmp_path / 'assets'), patch_size=PS, captions=str(tmp_path / 'bad.csv'))
+
+
+def test_asset_labels_for_zero_shot(tmp_path):
+    """AssetFolder labels: 'folder' takes the top source folder of a nested asset (Toys4k's category, the
+    first part of prepare's name); a CSV maps ids to classes; classes are the sorted names, labels index them."""
+    import render3d
+    mesh, _, caption = render3d.procedural_mesh(3)
+    pack = render3d.pack_asset(mesh, n_views=2, resolution=16, patch_size=PS, grid=8)
+    for name in ('car__car_001__mesh', 'airplane__plane_7__mesh', 'car__car_002__mesh', 'loose'):
+        render3d.write_prepared(str(tmp_path / 'assets' / name), pack, dict(caption=caption, patch=[8, 8],
+                                                                           voxels=len(pack['coords'])))
+    ds = data.AssetFolder(str(tmp_path / 'assets'), patch_size=PS, labels='folder')
+    assert ds.classes == ['airplane', 'car']
+    got = {os.path.basename(ds.source(i)): (ds[i].label, ds[i].class_name) for i in range(len(ds))}
+    assert got == {'airplane__plane_7__mesh': (0, 'airplane'), 'car__car_001__mesh': (1, 'car'),
+                   'car__car_002__mesh': (1, 'car'), 'loose': (-1, '')}
+    (tmp_path / 'labels.csv').write_text('loose,teapot\nmesh,never used\ncar__car_001__mesh,sedan\n')
+    ds = data.AssetFolder(str(tmp_path / 'assets'), patch_size=PS, labels=str(tmp_path / 'labels.csv'))
+    assert ds.classes == ['never used', 'sedan', 'teapot']            # 'mesh': the stem of the nested ones
+    got = {os.path.basename(ds.source(i)): ds[i].class_name for i in range(len(ds))}
+    assert got == {'airplane__plane_7__mesh': 'never used', 'car__car_001__mesh': 'sedan',
+                   'car__car_002__mesh': 'never used', 'loose': 'teapot'}
+    assert data.AssetFolder(str(tmp_path / 'assets'), patch_size=PS)[0].label == -1
