@@ -342,22 +342,17 @@ def save_media(media, item, folder, index, gs, fps):
         Image.fromarray(u8(media)).save(name + '.png')
         return name + '.png'
     if item['kind'] == 'video':
-        import av
-        with av.open(name + '.mp4', 'w') as f:
-            s = f.add_stream('libx264', rate=fps)
-            s.height, s.width, s.pix_fmt = media.shape[1], media.shape[2], 'yuv420p'
-            for frame in u8(media):
-                f.mux(s.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')))
-            f.mux(s.encode())
+        from eval import save_video
+        save_video(torch.from_numpy(u8(media)), name + '.mp4', fps)
         return name + '.mp4'
     if gs is None:
         np.savez(name + '.npz', feats=media.numpy(), coords=item['coords'][:, 1:].numpy())
         return name + '.npz'
-    import eval as ev
     import render3d
+    from eval import render_views
     cams = render3d.load_prepared(item['source'])['cameras'] if os.path.isdir(item['source']) else \
         render3d.sphere_cameras(4, resolution=256)
-    views = ev.render_views(gs, media, item['coords'][:, 1:], cams)             # [V, H, W, 3] in [-1, 1]
+    views = render_views(gs, media, item['coords'][:, 1:], cams)                # [V, H, W, 3] in [-1, 1]
     Image.fromarray(u8(torch.cat(list(views), 1))).save(name + '.png')
     return name + '.png'
 

@@ -118,6 +118,14 @@ def test_continuous_video_round_trip(tmp_path, ckpt):
     for got, want in zip(shards.decode_samples(cont, items, 16384), cont.reconstruct(media)):
         assert got.shape == want.shape and got.shape[0] in (8, 4)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.save(cont.export(), tmp_path / 'cont.pt')                      # decode to MP4: one file per clip
+    files = shards.main(['decode', f'--checkpoint={tmp_path / "cont.pt"}', f'--out={out}',
+                         f'--decoded={tmp_path / "dec"}'])
+    assert [os.path.splitext(f)[1] for f in files] == ['.mp4', '.mp4']
+    for f, want in zip(files, cont.reconstruct(media)):
+        with av.open(f) as v:
+            frames = [fr.to_ndarray(format='rgb24') for fr in v.decode(video=0)]
+        assert len(frames) == want.shape[0] and frames[0].shape == tuple(want.shape[1:])
     with pytest.raises(ValueError, match='no quantizer'):
         torch.save(cont.export(), tmp_path / 'cont.pt')
         shards.main(['encode', f'--checkpoint={tmp_path / "cont.pt"}', f'--input={folder}', '--kind=video',
