@@ -204,6 +204,7 @@ COLOURS = {'red': (0.9, 0.1, 0.1), 'orange': (1.0, 0.55, 0.05), 'yellow': (0.95,
            'purple': (0.6, 0.15, 0.8), 'white': (0.97, 0.97, 0.97)}
 # The label names the big foreground object, so a prompt such as "a photo of a red circle" can name it.
 CLASSES = [f'{c} {s}' for s in SHAPES for c in COLOURS]
+ATTRIBUTES = {'colour': 0, 'shape': 1}   # word of a class name that names each attribute (zero-shot per attribute)
 TEXTURES = ['plain', 'striped', 'checkered', 'speckled']
 OBJECT_WORDS = {'plain': 'solid', 'striped': 'striped', 'checkered': 'checkered', 'speckled': 'speckled'}
 BACKGROUND_WORDS = {'plain': 'gradient', 'striped': 'striped', 'checkered': 'checkered', 'speckled': 'mottled'}
@@ -446,7 +447,7 @@ class SyntheticImages(Dataset):
     def __init__(self, n, split='train', seed=0, res=(64, 512), patch_size=(4, 16, 16)):
         _check_res(res, patch_size)
         self.n, self.split, self.seed, self.res, self.patch_size = n, split, seed, res, patch_size
-        self.classes, self.skipped = CLASSES, []
+        self.classes, self.attributes, self.skipped = CLASSES, ATTRIBUTES, []
         self._cache = {}                # index -> (uint8 (1, H, W, 3) native render, caption, class name, {size: uint8})
 
     def __len__(self):
@@ -483,7 +484,7 @@ class SyntheticVideos(Dataset):
         if frames % patch_size[0]:
             raise ValueError(f"frames={frames} must be a multiple of pt={patch_size[0]}")
         self.n, self.split, self.seed, self.res, self.patch_size = n, split, seed, res, patch_size
-        self.frames, self.classes, self.skipped = frames, CLASSES, []
+        self.frames, self.classes, self.attributes, self.skipped = frames, CLASSES, ATTRIBUTES, []
         self._cache = {}                # index -> (uint8 (T, H, W, 3) native render, caption, class name, {size: uint8})
 
     def __len__(self):

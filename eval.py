@@ -353,17 +353,24 @@ def zero_shot_predict(media_emb, class_emb, k=5):
     return sim.topk(min(k, sim.shape[1]), dim=1).indices
 
 
-def zero_shot_scores(topk, labels, class_names):
+def zero_shot_scores(topk, labels, class_names, attributes=None):
     """Predictions [B, k] (best first) and labels [B] -> top-1 / top-5 accuracy over samples (ImageNet's
     numbers, Table 5), top-1 per class {name: accuracy} for the classes that have samples, and its mean over
-    those classes (balanced accuracy), with chance levels."""
+    those classes (balanced accuracy), with chance levels. attributes {name: word index}: class names made of
+    words (the built-in 'red circle'), each attribute scored on its own: the top-1 prediction's word equals the
+    label's (zs_<name>_top1), chance = 1 / its distinct values (zs_chance_<name>)."""
     topk, labels = torch.as_tensor(topk), torch.as_tensor(labels)
     hit1 = (topk[:, 0] == labels).double()
     per_class = {class_names[c]: hit1[labels == c].mean().item() for c in labels.unique().tolist()}
     K = len(class_names)
-    return dict(zs_top1=hit1.mean().item(), zs_top5=(topk[:, :5] == labels[:, None]).any(1).double().mean().item(),
-                zs_mean_class_top1=sum(per_class.values()) / len(per_class),
-                zs_chance_top1=1 / K, zs_chance_top5=min(5, K) / K), per_class
+    out = dict(zs_top1=hit1.mean().item(), zs_top5=(topk[:, :5] == labels[:, None]).any(1).double().mean().item(),
+               zs_mean_class_top1=sum(per_class.values()) / len(per_class),
+               zs_chance_top1=1 / K, zs_chance_top5=min(5, K) / K)
+    for name, w in (attributes or {}).items():
+        word = [n.split()[w] for n in class_names]
+        out[f'zs_{name}_top1'] = sum(word[p] == word[t] for p, t in zip(topk[:, 0].tolist(), labels.tolist())) / len(labels)
+        out[f'zs_chance_{name}'] = 1 / len(set(word))
+    return out, per_class
 
 
 def recall_at_k(sim, ks=(1, 5, 10), match=None):
@@ -427,9 +434,13 @@ def to_uint8(x):
     return ((x.detach().float().cpu() + 1) / 2 * 255).clamp(0, 255).to(torch.uint8)
 
 
-def side_by_side(orig, rec):
-    """(..., H, W, 3) pair -> (..., H, 3W + 8, 3) uint8: original | reconstruction | 4x absolute error,
-    separated by 4-pixel white bars."""
+def side_by_side(orig, rec, min_size=256):
+    """(..., H, W, 3) pair -> (..., sH, 3sW + 8, 3) uint8: original | reconstruction | 4x absolute error,
+    separated by 4-pixel white bars; small pictures are enlarged s times (nearest neighbour: every pixel stays
+    visible) so that the longer side of a tile is at least min_size."""
+    s = max(1, -(-min_size // max(orig.shape[-3:-1])))
+    if s > 1:
+        orig, rec = (x.repeat_interleave(s, dim=-3).repeat_interleave(s, dim=-2) for x in (orig, rec))
     err = ((rec.float() - orig.float()).abs() * 4 - 1).clamp(-1, 1)            # 0 error = black
     bar = torch.full((*orig.shape[:-2], 4, 3), 255, dtype=torch.uint8)
     return torch.cat([to_uint8(orig), bar, to_uint8(rec), bar, to_uint8(err)], dim=-2)
@@ -1122,7 +1133,7 @@ def collect(tok, ds, kind, cfg, nets, text, classifier):
     return c
 
 
-def summarise(kind, c, tok, classes, text):
+def summarise(kind, c, tok, classes, text, attributes=None):
     """The collected record -> (metrics, codebook stats or None, per-class zero-shot accuracy or None, notes)."""
     metrics, notes, per_class, codebook = {}, [], None, None
     for key in (c['scores'][0] if c['scores'] else {}):
@@ -1140,7 +1151,7 @@ def summarise(kind, c, tok, classes, text):
         metrics['code_ppl'] = sum(codebook['perplexity']) / len(codebook['perplexity'])
     if text is not None:
         if c['topk']:
-            zs, per_class = zero_shot_scores(torch.stack(c['topk']), c['labels'], classes)
+            zs, per_class = zero_shot_scores(torch.stack(c['topk']), c['labels'], classes, attributes)
             metrics.update(zs)
         else:
             notes.append(f'{kind}: zero-shot skipped: no class labels (class folders or a manifest with labels)')
@@ -1250,7 +1261,8 @@ def evaluate(tok, cfg, gs_decoder=None, text=None):
             if not (c['scores'] or c['emb'] or c['topk']):
                 res['warnings'].append(f'{kind}: nothing could be evaluated')
                 continue
-            res['metrics'][kind], codebook, per_class, notes = summarise(kind, c, tok, list(ds.classes), text)
+            res['metrics'][kind], codebook, per_class, notes = summarise(kind, c, tok, list(ds.classes), text,
+                                                                         getattr(ds, 'attributes', None))
             if codebook is not None:
                 res['codebook'][kind] = codebook
             if per_class is not None:
@@ -1371,7 +1383,7 @@ def run(cfg):
 
 # (metric, what it is compared with, margin): any run prints them; they are the bar for the CPU demo.
 TARGETS = dict(image_vs_bicubic=2.0, video_vs_bicubic=1.0, fsq_gap=3.0, psnr_3d=18.0, psnr_3d_vs_untrained=6.0,
-               zero_shot_top1=0.70)
+               zero_shot_top1=0.50, zero_shot_shape=0.50)
 
 
 def evaluate_export(base, run_dir, out_dir, n, checkpoint='tokenizer.pt', latent='mean',
@@ -1384,6 +1396,66 @@ def evaluate_export(base, run_dir, out_dir, n, checkpoint='tokenizer.pt', latent
     report = run(cfg)
     print(f"evaluation report: {os.path.join(out_dir, 'report.json')}")
     return report
+
+
+def learning_curves(run_dir, baselines):
+    """The periodic evaluations of a run (run_dir/eval_<step>/report.json) as one PNG, run_dir/curves.png:
+    PSNR vs step per modality (left) and zero-shot accuracy vs step (right), each baseline a dashed line in its
+    series' colour (baselines: {'psnr image' | 'zs image shape' | ...: value}). Drawn with PIL (no plotting library). -> the path, or None
+    when the run has fewer than two periodic evaluations."""
+    from PIL import Image, ImageDraw
+    steps = sorted(int(d[5:]) for d in os.listdir(run_dir) if d.startswith('eval_') and d[5:].isdigit())
+    reports = {}
+    for st in steps:
+        try:
+            with open(os.path.join(run_dir, f'eval_{st}', 'report.json')) as f:
+                reports[st] = json.load(f)['metrics']
+        except (OSError, ValueError, KeyError):
+            continue
+    if len(reports) < 2:
+        return None
+    panels = [('psnr', 'PSNR (dB)', {'image': ('image', 'psnr'), 'video': ('video', 'psnr'), '3D': ('3d', 'psnr')}),
+              ('zs', 'zero-shot top-1', {'image': ('image', 'zs_top1'), 'image shape': ('image', 'zs_shape_top1'),
+                                   'video': ('video', 'zs_top1'), '3D': ('3d', 'zs_top1')})]
+    colours = {'image': (31, 119, 180), 'video': (255, 127, 14), '3D': (44, 160, 44), 'image shape': (148, 103, 189)}
+    W, H, m = 520, 360, 48
+    img = Image.new('RGB', (2 * W, H), 'white')
+    draw = ImageDraw.Draw(img)
+    x0, x1 = min(reports), max(reports)
+    for k, (panel, title, series) in enumerate(panels):
+        base = {n: baselines[f'{panel} {n}'] for n in series if f'{panel} {n}' in baselines}
+        pts = {name: [(st, (r.get(kind) or {}).get(key)) for st, r in sorted(reports.items())]
+               for name, (kind, key) in series.items()}
+        pts = {n: [(x, y) for x, y in p if isinstance(y, (int, float))] for n, p in pts.items()}
+        pts = {n: p for n, p in pts.items() if p}
+        ys = [y for p in pts.values() for _, y in p] + [base[n] for n in pts if n in base]
+        if not ys:
+            continue
+        lo, hi = min(ys), max(ys)
+        lo, hi = (lo - 1, hi + 1) if hi - lo < 1e-9 else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+        L = k * W
+        X = lambda x: L + m + (x - x0) / max(x1 - x0, 1) * (W - 2 * m)
+        Y = lambda y: H - m - (y - lo) / (hi - lo) * (H - 2 * m)
+        draw.rectangle([L + m, m, L + W - m, H - m], outline='black')
+        draw.text((L + m, 12), title, fill='black')
+        draw.text((L + m, H - m + 6), f'step {x0}', fill='black')
+        draw.text((L + W - m - 60, H - m + 6), f'step {x1}', fill='black')
+        draw.text((L + 4, m - 6), f'{hi:.2f}', fill='black')
+        draw.text((L + 4, H - m - 6), f'{lo:.2f}', fill='black')
+        for j, (name, p) in enumerate(pts.items()):
+            c = colours[name]
+            draw.line([(X(x), Y(y)) for x, y in p], fill=c, width=2) if len(p) > 1 else None
+            for x, y in p:
+                draw.ellipse([X(x) - 2, Y(y) - 2, X(x) + 2, Y(y) + 2], fill=c)
+            if name in base:                                    # dashed: the baseline of this series
+                yb = Y(base[name])
+                for xa in range(int(L + m), int(L + W - m), 12):
+                    draw.line([(xa, yb), (xa + 6, yb)], fill=c, width=1)
+            draw.text((L + W - m - 150, m + 6 + 14 * j), name + (' (dashed: baseline)' if name in base else ''),
+                      fill=c)
+    path = os.path.join(run_dir, 'curves.png')
+    img.save(path)
+    return path
 
 
 def summarise_run(base, run_dir, stages, n):
@@ -1430,12 +1502,23 @@ def summarise_run(base, run_dir, stages, n):
             target = TARGETS['zero_shot_top1'] if kind == 'image' else None
             rows.append((f"{kind} zero-shot top-1", v, f"chance {c:.3f}", f">= {target:.2f}" if target else '-',
                          v >= target if target else None))
+            for attr in ('colour', 'shape'):          # the built-in classes' two attributes, each on its own
+                if f'zs_{attr}_top1' in final[kind]:
+                    v, c = final[kind][f'zs_{attr}_top1'], final[kind][f'zs_chance_{attr}']
+                    target = TARGETS.get(f'zero_shot_{attr}') if kind == 'image' else None
+                    rows.append((f"{kind} zero-shot {attr}", v, f"chance {c:.3f}", f">= {target:.2f}" if target else '-',
+                                 v >= target if target else None))
     summary = [dict(what=w, value=v, baseline=b, target=t, met=m) for w, v, b, t, m in rows]
+    base_lines = {'psnr image': get(cont, 'image', 'bicubic_psnr'), 'psnr video': get(cont, 'video', 'bicubic_psnr'),
+                  'psnr 3D': get(untrained or {}, '3d', 'psnr'), 'zs image': get(final, 'image', 'zs_chance_top1'),
+                  'zs image shape': get(final, 'image', 'zs_chance_shape')}
+    curves = learning_curves(run_dir, {k: v for k, v in base_lines.items() if v == v})      # nan: none
     tmp = path(f'summary.json.tmp{os.getpid()}')
     with open(tmp, 'w') as f:
         json.dump(summary, f, indent=1, default=float)
     os.replace(tmp, path('summary.json'))
-    print(f"\nsummary vs baselines (held-out built-in data; {path('summary.json')}):")
+    print(f"\nsummary vs baselines (held-out built-in data; {path('summary.json')}"
+          f"{'; learning curves: ' + curves if curves else ''}):")
     print(f"  {'':44s} {'value':>8s}  {'baseline':20s} {'target':12s} met")
     for w, v, b, t, m in rows:
         print(f"  {w:44s} {v:8.3f}  {b:20s} {t:12s} {'-' if m is None else 'yes' if m else 'NO'}")

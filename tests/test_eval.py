@@ -760,3 +760,49 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, exported, monkeypa
     resumed = run_cli(tmp_path / 'b', *flags)
     assert resumed['metrics'] == whole['metrics'] and resumed['counts'] == whole['counts']
     assert not (tmp_path / 'b' / 'out' / 'partial_image.pt').exists()
+
+
+def test_zero_shot_per_attribute_by_hand():
+    """Class names of two words (colour, shape): each attribute scored on its own, chance 1 / its values."""
+    names = ['red circle', 'blue circle', 'red square', 'blue square', 'green star']
+    labels = [0, 1, 2, 3, 4, 0]
+    top1 = [2, 1, 0, 4, 4, 1]        # colour right: 1,1,1,0,1,0 -> 4/6; shape right: 0,1,0,0,1,1 -> 3/6
+    topk = torch.tensor([[p, (p + 1) % 5] for p in top1])
+    out, _ = ev.zero_shot_scores(topk, labels, names, {'colour': 0, 'shape': 1})
+    assert out['zs_top1'] == pytest.approx(2 / 6)
+    assert out['zs_colour_top1'] == pytest.approx(4 / 6) and out['zs_shape_top1'] == pytest.approx(3 / 6)
+    assert out['zs_chance_colour'] == pytest.approx(1 / 3) and out['zs_chance_shape'] == pytest.approx(1 / 3)
+    assert 'zs_colour_top1' not in ev.zero_shot_scores(topk, labels, names)[0]
+
+
+def test_side_by_side_enlarges_small_pictures():
+    """Tiles smaller than 256 px are enlarged by an integer factor (nearest): the longer side reaches 256, every
+    source pixel becomes an s x s block; large pictures stay as they are."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(32, 48, 3, generator=g) * 2 - 1, torch.rand(32, 48, 3, generator=g) * 2 - 1
+    out = ev.side_by_side(a, b)
+    s = 6                                                    # ceil(256 / 48)
+    assert out.shape == (32 * s, 3 * 48 * s + 8, 3) and out.dtype == torch.uint8
+    left = out[:, :48 * s].reshape(32, s, 48, s, 3)
+    assert (left == left[:, :1, :, :1]).all()                # constant s x s blocks
+    assert torch.equal(left[:, 0, :, 0], ev.to_uint8(a))     # ... of the original's pixels
+    big = torch.zeros(300, 200, 3)
+    assert ev.side_by_side(big, big).shape == (300, 608, 3)
+
+
+def test_learning_curves_png(tmp_path):
+    """run_dir/eval_<step>/report.json -> curves.png: a point per evaluation at its step and value (image PSNR
+    20 at the first step lands at the plot's left edge, 0.5/11 of the height above the bottom), None without
+    two evaluations."""
+    from PIL import Image
+    assert ev.learning_curves(str(tmp_path), {}) is None
+    for step, psnr in ((100, 20.0), (300, 30.0)):
+        os.makedirs(tmp_path / f'eval_{step}')
+        (tmp_path / f'eval_{step}' / 'report.json').write_text(json.dumps(
+            {'metrics': {'image': {'psnr': psnr, 'zs_top1': 0.1, 'zs_shape_top1': 0.3}}}))
+    path = ev.learning_curves(str(tmp_path), {'psnr image': 25.0, 'zs image shape': 1 / 6})
+    img = Image.open(path).convert('RGB')
+    assert img.size == (1040, 360)
+    # PSNR panel: y range 19.5..30.5 over pixels 312..48; x = 48 at step 100
+    assert img.getpixel((48, 300)) == (31, 119, 180)
+    assert img.getpixel((48 + 424, 48 + 12)) == (31, 119, 180)              # 30 dB at step 300

@@ -328,7 +328,9 @@ def test_final_summary_against_baselines(tmp_path, monkeypatch):
     os.makedirs(cfg.out_dir)
     open(os.path.join(cfg.out_dir, 'tokenizer_init.pt'), 'w').close()
     metrics = {     # checkpoint -> metrics eval.py would report
-        'tokenizer.pt': {'image': dict(psnr=27.0, bicubic_psnr=26.0, zs_top1=0.75, zs_chance_top1=1 / 48),
+        'tokenizer.pt': {'image': dict(psnr=27.0, bicubic_psnr=26.0, zs_top1=0.75, zs_chance_top1=1 / 48,
+                                       zs_colour_top1=0.9, zs_chance_colour=1 / 8, zs_shape_top1=0.4,
+                                       zs_chance_shape=1 / 6),
                          'video': dict(psnr=20.0), '3d': dict(psnr=19.0)},
         'tokenizer_s3.pt': {'image': dict(psnr=29.5, bicubic_psnr=27.0), 'video': dict(psnr=26.0, bicubic_psnr=25.5)},
         'tokenizer_init.pt': {'3d': dict(psnr=12.5)}}
@@ -344,11 +346,13 @@ def test_final_summary_against_baselines(tmp_path, monkeypatch):
     res = ev.summarise_run(train.held_out(cfg), cfg.out_dir, train.curriculum(cfg), cfg.eval_n)
     assert calls == [('tokenizer.pt', 'fsq', ['3d', 'image', 'video']), ('tokenizer_s3.pt', 'mean', ['image', 'video']),
                      ('tokenizer_init.pt', 'mean', ['3d'])]
-    # image 29.5 >= 27 + 2; video 26.0 < 25.5 + 1; FSQ 27.0 >= 29.5 - 3; 3D 19 >= max(18, 12.5 + 6); zs 0.75
+    # image 29.5 >= 27 + 2; video 26.0 < 25.5 + 1; FSQ 27.0 >= 29.5 - 3; 3D 19 >= max(18, 12.5 + 6);
+    # zero-shot 0.75 >= 0.5; colour 0.9 (no target); shape 0.4 < 0.5
     assert [r['what'].split(' (')[0] for r in res['summary']] == [
         'image PSNR, continuous', 'video PSNR, continuous', 'image PSNR, FSQ', '3D multiview PSNR',
-        'image zero-shot top-1']
-    assert [r['met'] for r in res['summary']] == [True, False, True, True, True]
+        'image zero-shot top-1', 'image zero-shot colour', 'image zero-shot shape']
+    assert [r['met'] for r in res['summary']] == [True, False, True, True, True, None, False]
+    assert res['summary'][6]['baseline'] == 'chance 0.167'
     assert res['summary'][3]['target'] == '>= 18.50' and res['summary'][1]['target'] == '>= 26.50'
     with open(os.path.join(cfg.out_dir, 'summary.json')) as f:
         assert json.load(f) == res['summary']
