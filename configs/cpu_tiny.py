@@ -1,7 +1,8 @@
 # CPU demo: the whole curriculum (images -> +video -> +3D -> FSQ) on built-in procedural data, tiny model.
 # Hardware/command: any laptop or the 2-core CI machine; `python train.py configs/cpu_tiny.py`.
-# Expected: ~13 minutes on 2 cores (~15 with pip), then a summary vs baselines (out_dir/summary.json): image 26.2 dB
-# vs bicubic 32.5, video 26.5 vs 27.8, FSQ image 23.9, 3D 18.6 dB vs untrained 9.2, image zero-shot 0.19 (chance 0.02).
+# Expected: ~13.5 minutes on 2 cores (~15.5 with pip), then a summary vs baselines (out_dir/summary.json): image 26.2 dB
+# vs bicubic 32.5, video 26.5 vs 27.8, FSQ image 23.9, 3D 18.6 dB vs untrained 9.2, image zero-shot 0.19 (chance 0.02;
+# colour 0.92, shape 0.19 vs chance 0.17), and out_dir/curves.png.
 out_dir = 'out/cpu_tiny'
 preset = 'tiny'
 model = dict(gs_width=64, gs_depth=2, gs_heads=2, gs_mlp=128, gs_per_voxel=8, gs_resolution=16)
