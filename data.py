@@ -593,7 +593,7 @@ def _skip(source, error, strict):
 def _probe_all(path, rows, probe, strict, what):
     """Read every file's header (no decoding) -> entries [(file, caption, class name, probe(file))] and the
     skipped [(file, reason)]. A folder or manifest with no usable file is an error naming it.
-    TODO: every rank probes every file at start-up; cache the headers in a file for millions of files."""
+    Known limit: every rank probes every file at start-up; cache the headers in a file for millions of files."""
     entries, skipped = [], []
     for file, caption, name in rows:
         try:
@@ -648,7 +648,7 @@ def load_clip(file, clip, hw, multiple):
 
     Decodes from the start without seeking (exact indices; fine for clips of seconds). If the file holds
     fewer frames than its header promised, T is cut to a multiple of `multiple`.
-    TODO: rotation metadata of phone videos is ignored.
+    Known limit: rotation metadata of phone videos is ignored.
     """
     H, W = hw
     frames = []
