@@ -612,8 +612,10 @@ def base_model_config(cfg):
 
 
 def stage_model_config(cfg, stage):
-    return replace(base_model_config(cfg), **cfg.model,
-                   **{k: stage[k] for k in ('latent_channels', 'use_quantizer') if k in stage})
+    """The model of one stage: the base config, then `model` overrides, then the stage's own latent_channels /
+    use_quantizer (a stage's value wins over the same field in `model`)."""
+    return replace(base_model_config(cfg), **{**cfg.model,
+                   **{k: stage[k] for k in ('latent_channels', 'use_quantizer') if k in stage}})
 
 
 def build_trainable(cfg, stage, state, frozen, loss_cfg):
