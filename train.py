@@ -470,26 +470,26 @@ class TaskStream:
         return batch
 
 
-def build_datasets(cfg, stage, mcfg, split='train', n_scale=1.0):
-    """Task -> dataset for a stage (resolutions from the stage; folders when configured)."""
+def build_datasets(cfg, stage, mcfg):
+    """Task -> training dataset for a stage (resolutions from the stage; folders when configured)."""
     ps = mcfg.patch_size
     need = set(stage['mix'])
     out = {}
     if need & {'image_rec', 'image_und'}:
         res = tuple(stage.get('image_res', (64, 256)))
         ds = (data.ImageFolder(cfg.image_dir, res=res, patch_size=ps) if cfg.image_dir else
-              data.SyntheticImages(max(int(cfg.n_images * n_scale), 2), split, cfg.seed, res=res, patch_size=ps))
+              data.SyntheticImages(max(cfg.n_images, 2), 'train', cfg.seed, res=res, patch_size=ps))
         out.update({t: ds for t in ('image_rec', 'image_und') if t in need})
     if need & {'video_rec', 'video_und'}:
         res = tuple(stage.get('video_res', (64, 128)))
         for t in need & {'video_rec', 'video_und'}:
             mode = 'recon' if t == 'video_rec' else 'understand'
             out[t] = (data.VideoFolder(cfg.video_dir, res=res, patch_size=ps, mode=mode) if cfg.video_dir else
-                      data.SyntheticVideos(max(int(cfg.n_videos * n_scale), 2), split, cfg.seed, res=res,
+                      data.SyntheticVideos(max(cfg.n_videos, 2), 'train', cfg.seed, res=res,
                                            patch_size=ps, frames=cfg.video_frames))
     if need & {'3d_rec', '3d_und'}:
         ds = (data.AssetFolder(cfg.asset_dir, patch_size=ps, captions=cfg.captions_3d) if cfg.asset_dir else
-              data.Synthetic3D(max(int(cfg.n_3d * n_scale), 2), split, cfg.seed, views=cfg.views_3d,
+              data.Synthetic3D(max(cfg.n_3d, 2), 'train', cfg.seed, views=cfg.views_3d,
                                view_res=cfg.view_res_3d, grid=mcfg.gs_resolution, patch_size=ps))
         out.update({t: ds for t in ('3d_rec', '3d_und') if t in need})
     return out
