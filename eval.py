@@ -37,7 +37,8 @@ import data
 import losses
 import render3d
 import model
-from train import DTYPES, apply_flags, git_commit, pick_device   # one config, device and dtype mechanism
+from configurator import apply_flags       # the one --key=value mechanism
+from train import DTYPES, git_commit, pick_device
 
 # -----------------------------------------------------------------------------
 # pixel metrics. Inputs: (..., H, W, 3) tensors (or numpy arrays) in [-1, 1], the repo's convention, or in
@@ -1526,7 +1527,7 @@ def summarise_run(base, run_dir, stages, n):
 
 
 def main(argv):
-    """The command line: --key=value flags (EvalConfig fields, read by train.apply_flags) -> run(config)."""
+    """The command line: --key=value flags (EvalConfig fields, read by configurator.apply_flags) -> run(config)."""
     if '-h' in argv or '--help' in argv:
         print(usage())
         return None

@@ -38,7 +38,8 @@ import torch
 
 import data
 import model
-from train import apply_flags, pick_device     # the one --key=value parser and device picker
+from configurator import apply_flags      # the one --key=value mechanism
+from train import pick_device
 
 
 @dataclass

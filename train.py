@@ -6,15 +6,14 @@ laptop CPU to many GPUs with the same script.
     python train.py configs/cpu_tiny.py --lr=1e-3 --model.decoder_depth=3 --loss.lpips=0
     torchrun --nproc_per_node=8 train.py configs/so400m.py --parallel=fsdp
 
-Config files are plain Python assignments (nanoGPT style) loaded into TrainConfig; --key=value flags
-override them, and --model.<field> / --loss.<field> set ModelConfig / LossConfig fields. Unknown keys and
+Config files are plain Python assignments (nanoGPT style) loaded into TrainConfig by configurator.py; --key=value
+flags override them, and --model.<field> / --loss.<field> set ModelConfig / LossConfig fields. Unknown keys and
 wrong types are errors. The curriculum is a list of stage dicts (see configs/); each stage round-robins
 over its tasks (image/video/3D x reconstruction/understanding) with gradient accumulation, and starts
 from the previous stage's weights (widening the latent 32 -> 48, switching FSQ on).
 
-Borrowed: nanoGPT (configurator, get_lr, MFU, train loop layout), the FSDP2 recipe of torchtitan.
+Borrowed: nanoGPT (get_lr, MFU, train loop layout), the FSDP2 recipe of torchtitan.
 """
-import ast
 import functools
 import json
 import math
@@ -25,11 +24,12 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
+import configurator
 import data
 import losses
 import model
@@ -110,108 +110,13 @@ STAGE_KEYS = dict(name=str, steps=int, mix=dict, grad_accum=int, tokens=int, ima
 PAPER_BATCH = {'image_und': (8192, 8192), 'image_rec': (1024, 4096), 'video_rec': (512, 1024), '3d_rec': (256, 512)}
 
 # -----------------------------------------------------------------------------
-# config loading: python files + --key=value, checked against the dataclasses
-
-
-# One mechanism for every command line of the repo (train.py, eval.py, shards.py): --key=value flags checked
-# against a dataclass's fields and the types of their defaults. A flag's text becomes a value of the default's
-# type: strings stay as given (quotes removed); bools accept true/false/yes/no/on/off/1/0 (a bare --flag is true); anything else
-# is read as a Python literal (2.5, 64,512 or (64, 512), [..], {..}). Config files (train.py) are Python.
-
-BOOLS = {'1': True, 'true': True, 'yes': True, 'on': True, '0': False, 'false': False, 'no': False, 'off': False}
-
-
-def coerce(where, value, default):
-    """Check `value` against the type of `default` (int -> float and list <-> tuple allowed)."""
-    t = type(default)
-    if t is float and type(value) is int:
-        return float(value)
-    if t in (tuple, list) and isinstance(value, (tuple, list)):
-        return t(value)
-    if type(value) is not t:
-        raise ValueError(f"{where}: expected {t.__name__} like {default!r}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def parse_flag(where, text, default):
-    """A flag's text (None for a bare --flag) -> a value of the type of `default`."""
-    if text is None:
-        if type(default) is not bool:
-            raise ValueError(f"{where} needs a value: {where}=...")
-        return True
-    if type(default) is str:                    # as given; a quoted Python string is unquoted
-        return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in '"\'' else text
-    if type(default) is bool:
-        if text.lower() not in BOOLS:
-            raise ValueError(f"{where}={text}: expected true or false")
-        return BOOLS[text.lower()]
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        raise ValueError(f"{where}={text}: expected {type(default).__name__} like {default!r}") from None
-    return coerce(f"{where}={text}", value, default)
-
-
-def flags(argv):
-    """--key=value / --flag arguments -> [(key, text or None)]; anything else is an error naming it."""
-    out = []
-    for arg in argv:
-        if not arg.startswith('--') or len(arg) < 3:
-            raise ValueError(f"argument {arg!r}: expected --key=value")
-        key, sep, value = arg[2:].partition('=')
-        out.append((key, value if sep else None))
-    return out
-
-
-def apply_flags(obj, argv):
-    """Apply --key=value flags to a dataclass instance (returned); unknown keys raise, naming the known ones."""
-    known = {f.name: getattr(obj, f.name) for f in fields(obj)}
-    for key, text in flags(argv):
-        if key not in known:
-            raise ValueError(f"unknown option --{key}: expected one of {sorted(known)}")
-        setattr(obj, key, parse_flag(f"--{key}", text, known[key]))
-    return obj
-
-
-def _set_sub(cfg, name, key, value, cls, where):
-    """model.key / loss.key: validate against ModelConfig / LossConfig fields (value: from a file, or a
-    function of the field's default for a flag)."""
-    known = {f.name: f.default for f in fields(cls)}
-    if key not in known:
-        raise ValueError(f"{where}: unknown {name} key {key!r}; {cls.__name__} has {sorted(known)}")
-    getattr(cfg, name)[key] = value(known[key]) if callable(value) else coerce(where, value, known[key])
+# config loading: python files + --key=value (configurator.py), then the checks that need the whole config
 
 
 def load_config(argv):
-    """[config.py ...] [--key=value ...] -> TrainConfig. Files run in a fresh namespace; their names and the
-    flags are applied with type checks; unknown keys raise."""
-    cfg, known = TrainConfig(), {f.name: f for f in fields(TrainConfig)}
-    updates = []        # (where, key, value): values from files, or a function of the default (a flag's text)
-    for arg in argv:
-        if arg.startswith('--'):
-            [(key, text)] = flags([arg])
-            updates.append((f"--{key}", key, lambda d, w=f"--{key}", t=text: parse_flag(w, t, d)))
-        else:
-            ns = {'__file__': os.path.abspath(arg)}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, 'exec'), ns)
-            updates += [(f"{arg}: {k}", k, v) for k, v in ns.items() if not k.startswith('_')
-                        and not callable(v) and not isinstance(v, type(sys))]
-    for where, key, value in updates:
-        head, _, sub = key.partition('.')
-        if sub and head in ('model', 'loss'):
-            _set_sub(cfg, head, sub, value, model.ModelConfig if head == 'model' else losses.LossConfig, where)
-        elif key in ('model', 'loss'):
-            value = value({}) if callable(value) else value
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}: expected a dict of {key} fields, got {value!r}")
-            for k, v in value.items():
-                _set_sub(cfg, key, k, v, model.ModelConfig if key == 'model' else losses.LossConfig, where)
-        elif key in known:
-            default = getattr(TrainConfig(), key)
-            setattr(cfg, key, value(default) if callable(value) else coerce(where, value, default))
-        else:
-            raise ValueError(f"{where}: unknown config key {key!r}")
+    """[config.py ...] [--key=value ...] -> TrainConfig: configurator.load's typed checks (model.<field> /
+    loss.<field> against ModelConfig / LossConfig), then the stages, the preset and the fine-tuning fields."""
+    cfg = configurator.load(TrainConfig(), argv, subs={'model': model.ModelConfig, 'loss': losses.LossConfig})
     check_stages(cfg.stages)
     if cfg.preset not in model.PRESETS:
         raise ValueError(f"preset {cfg.preset!r} not in {sorted(model.PRESETS)}")
@@ -248,7 +153,7 @@ def check_stages(stages):
         for k, v in s.items():
             if k not in STAGE_KEYS:
                 raise ValueError(f"stage {i}: unknown key {k!r}; known: {sorted(STAGE_KEYS)}")
-            coerce(f"stage {i}.{k}", v, STAGE_KEYS[k]())
+            configurator.coerce(f"stage {i}.{k}", v, STAGE_KEYS[k]())
         for k in ('name', 'steps', 'mix'):
             if k not in s:
                 raise ValueError(f"stage {i}: missing {k!r}")
