@@ -12,12 +12,16 @@ configurator let any name through, its issue #64). A flag's text becomes a value
 as given (quotes removed); bools accept true/false/yes/no/on/off/1/0 (a bare --flag is true); anything else is read
 as a Python literal (2.5, 64,512 or (64, 512), [..], {..}). A dict field may stand for another dataclass's fields
 (train.py: model -> ModelConfig, loss -> LossConfig): `model = dict(...)` in a file and --model.<field>=value are
-then checked against that dataclass.
+then checked against that dataclass. The values the three share mean one thing everywhere: device 'auto'
+(pick_device), dtype names (DTYPES).
 """
 import ast
 import os
+import subprocess
 import types
 from dataclasses import fields
+
+import torch
 
 BOOLS = {'1': True, 'true': True, 'yes': True, 'on': True, '0': False, 'false': False, 'no': False, 'off': False}
 
@@ -115,3 +119,30 @@ def load(cfg, argv, subs=None):
         else:
             raise ValueError(f"{where}: unknown config key {key!r}")
     return cfg
+
+
+# -----------------------------------------------------------------------------
+# what the shared config values mean (device 'auto', dtype names), and the commit every run records with its config
+
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+def pick_device(name):
+    """'auto' -> cuda, else mps, else cpu; any other name as given."""
+    if name != 'auto':
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
+        return torch.device('mps')
+    return torch.device('cpu')
+
+
+def git_commit():
+    """The checkout's HEAD commit ('unknown' outside git): checkpoints and reports record it."""
+    try:
+        return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or 'unknown'
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'

@@ -37,8 +37,7 @@ import data
 import losses
 import render3d
 import model
-from configurator import apply_flags       # the one --key=value mechanism
-from train import DTYPES, git_commit, pick_device
+from configurator import DTYPES, apply_flags, git_commit, pick_device   # one config, device and dtype mechanism
 
 # -----------------------------------------------------------------------------
 # pixel metrics. Inputs: (..., H, W, 3) tensors (or numpy arrays) in [-1, 1], the repo's convention, or in

@@ -38,8 +38,7 @@ import torch
 
 import data
 import model
-from configurator import apply_flags      # the one --key=value mechanism
-from train import pick_device
+from configurator import apply_flags, pick_device     # the one --key=value parser and device picker
 
 
 @dataclass

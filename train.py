@@ -19,7 +19,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -262,14 +261,14 @@ def describe(cfg, world):
 
 
 # -----------------------------------------------------------------------------
-# compute: devices, dtypes, torchrun
+# compute: torchrun, ranks, the device (configurator.pick_device)
 
 
 def init_compute(cfg):
     """Detect torchrun, pick the device, init the process group. -> (rank, local_rank, world, device)."""
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('LOCAL_RANK', 0),
                                                                        ('WORLD_SIZE', 1)))
-    device = pick_device(cfg.device).type if cfg.device == 'auto' else cfg.device
+    device = configurator.pick_device(cfg.device).type if cfg.device == 'auto' else cfg.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device == 'cuda':
@@ -286,20 +285,6 @@ def init_compute(cfg):
     return rank, local_rank, world, device
 
 
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
-
-def pick_device(name):
-    """'auto' -> cuda, else mps, else cpu; any other name as given."""
-    if name != 'auto':
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
-        return torch.device('mps')
-    return torch.device('cpu')
-
-
 def print0(*a, **k):
     if int(os.environ.get('RANK', 0)) == 0:
         print(*a, **k, flush=True)
@@ -313,13 +298,6 @@ def all_reduce_mean(x, world):
         x /= world
     return x
 
-
-def git_commit():
-    try:
-        return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or 'unknown'
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown'
 
 # -----------------------------------------------------------------------------
 # data: one resumable stream of packed batches per task
@@ -739,7 +717,8 @@ def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_s
         save_atomic(dict(step=step, stage=stage_i, trainable=trainable, optimizer=optim, ema=ema_full,
                          streams={t: s.state() for t, s in streams.items()}, rng=rng_states(),
                          bad_steps=bad_steps, config=asdict(cfg), model_config=asdict(raw.tok.config),
-                         loss_config=asdict(raw.loss_cfg), command=' '.join(sys.argv), commit=git_commit()), path)
+                         loss_config=asdict(raw.loss_cfg), command=' '.join(sys.argv),
+                         commit=configurator.git_commit()), path)
         export = tokenizer_export(raw, trainable, ema_full, step)
         save_atomic(export, os.path.join(cfg.out_dir, 'tokenizer.pt'))
         if end_of_stage:    # each stage's tokenizer stays (paper: So/C = stage 3, continuous; So/D = stage 4)
@@ -756,7 +735,7 @@ def tokenizer_export(raw, trainable, ema, step):
     part = lambda k: {**trainable[k], **{n[len(k) + 1:]: v for n, v in ema.items() if n.startswith(k + '.')}}
     text = {n[len('text.'):]: v for n, v in part('text').items()} if trainable.get('text') else {}  # model.text
     return dict(model_config=asdict(raw.tok.config), model=part('tok'), gs_decoder=part('gs'),
-                loss_config=asdict(raw.loss_cfg), step=step, commit=git_commit(),
+                loss_config=asdict(raw.loss_cfg), step=step, commit=configurator.git_commit(),
                 **({'text_tower': text} if text else {}))
 
 
@@ -842,7 +821,7 @@ def main(cfg):
     master = rank == 0
     torch.manual_seed(cfg.seed + rank)
     cuda = device.startswith('cuda')
-    ptdtype = DTYPES[cfg.dtype]
+    ptdtype = configurator.DTYPES[cfg.dtype]
     autocast = torch.autocast('cuda', dtype=ptdtype) if cuda and ptdtype != torch.float32 else nullcontext()
     print0(f"device {device} x {world} ({cfg.parallel}), "
            f"{'autocast ' + cfg.dtype if cuda else 'fp32 (autocast is CUDA-only here)'}")
