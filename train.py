@@ -14,7 +14,6 @@ from the previous stage's weights (widening the latent 32 -> 48, switching FSQ o
 
 Borrowed: nanoGPT (get_lr, MFU, train loop layout), the FSDP2 recipe of torchtitan.
 """
-import functools
 import json
 import math
 import os
@@ -97,7 +96,7 @@ class TrainConfig:
 
 STAGE_KEYS = dict(name=str, steps=int, mix=dict, grad_accum=int, tokens=int, image_res=tuple, video_res=tuple,
                   latent_channels=int, use_quantizer=bool, batch=dict, task_tokens=dict)
-# Stage keys per task (see task_budget, task_samples):
+# Stage keys per task (see data.task_budget, data.task_samples):
 #   task_tokens {task: tokens}: that task's token budget per rank per micro-batch (default: the stage's `tokens`)
 #   batch {task: samples}: the task's global batch, the samples of one micro-batch of the task over all ranks (the
 #     paper states batch sizes in samples); each rank's micro-batch closes at batch / world samples or at its token
@@ -211,28 +210,6 @@ def step_tasks(mix, n, step):
     cycle = task_schedule(mix, sum(mix.values()))
     return [cycle[(step * n + k) % len(cycle)] for k in range(n)]
 
-def task_budget(stage, task):
-    """Tokens per rank per micro-batch of `task`: the stage's task_tokens[task], else its `tokens`."""
-    return stage.get('task_tokens', {}).get(task, stage.get('tokens', 4096))
-
-
-def task_samples(stage, task, world):
-    """Samples per rank per micro-batch of `task` on `world` ranks: the stage's global batch[task] / world, rounded,
-    at least 1 (so the global batch is within world / 2 samples of it); 0 = no cap (packed by tokens alone)."""
-    b = stage.get('batch', {}).get(task)
-    return max(1, round(b / world)) if b else 0
-
-
-def fits_up_to(stage, task, k, patch_size):
-    """What k samples per micro-batch of `task` leave each within its token budget: the largest square side in
-    px (images; videos of their longest clip, MAX_FRAMES) or the voxel count (3D)."""
-    per = task_budget(stage, task) // k
-    if task.startswith('3d'):
-        return f"{per:,} voxels"
-    pt, ph, _ = patch_size
-    frames = 1 if task.startswith('image') else data.MAX_FRAMES['recon' if task == 'video_rec' else 'understand'] // pt
-    return f"{ph * math.isqrt(per // frames)} px"
-
 
 def describe(cfg, world):
     """The derived per-stage figures (printed at startup): micro-batches per task per step, tokens per step, and per
@@ -241,7 +218,7 @@ def describe(cfg, world):
     lines = []
     for s in cfg.stages:
         n, total = s.get('grad_accum', 1), sum(s['mix'].values())
-        per_micro = sum(w * task_budget(s, t) for t, w in s['mix'].items()) / total    # mean over the mix
+        per_micro = sum(w * data.task_budget(s, t) for t, w in s['mix'].items()) / total    # mean over the mix
         per_step = round(per_micro * n * world)
         counts = ', '.join(f"{t} {w}/{total}" for t, w in s['mix'].items())
         lines.append(f"  {s['name']}: {s['steps']} steps x {n} micro-batches (shares {counts}) x {world} ranks "
@@ -250,13 +227,14 @@ def describe(cfg, world):
         ps = stage_model_config(cfg, s).patch_size
         for t in s['mix']:
             paper = '-'.join(f"{v:,}" for v in sorted(set(PAPER_BATCH[t]))) if t in PAPER_BATCH else 'not stated'
-            k = task_samples(s, t, world)
+            budget, k = data.task_budget(s, t), data.task_samples(s, t, world)
             if not k:
-                lines.append(f"    {t}: packed by {task_budget(s, t):,} tokens/rank (no batch set; paper {paper})")
+                lines.append(f"    {t}: packed by {budget:,} tokens/rank (no batch set; paper {paper})")
                 continue
-            at = '; '.join(f"{g} ranks: {task_samples(s, t, g)}/rank = {task_samples(s, t, g) * g:,}, fit up to "
-                           f"{fits_up_to(s, t, task_samples(s, t, g), ps)}" for g in dict.fromkeys((world, 8, 256)))
-            lines.append(f"    {t}: global batch, paper {paper}; {task_budget(s, t):,} tokens/rank; {at}")
+            per_rank = {g: data.task_samples(s, t, g) for g in (world, 8, 256)}
+            at = '; '.join(f"{g} ranks: {b}/rank = {b * g:,}, fit up to {data.fits_up_to(s, t, b, ps)}"
+                           for g, b in per_rank.items())
+            lines.append(f"    {t}: global batch, paper {paper}; {budget:,} tokens/rank; {at}")
     return '\n'.join(lines)
 
 
@@ -298,84 +276,6 @@ def all_reduce_mean(x, world):
         x /= world
     return x
 
-
-# -----------------------------------------------------------------------------
-# data: one resumable stream of packed batches per task
-
-
-class TaskStream:
-    """Batches for one task from a dataset, resumable: its position is (epoch, batch) on this rank.
-    Batches come from data.TokenBudgetSampler's deterministic plan, so a resumed run sees the same data. One
-    DataLoader serves every epoch (its key lists run on from epoch to epoch), so its workers, and the
-    built-in datasets' render caches inside them, live for the whole stage."""
-
-    def __init__(self, dataset, budget, config, seed, rank, world, workers, grouped=True, pin=False, max_samples=0):
-        self.sampler = data.TokenBudgetSampler(dataset, budget, seed, rank, world, max_samples)
-        self.dataset, self.config, self.workers, self.grouped, self.pin = dataset, config, workers, grouped, pin
-        self.epoch, self.pos, self._it, self.skipped = 0, 0, None, []
-
-    def state(self):
-        return dict(epoch=self.epoch, pos=self.pos)
-
-    def load(self, state):
-        self.epoch, self.pos, self._it = state['epoch'], state['pos'], None
-
-    def mine(self, epoch):
-        """This rank's batches (lists of indices) of one epoch."""
-        return self.sampler.plan(epoch)[self.sampler.rank::self.sampler.world_size]
-
-    def _keys(self, epoch, pos):
-        while True:                             # endless: the loader's workers persist across epochs
-            yield from self.sampler.keys(epoch)[self.sampler.rank::self.sampler.world_size][pos:]
-            epoch, pos = epoch + 1, 0
-
-    def _open(self):
-        collate = functools.partial(data.collate, config=self.config, grouped=self.grouped)
-        # own generator: opening a DataLoader iterator draws a seed, which must not move the global RNG
-        # (a resumed run opens one more iterator than an uninterrupted one)
-        self._it = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=self._keys(self.epoch, self.pos),
-                                                    collate_fn=collate, num_workers=self.workers,
-                                                    pin_memory=self.pin, generator=torch.Generator()))
-
-    def next(self):
-        if self._it is None:
-            self._open()
-        batch = next(self._it)
-        w = self.sampler.world_size         # every rank's batch at this position, from the plan: no communication
-        batch.rows = max(len(b) for b in self.sampler.plan(self.epoch)[self.pos * w:(self.pos + 1) * w])
-        self.pos += 1
-        self.skipped += batch.skipped
-        if self.pos == len(self.mine(self.epoch)):      # the epoch's last batch: report, move on
-            for report in (data.skip_report(self.dataset, self.skipped), self.sampler.report(self.epoch)):
-                if report:
-                    print0(report)
-            self.epoch, self.pos, self.skipped = self.epoch + 1, 0, []
-        return batch
-
-
-def build_datasets(cfg, stage, mcfg):
-    """Task -> training dataset for a stage (resolutions from the stage; folders when configured)."""
-    ps = mcfg.patch_size
-    need = set(stage['mix'])
-    out = {}
-    if need & {'image_rec', 'image_und'}:
-        res = tuple(stage.get('image_res', (64, 256)))
-        ds = (data.ImageFolder(cfg.image_dir, res=res, patch_size=ps) if cfg.image_dir else
-              data.SyntheticImages(max(cfg.n_images, 2), 'train', cfg.seed, res=res, patch_size=ps))
-        out.update({t: ds for t in ('image_rec', 'image_und') if t in need})
-    if need & {'video_rec', 'video_und'}:
-        res = tuple(stage.get('video_res', (64, 128)))
-        for t in need & {'video_rec', 'video_und'}:
-            mode = 'recon' if t == 'video_rec' else 'understand'
-            out[t] = (data.VideoFolder(cfg.video_dir, res=res, patch_size=ps, mode=mode) if cfg.video_dir else
-                      data.SyntheticVideos(max(cfg.n_videos, 2), 'train', cfg.seed, res=res,
-                                           patch_size=ps, frames=cfg.video_frames))
-    if need & {'3d_rec', '3d_und'}:
-        ds = (data.AssetFolder(cfg.asset_dir, patch_size=ps, captions=cfg.captions_3d) if cfg.asset_dir else
-              data.Synthetic3D(max(cfg.n_3d, 2), 'train', cfg.seed, views=cfg.views_3d,
-                               view_res=cfg.view_res_3d, grid=mcfg.gs_resolution, patch_size=ps))
-        out.update({t: ds for t in ('3d_rec', '3d_und') if t in need})
-    return out
 
 # -----------------------------------------------------------------------------
 # model surgery between stages, optimizer, EMA, checkpoints
@@ -605,7 +505,7 @@ class Stage:
     ema: dict                   # EMA parameters by Trainable name
     params: list                # parameters and their EMA copies, in the same order (one foreach lerp)
     ema_params: list
-    streams: dict               # task -> TaskStream
+    streams: dict               # task -> data.TaskStream
     fused_opt: bool
     grad_accum: int
     bar: object = None          # tqdm progress bar (rank 0)
@@ -630,10 +530,10 @@ def start_stage(cfg, i, stage, s_step, prev, ckpt, frozen, loss_cfg, rank, world
                                           **({'text': raw.text} if raw.text is not None else {})}, cfg),
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused_opt)
     ema = {n: p.detach().clone() for n, p in raw.named_parameters()}
-    dsets = build_datasets(cfg, stage, raw.tok.config)
-    streams = {t: TaskStream(d, task_budget(stage, t), raw.tok.config, cfg.seed + 1000 * TASKS.index(t), rank,
-                             world, cfg.num_workers, grouped=not cuda, pin=cuda,
-                             max_samples=task_samples(stage, t, world)) for t, d in dsets.items()}
+    dsets = data.build_datasets(cfg, stage, raw.tok.config)
+    streams = {t: data.TaskStream(d, data.task_budget(stage, t), raw.tok.config, cfg.seed + 1000 * TASKS.index(t),
+                                  rank, world, cfg.num_workers, grouped=not cuda, pin=cuda,
+                                  max_samples=data.task_samples(stage, t, world)) for t, d in dsets.items()}
     if ckpt is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(net, opt, ckpt['optimizer'],   # strict=False: parts with no

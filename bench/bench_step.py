@@ -76,6 +76,11 @@ def collate(data, model, items, mcfg):
     return batch
 
 
+def older(new, old, name):
+    """name from module `new` (this tree's API), else from `old` (an older checkout's, e.g. train before a move)."""
+    return getattr(new, name) if hasattr(new, name) else getattr(old, name)
+
+
 def to_device(batch, device):
     batch.packed = batch.packed.to(device)
     return batch
@@ -101,7 +106,7 @@ def measure_cpu(args):
     Census = census_mode()
     budget = stage.get('tokens', 4096)
     out = {}
-    dsets = train.build_datasets(cfg, stage, mcfg)
+    dsets = older(data, train, 'build_datasets')(cfg, stage, mcfg)
     for task in args.tasks.split(','):
         ds = dsets[task]
         sampler = data.TokenBudgetSampler(ds, budget, cfg.seed + 1000 * train.TASKS.index(task))
@@ -178,11 +183,12 @@ def measure_gpu(args):
     if args.compile:
         (train.compile_blocks if hasattr(train, 'compile_blocks') else train.compile_token_parts)(net)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda)
-    ds = train.build_datasets(cfg, stage, mcfg)['image_rec']
+    ds = older(data, train, 'build_datasets')(cfg, stage, mcfg)['image_rec']
+    TaskStream = older(data, train, 'TaskStream')
     try:
-        stream = train.TaskStream(ds, args.tokens, mcfg, 0, 0, 1, 8 if cuda else 1, grouped=not cuda, pin=cuda)
+        stream = TaskStream(ds, args.tokens, mcfg, 0, 0, 1, 8 if cuda else 1, grouped=not cuda, pin=cuda)
     except TypeError:
-        stream = train.TaskStream(ds, args.tokens, mcfg.patch_size, 0, 0, 1, 8)
+        stream = TaskStream(ds, args.tokens, mcfg.patch_size, 0, 0, 1, 8)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     phases = {k: [] for k in ('data', 'copy', 'forward', 'loss', 'backward', 'optimizer', 'step')}
