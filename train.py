@@ -524,7 +524,7 @@ def start_stage(cfg, i, stage, s_step, prev, ckpt, frozen, loss_cfg, rank, world
     raw = raw.to(device)
     net = wrap(raw, cfg, world, device)
     if cfg.compile:
-        compile_blocks(raw)
+        model.compile_blocks(raw)
     fused_opt = not (cfg.parallel == 'fsdp' and world > 1)      # fused AdamW: CPU and CUDA, not DTensors
     opt = torch.optim.AdamW(param_groups({'tok': raw.tok, 'gs': raw.gs, 'temp': raw.temperature,
                                           **({'text': raw.text} if raw.text is not None else {})}, cfg),
@@ -623,8 +623,11 @@ def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_s
         save_atomic(export, os.path.join(cfg.out_dir, 'tokenizer.pt'))
         if end_of_stage:    # each stage's tokenizer stays (paper: So/C = stage 3, continuous; So/D = stage 4)
             save_atomic(export, os.path.join(cfg.out_dir, f"tokenizer_{cfg.stages[stage_i]['name']}.pt"))
-        if end_of_stage and cfg.export_official:
-            export_official(cfg, export, os.path.join(cfg.out_dir, f"official_{cfg.stages[stage_i]['name']}"))
+        if end_of_stage and cfg.export_official:    # Apple's layout (loads in apple/ml-atoken)
+            folder = os.path.join(cfg.out_dir, f"official_{cfg.stages[stage_i]['name']}")
+            gs = bool(cfg.init_gs) or any('3d_rec' in s['mix'] for s in cfg.stages)  # a Gaussian decoder worth keeping
+            model.export_official(export, folder, with_gs=gs)
+            print0(f"official layout: {folder}/atoken.pt + atoken.yaml")
     return trainable
 
 
@@ -637,22 +640,6 @@ def tokenizer_export(raw, trainable, ema, step):
     return dict(model_config=asdict(raw.tok.config), model=part('tok'), gs_decoder=part('gs'),
                 loss_config=asdict(raw.loss_cfg), step=step, commit=configurator.git_commit(),
                 **({'text_tower': text} if text else {}))
-
-
-def export_official(cfg, export, folder):
-    """A tokenizer export (EMA weights) -> folder/atoken.pt + atoken.yaml in Apple's layout (model.save_official:
-    loads in apple/ml-atoken and in AToken.from_pretrained(path, yaml)), plus 3d_decode_gs.pt + .yaml when the
-    run has a Gaussian decoder worth keeping (init_gs, or a stage that trains 3D reconstruction)."""
-    with torch.device('meta'):
-        tok = model.AToken(model.ModelConfig.from_dict(export['model_config'], 'tokenizer export'))
-    tok.load_checkpoint_state(export['model'], 'tokenizer export')
-    model.save_official(tok, os.path.join(folder, 'atoken.pt'), os.path.join(folder, 'atoken.yaml'))
-    if cfg.init_gs or any('3d_rec' in s['mix'] for s in cfg.stages):
-        with torch.device('meta'):
-            gs = model.GaussianDecoder(tok.config)
-        gs.load_checkpoint_state(export['gs_decoder'], 'Gaussian decoder export')
-        model.save_official(gs, os.path.join(folder, '3d_decode_gs.pt'), os.path.join(folder, '3d_decode_gs.yaml'))
-    print0(f"official layout: {folder}/atoken.pt + atoken.yaml")
 
 
 def save_untrained(cfg, frozen, loss_cfg, path):
@@ -695,18 +682,6 @@ def periodic_evaluation(cfg, stage_i, step):
 
 
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
-
-
-def compile_blocks(net):
-    """torch.compile every transformer block (tokenizer encoder and decoder, Gaussian decoder) in place, with
-    fullgraph=True and dynamic shapes. Packed batches change size every micro-batch; the structure's layouts mark
-    their sizes dynamic (model.Layout.mark_dynamic), so one graph per block serves every micro-batch without
-    recompiling (tests/test_step.py). On CUDA the attention inside is the Triton kernel, registered as a custom op
-    (kernels/attention.py), so it stays inside the graph. Module.compile() keeps parameter names, so checkpoints
-    and EMA are unaffected."""
-    for m in net.modules():
-        if isinstance(m, model.Block):
-            m.compile(fullgraph=True, dynamic=True)
 
 
 def peak_flops(device):

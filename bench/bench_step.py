@@ -76,9 +76,9 @@ def collate(data, model, items, mcfg):
     return batch
 
 
-def older(new, old, name):
-    """name from module `new` (this tree's API), else from `old` (an older checkout's, e.g. train before a move)."""
-    return getattr(new, name) if hasattr(new, name) else getattr(old, name)
+def api(*places):
+    """The first of (module, name) places that exists: this tree's API first, then where older checkouts had it."""
+    return next(getattr(m, n) for m, n in places if hasattr(m, n))
 
 
 def to_device(batch, device):
@@ -106,7 +106,7 @@ def measure_cpu(args):
     Census = census_mode()
     budget = stage.get('tokens', 4096)
     out = {}
-    dsets = older(data, train, 'build_datasets')(cfg, stage, mcfg)
+    dsets = api((data, 'build_datasets'), (train, 'build_datasets'))(cfg, stage, mcfg)
     for task in args.tasks.split(','):
         ds = dsets[task]
         sampler = data.TokenBudgetSampler(ds, budget, cfg.seed + 1000 * train.TASKS.index(task))
@@ -181,10 +181,10 @@ def measure_gpu(args):
     frozen = train.losses.FrozenNets(loss_cfg, embed_dim=mcfg.encoder_width).to(dev)
     net = train.build_trainable(cfg, stage, None, frozen, loss_cfg).to(dev)
     if args.compile:
-        (train.compile_blocks if hasattr(train, 'compile_blocks') else train.compile_token_parts)(net)
+        api((model, 'compile_blocks'), (train, 'compile_blocks'), (train, 'compile_token_parts'))(net)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda)
-    ds = older(data, train, 'build_datasets')(cfg, stage, mcfg)['image_rec']
-    TaskStream = older(data, train, 'TaskStream')
+    ds = api((data, 'build_datasets'), (train, 'build_datasets'))(cfg, stage, mcfg)['image_rec']
+    TaskStream = api((data, 'TaskStream'), (train, 'TaskStream'))
     try:
         stream = TaskStream(ds, args.tokens, mcfg, 0, 0, 1, 8 if cuda else 1, grouped=not cuda, pin=cuda)
     except TypeError:
