@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import configurator
 import data
+import eval as ev       # (eval is a builtin's name)
 import losses
 import model
 
@@ -653,32 +654,11 @@ def save_untrained(cfg, frozen, loss_cfg, path):
     save_atomic(tokenizer_export(net, sd, {}, 0), path)
 
 
-def held_out(cfg):
-    """The EvalConfig of this run's held-out evaluation: the built-in 'val' split at the last stage's sizes,
-    random metric networks when the run's frozen networks are random, no rFID (CPU-friendly)."""
-    from eval import EvalConfig
-    return EvalConfig(seed=cfg.seed, res=tuple(cfg.stages[-1].get('image_res', (64, 256))), frames=cfg.video_frames,
-                      views_3d=cfg.views_3d, view_res_3d=cfg.view_res_3d,
-                      random_nets=bool(cfg.loss.get('random_frozen', False)), fid=False)
-
-
 def curriculum(cfg):
-    """[(stage name, FSQ on, modalities it trains)]: what eval.summarise_run needs to know of the stages."""
+    """[(stage name, FSQ on, modalities it trains)]: what eval.summarise_run / periodic_evaluation need to know of
+    the stages."""
     return [(s['name'], stage_model_config(cfg, s).use_quantizer, {t.split('_')[0] for t in s['mix']})
             for s in cfg.stages]
-
-
-def periodic_evaluation(cfg, stage_i, step):
-    """Held-out evaluation of the current tokenizer.pt during training (eval_<step>/), on the modalities
-    trained so far and with the current stage's latent. A failure is a warning: the run goes on."""
-    from eval import evaluate_export
-    stages = curriculum(cfg)[:stage_i + 1]
-    try:
-        evaluate_export(held_out(cfg), cfg.out_dir, os.path.join(cfg.out_dir, f'eval_{step}'),
-                        max(2, cfg.eval_n // 4), latent='fsq' if stages[-1][1] else 'mean',
-                        modalities=set().union(*(m for _, _, m in stages)))
-    except Exception as e:      # noqa: BLE001 (evaluation must not end a long run; the final one raises)
-        warnings.warn(f"step {step}: periodic evaluation failed ({type(e).__name__}: {e}); training goes on")
 
 
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
@@ -767,12 +747,11 @@ def main(cfg):
         if end_of_stage and st.bar is not None:
             st.bar.close()
         if cfg.eval_interval and step % cfg.eval_interval == 0 and master and step < last:
-            periodic_evaluation(cfg, st.index, step)
+            ev.periodic_evaluation(ev.held_out(cfg), cfg.out_dir, curriculum(cfg)[:st.index + 1], step, cfg.eval_n)
 
     # --- final evaluation (EMA weights, held-out built-in data) and cleanup ----------------
     if master and step == total_steps and stop['signal'] is None:
-        from eval import summarise_run
-        summarise_run(held_out(cfg), cfg.out_dir, curriculum(cfg), cfg.eval_n)
+        ev.summarise_run(ev.held_out(cfg), cfg.out_dir, curriculum(cfg), cfg.eval_n)
     if stop['signal'] is not None:
         print0(f"signal {stop['signal']}: checkpoint saved at step {step} in {ckpt_path}; exiting")
     elif step < total_steps:
