@@ -23,6 +23,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -560,11 +561,21 @@ def start_stage(cfg, i, stage, s_step, prev, ckpt, frozen, loss_cfg, rank, world
                  fused_opt, grad_accum, bar)
 
 
+class StepStats(NamedTuple):
+    """One optimizer step of this rank, as train_step returns it (tensors stay on the device until log_step)."""
+    ok: torch.Tensor            # bool: loss and gradient finite on every rank (else the step was skipped)
+    gnorm: torch.Tensor         # gradient norm before clipping
+    lr: float
+    terms: dict                 # {task/term: loss value}, each task's terms averaged over its micro-batches
+    tokens: int
+    samples: int
+    flops: float                # model FLOPs (AToken.estimate_flops)
+
+
 def train_step(cfg, st, stage, s_step, world, device, autocast):
     """One optimizer step: this step's round-robin micro-batches with gradient accumulation, clipping, AdamW,
     EMA. Nothing here reads the device: loss terms, the finite flag and the gradient norm stay there until the
-    log step; a non-finite step is skipped by the fused optimizer itself (found_inf), as AMP does.
-    -> (ok flag, gradient norm, {task/term: value}, tokens, samples, FLOPs) of this rank."""
+    log step; a non-finite step is skipped by the fused optimizer itself (found_inf), as AMP does. -> StepStats"""
     lr = get_lr(s_step, stage['steps'], cfg)
     for g in st.opt.param_groups:
         g['lr'] = lr * g['lr_mult']
@@ -600,7 +611,7 @@ def train_step(cfg, st, stage, s_step, world, device, autocast):
     with torch.no_grad():                   # EMA, one foreach op (a skipped step left the params as they were)
         torch._foreach_lerp_(st.ema_params, [p.detach() for p in st.params], 1 - cfg.ema_decay)
     st.opt.zero_grad(set_to_none=True)
-    return ok, gnorm, lr, terms, tokens, samples, flops
+    return StepStats(ok, gnorm, lr, terms, tokens, samples, flops)
 
 
 def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_steps, master, end_of_stage=False):
@@ -670,6 +681,32 @@ def peak_flops(device):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), float('nan'))
 
 
+def log_step(cfg, st, stage, step, dt, out, bad_run, skipped, world, device, log):
+    """Every log_interval steps and at a stage's end, the one place the device is read: skipped (non-finite) steps
+    are warned about (and `skipped` reset) or, max_bad_steps in a row, stop the run; rank 0 (log: its open
+    log.jsonl) updates the progress bar and appends the step's record."""
+    bad_steps, n_skipped = int(bad_run), int(skipped)
+    if n_skipped:
+        warnings.warn(f"step {step}: {n_skipped} step(s) with a non-finite loss or gradient skipped since "
+                      f"the last log ({bad_steps} in a row now)")
+        skipped.zero_()
+    if bad_steps >= cfg.max_bad_steps:
+        raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {step}: stopping. Lower the "
+                           f"lr, check the data ({[b for s in st.streams.values() for b in s.skipped]}), "
+                           f"or resume from {os.path.join(cfg.out_dir, 'ckpt.pt')}")
+    if log is None:
+        return
+    terms = {k: float(v) for k, v in out.terms.items()}
+    mfu = out.flops * world / dt / peak_flops(device) if device.startswith('cuda') else None
+    st.bar.set_postfix(loss=f"{sum(v for k, v in terms.items() if k.endswith('/total')):.4f}",
+                       tok_s=f"{out.tokens * world / dt:.0f}", smp_s=f"{out.samples * world / dt:.1f}",
+                       **({'mfu': f"{100 * mfu:.1f}%"} if mfu is not None else {}))
+    rec = dict(step=step, stage=stage['name'], lr=out.lr, grad_norm=float(out.gnorm), dt=dt,
+               tokens=out.tokens * world, skipped_step=not bool(out.ok), **terms)
+    log.write(json.dumps(rec) + '\n')
+    log.flush()
+
+
 def main(cfg):
     # --- compute, checkpoint to resume, frozen networks (built once; never trained or saved) ---
     rank, local_rank, world, device = init_compute(cfg)
@@ -709,9 +746,9 @@ def main(cfg):
             if resume is not None:
                 bad_run, ckpt = torch.full((), resume.get('bad_steps', 0), device=device), None   # consumed
         t0 = time.time()
-        ok, gnorm, lr, terms, tokens, samples, flops = train_step(cfg, st, stage, s_step, world, device, autocast)
-        bad_run = (bad_run + 1) * (~ok)         # consecutive skipped steps, on the device
-        skipped = skipped + (~ok)
+        out = train_step(cfg, st, stage, s_step, world, device, autocast)
+        bad_run = (bad_run + 1) * (~out.ok)     # consecutive skipped steps, on the device
+        skipped = skipped + (~out.ok)
         step, s_step = step + 1, s_step + 1
 
         # --- logging: the device is read here only, every log_interval steps ---------------
@@ -719,25 +756,7 @@ def main(cfg):
         if st.bar is not None:
             st.bar.update(1)
         if step % cfg.log_interval == 0 or s_step == stage['steps']:
-            bad_steps, n_skipped = int(bad_run), int(skipped)
-            if n_skipped:
-                warnings.warn(f"step {step}: {n_skipped} step(s) with a non-finite loss or gradient skipped since "
-                              f"the last log ({bad_steps} in a row now)")
-                skipped = torch.zeros_like(skipped)
-            if bad_steps >= cfg.max_bad_steps:
-                raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {step}: stopping. Lower the "
-                                   f"lr, check the data ({[b for s in st.streams.values() for b in s.skipped]}), "
-                                   f"or resume from {ckpt_path}")
-            if master:
-                terms = {k: float(v) for k, v in terms.items()}
-                mfu = flops * world / dt / peak_flops(device) if cuda else None
-                st.bar.set_postfix(loss=f"{sum(v for k, v in terms.items() if k.endswith('/total')):.4f}",
-                                   tok_s=f"{tokens * world / dt:.0f}", smp_s=f"{samples * world / dt:.1f}",
-                                   **({'mfu': f"{100 * mfu:.1f}%"} if mfu is not None else {}))
-                rec = dict(step=step, stage=stage['name'], lr=lr, grad_norm=float(gnorm), dt=dt,
-                           tokens=tokens * world, skipped_step=not bool(ok), **terms)
-                log.write(json.dumps(rec) + '\n')
-                log.flush()
+            log_step(cfg, st, stage, step, dt, out, bad_run, skipped, world, device, log)
 
         # --- checkpoints and periodic evaluation ---------------------------------------
         end_of_stage = s_step == stage['steps']
