@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 import configurator
 import data
@@ -110,40 +109,8 @@ STAGE_KEYS = dict(name=str, steps=int, mix=dict, grad_accum=int, tokens=int, ima
 PAPER_BATCH = {'image_und': (8192, 8192), 'image_rec': (1024, 4096), 'video_rec': (512, 1024), '3d_rec': (256, 512)}
 
 # -----------------------------------------------------------------------------
-# config loading: python files + --key=value (configurator.py), then the checks that need the whole config
-
-
-def load_config(argv):
-    """[config.py ...] [--key=value ...] -> TrainConfig: configurator.load's typed checks (model.<field> /
-    loss.<field> against ModelConfig / LossConfig), then the stages, the preset and the fine-tuning fields."""
-    cfg = configurator.load(TrainConfig(), argv, subs={'model': model.ModelConfig, 'loss': losses.LossConfig})
-    check_stages(cfg.stages)
-    if cfg.preset not in model.PRESETS:
-        raise ValueError(f"preset {cfg.preset!r} not in {sorted(model.PRESETS)}")
-    for key in ('threads', 'num_workers'):
-        if getattr(cfg, key) < 0:
-            raise ValueError(f"{key}={getattr(cfg, key)}: expected 0 (default) or a positive count")
-    if cfg.parallel not in ('none', 'ddp', 'fsdp'):
-        raise ValueError(f"parallel={cfg.parallel!r}: expected none | ddp | fsdp")
-    check_init(cfg)
-    return cfg
-
-
-def check_init(cfg):
-    """Fine-tuning fields: consistent, and their files exist (before anything is built)."""
-    if cfg.init_from and cfg.init_siglip2:
-        raise ValueError(f"init_from={cfg.init_from!r} and init_siglip2={cfg.init_siglip2!r}: choose one start")
-    for key, needs in (('init_config', 'init_from'), ('init_gs_config', 'init_gs')):
-        if getattr(cfg, key) and not getattr(cfg, needs):
-            raise ValueError(f"{key}={getattr(cfg, key)!r} without {needs}")
-    if cfg.freeze_encoder and cfg.loss.get('image_und', 'distill') == 'distill' and \
-            any('image_und' in s['mix'] for s in cfg.stages):
-        raise ValueError("freeze_encoder=True with the 'image_und' task: its distillation loss reaches only the frozen "
-                         "encoder, so it trains nothing (and has no gradient); drop 'image_und' from the stage mix")
-    for key in ('init_from', 'init_config', 'init_gs', 'init_gs_config'):
-        path = getattr(cfg, key)
-        if path and not os.path.exists(path) and path not in model.PRETRAINED:
-            raise FileNotFoundError(f"{key}={path!r}: no such file, and not a released name ({sorted(model.PRETRAINED)})")
+# config loading: python files + --key=value (configurator.py), the checks that need the whole config, and the
+# model config of each stage
 
 
 def check_stages(stages):
@@ -165,6 +132,61 @@ def check_stages(stages):
             if set(per) - set(s['mix']) or any(type(v) is not int or v < 1 for v in per.values()):
                 raise ValueError(f"stage {i} {k} {per}: tasks of the stage's mix {sorted(s['mix'])} with positive "
                                  f"integer values")
+
+
+def check_init(cfg):
+    """Fine-tuning fields: consistent, and their files exist (before anything is built)."""
+    if cfg.init_from and cfg.init_siglip2:
+        raise ValueError(f"init_from={cfg.init_from!r} and init_siglip2={cfg.init_siglip2!r}: choose one start")
+    for key, needs in (('init_config', 'init_from'), ('init_gs_config', 'init_gs')):
+        if getattr(cfg, key) and not getattr(cfg, needs):
+            raise ValueError(f"{key}={getattr(cfg, key)!r} without {needs}")
+    if cfg.freeze_encoder and cfg.loss.get('image_und', 'distill') == 'distill' and \
+            any('image_und' in s['mix'] for s in cfg.stages):
+        raise ValueError("freeze_encoder=True with the 'image_und' task: its distillation loss reaches only the frozen "
+                         "encoder, so it trains nothing (and has no gradient); drop 'image_und' from the stage mix")
+    for key in ('init_from', 'init_config', 'init_gs', 'init_gs_config'):
+        path = getattr(cfg, key)
+        if path and not os.path.exists(path) and path not in model.PRETRAINED:
+            raise FileNotFoundError(f"{key}={path!r}: no such file, and not a released name ({sorted(model.PRETRAINED)})")
+
+
+def load_config(argv):
+    """[config.py ...] [--key=value ...] -> TrainConfig: configurator.load's typed checks (model.<field> /
+    loss.<field> against ModelConfig / LossConfig), then the stages, the preset and the fine-tuning fields."""
+    cfg = configurator.load(TrainConfig(), argv, subs={'model': model.ModelConfig, 'loss': losses.LossConfig})
+    check_stages(cfg.stages)
+    if cfg.preset not in model.PRESETS:
+        raise ValueError(f"preset {cfg.preset!r} not in {sorted(model.PRESETS)}")
+    for key in ('threads', 'num_workers'):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key}={getattr(cfg, key)}: expected 0 (default) or a positive count")
+    if cfg.parallel not in ('none', 'ddp', 'fsdp'):
+        raise ValueError(f"parallel={cfg.parallel!r}: expected none | ddp | fsdp")
+    check_init(cfg)
+    return cfg
+
+
+def base_model_config(cfg):
+    """The run's model before overrides: the init_from checkpoint's config (with init_gs's Gaussian-decoder
+    sizes), else the preset."""
+    if not cfg.init_from:
+        return model.PRESETS[cfg.preset]
+    c = model.pretrained_config(cfg.init_from, cfg.init_config or None)
+    if cfg.init_gs:
+        g = model.pretrained_gs_config(cfg.init_gs, cfg.init_gs_config or None)
+        if g.patch_size[1:] != c.patch_size[1:]:
+            raise ValueError(f"init_gs reads {g.patch_size[1:]} patches, init_from makes {c.patch_size[1:]}")
+        c = replace(c, **{f: getattr(g, f) for f in ('gs_width', 'gs_depth', 'gs_heads', 'gs_mlp', 'gs_window',
+                                                      'gs_per_voxel', 'gs_resolution')})
+    return c
+
+
+def stage_model_config(cfg, stage):
+    """A stage's ModelConfig: the base, the run's `model` fields, then the stage's latent width and FSQ switch."""
+    return replace(base_model_config(cfg), **cfg.model,
+                   **{k: stage[k] for k in ('latent_channels', 'use_quantizer') if k in stage})
+
 
 # -----------------------------------------------------------------------------
 # pure schedule helpers (unit-tested)
@@ -381,55 +403,6 @@ class Trainable(torch.nn.Module):
                 for i, r in zip(ids, renders)}
 
 
-def base_model_config(cfg):
-    """The run's model before overrides: the init_from checkpoint's config (with init_gs's Gaussian-decoder
-    sizes), else the preset."""
-    if not cfg.init_from:
-        return model.PRESETS[cfg.preset]
-    c = model.pretrained_config(cfg.init_from, cfg.init_config or None)
-    if cfg.init_gs:
-        g = model.pretrained_gs_config(cfg.init_gs, cfg.init_gs_config or None)
-        if g.patch_size[1:] != c.patch_size[1:]:
-            raise ValueError(f"init_gs reads {g.patch_size[1:]} patches, init_from makes {c.patch_size[1:]}")
-        c = replace(c, **{f: getattr(g, f) for f in ('gs_width', 'gs_depth', 'gs_heads', 'gs_mlp', 'gs_window',
-                                                      'gs_per_voxel', 'gs_resolution')})
-    return c
-
-
-def stage_model_config(cfg, stage):
-    return replace(base_model_config(cfg), **cfg.model,
-                   **{k: stage[k] for k in ('latent_channels', 'use_quantizer') if k in stage})
-
-
-def build_trainable(cfg, stage, state, frozen, loss_cfg):
-    """Fresh (init_weights, SigLIP2 encoder) or from `state` ({'tok', 'gs', 'temperature'} state dicts,
-    widened when the stage's latent is wider)."""
-    mcfg = stage_model_config(cfg, stage)
-    tok, gs = model.AToken(mcfg), model.GaussianDecoder(mcfg)
-    temp = losses.SigmoidTemperature(loss_cfg.sigmoid_bias_init)
-    text = losses.TrainableText(frozen) if loss_cfg.train_text else None   # starts as the frozen tower
-    if state is None:
-        tok.init_weights()
-        gs.init_weights()
-        if cfg.init_siglip2:
-            tok.init_from_siglip2(cfg.init_siglip2)
-        if cfg.init_from:
-            load_init(cfg, tok, gs)
-    else:
-        sd = dict(state['tok'])
-        old = sd['decoder.input_layer.weight'].shape[1]
-        if old != mcfg.latent_channels:
-            print0(f"stage {stage['name']}: widening the latent {old} -> {mcfg.latent_channels}")
-            sd = widen_latent(sd, old, mcfg.latent_channels)
-        tok.load_checkpoint_state(sd, 'previous stage')
-        gs.load_state_dict(state['gs'])
-        temp.load_state_dict(state['temperature'])
-        if text is not None and state.get('text'):
-            text.load_state_dict(state['text'])
-    freeze(cfg, tok)
-    return Trainable(tok, gs, temp, frozen, loss_cfg, text)
-
-
 @torch.no_grad()
 def load_init(cfg, tok, gs):
     """Fine-tuning start: the init_from tokenizer's weights into tok (widened when the stage's latent is wider, e.g.
@@ -460,6 +433,35 @@ def freeze(cfg, tok):
         tok.encoder.requires_grad_(False)
     if cfg.freeze_decoder:
         tok.decoder.requires_grad_(False)
+
+
+def build_trainable(cfg, stage, state, frozen, loss_cfg):
+    """Fresh (init_weights, SigLIP2 encoder) or from `state` ({'tok', 'gs', 'temperature'} state dicts,
+    widened when the stage's latent is wider)."""
+    mcfg = stage_model_config(cfg, stage)
+    tok, gs = model.AToken(mcfg), model.GaussianDecoder(mcfg)
+    temp = losses.SigmoidTemperature(loss_cfg.sigmoid_bias_init)
+    text = losses.TrainableText(frozen) if loss_cfg.train_text else None   # starts as the frozen tower
+    if state is None:
+        tok.init_weights()
+        gs.init_weights()
+        if cfg.init_siglip2:
+            tok.init_from_siglip2(cfg.init_siglip2)
+        if cfg.init_from:
+            load_init(cfg, tok, gs)
+    else:
+        sd = dict(state['tok'])
+        old = sd['decoder.input_layer.weight'].shape[1]
+        if old != mcfg.latent_channels:
+            print0(f"stage {stage['name']}: widening the latent {old} -> {mcfg.latent_channels}")
+            sd = widen_latent(sd, old, mcfg.latent_channels)
+        tok.load_checkpoint_state(sd, 'previous stage')
+        gs.load_state_dict(state['gs'])
+        temp.load_state_dict(state['temperature'])
+        if text is not None and state.get('text'):
+            text.load_state_dict(state['text'])
+    freeze(cfg, tok)
+    return Trainable(tok, gs, temp, frozen, loss_cfg, text)
 
 
 def wrap(net, cfg, world, device):
@@ -614,6 +616,17 @@ def train_step(cfg, st, stage, s_step, world, device, autocast):
     return StepStats(ok, gnorm, lr, terms, tokens, samples, flops)
 
 
+def tokenizer_export(raw, trainable, ema, step):
+    """The file eval.py and AToken.from_pretrained read: the EMA tokenizer, Gaussian decoder and (train_text)
+    text tower. trainable: full state dicts per part (they also hold buffers, e.g. the Gaussian offsets);
+    ema: EMA parameters by Trainable name (the same names as trainable's with a 'part.' prefix)."""
+    part = lambda k: {**trainable[k], **{n[len(k) + 1:]: v for n, v in ema.items() if n.startswith(k + '.')}}
+    text = {n[len('text.'):]: v for n, v in part('text').items()} if trainable.get('text') else {}  # model.text
+    return dict(model_config=asdict(raw.tok.config), model=part('tok'), gs_decoder=part('gs'),
+                loss_config=asdict(raw.loss_cfg), step=step, commit=configurator.git_commit(),
+                **({'text_tower': text} if text else {}))
+
+
 def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_steps, master, end_of_stage=False):
     """Everything a resumed run needs, written atomically by rank 0 (all ranks gather FSDP shards), plus
     the EMA tokenizer alone as out_dir/tokenizer.pt (AToken.from_pretrained / eval.py read it), kept per
@@ -641,17 +654,6 @@ def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_s
             model.export_official(export, folder, with_gs=gs)
             print0(f"official layout: {folder}/atoken.pt + atoken.yaml")
     return trainable
-
-
-def tokenizer_export(raw, trainable, ema, step):
-    """The file eval.py and AToken.from_pretrained read: the EMA tokenizer, Gaussian decoder and (train_text)
-    text tower. trainable: full state dicts per part (they also hold buffers, e.g. the Gaussian offsets);
-    ema: EMA parameters by Trainable name (the same names as trainable's with a 'part.' prefix)."""
-    part = lambda k: {**trainable[k], **{n[len(k) + 1:]: v for n, v in ema.items() if n.startswith(k + '.')}}
-    text = {n[len('text.'):]: v for n, v in part('text').items()} if trainable.get('text') else {}  # model.text
-    return dict(model_config=asdict(raw.tok.config), model=part('tok'), gs_decoder=part('gs'),
-                loss_config=asdict(raw.loss_cfg), step=step, commit=configurator.git_commit(),
-                **({'text_tower': text} if text else {}))
 
 
 def save_untrained(cfg, frozen, loss_cfg, path):
