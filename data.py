@@ -16,7 +16,8 @@ resolution sampling, and packing samples of mixed sizes and modalities into a to
   packing      TokenBudgetSampler groups samples so that one step holds at most `budget` tokens on each
                rank (a sample over it is drawn smaller, or left out and reported); collate turns them into
                one model.Packed token set (DESIGN §2; NaViT's "patch n' pack", Dehghani et al. 2023) plus
-               captions and labels. make_loader wires up a DataLoader.
+               captions and labels. make_loader wires up a DataLoader; for training, TaskStream is one
+               resumable stream per task of a curriculum stage (build_datasets, task_budget, task_samples).
   bad input    unreadable, truncated or empty files, videos without frames and manifest rows pointing to
                missing files are skipped with one warning "skipped <file>: <reason>" and counted
                (dataset.skipped when found by scanning, Batch.skipped when found by decoding; see
@@ -1002,7 +1003,7 @@ class Batch:
     sources: list
     skipped: list           # [(source, reason)] of this batch's items that failed to decode
     views: list = None      # per sample: (views [V, H, W, 3] uint8, cameras) for 3D, else None
-    rows: int = 0           # the most samples any rank's batch holds at this step (train.TaskStream sets it from
+    rows: int = 0           # the most samples any rank's batch holds at this step (TaskStream sets it from
                             # the sampler's plan): the global-batch semantic losses pad every rank to it
 
     def pin_memory(self):   # DataLoader(pin_memory=True): pixels and the structure to page-locked memory
@@ -1055,6 +1056,110 @@ def skip_report(dataset, skipped):
         return ''
     head = f"{len(found)} files skipped ({len(dataset.skipped)} when scanning, {len(skipped)} when decoding):"
     return '\n'.join([head] + [f"  {source}: {reason}" for source, reason in found])
+
+
+# -----------------------------------------------------------------------------
+# training streams (train.py): a curriculum stage's datasets, each task's micro-batch size, and one resumable stream
+# of packed batches per task
+
+
+def task_budget(stage, task):
+    """Tokens per rank per micro-batch of `task`: the stage's task_tokens[task], else its `tokens`."""
+    return stage.get('task_tokens', {}).get(task, stage.get('tokens', 4096))
+
+
+def task_samples(stage, task, world):
+    """Samples per rank per micro-batch of `task` on `world` ranks: the stage's global batch[task] / world, rounded,
+    at least 1 (so the global batch is within world / 2 samples of it); 0 = no cap (packed by tokens alone)."""
+    b = stage.get('batch', {}).get(task)
+    return max(1, round(b / world)) if b else 0
+
+
+def fits_up_to(stage, task, k, patch_size):
+    """What k samples per micro-batch of `task` leave each within its token budget: the largest square side in
+    px (images; videos of their longest clip, MAX_FRAMES) or the voxel count (3D)."""
+    per = task_budget(stage, task) // k
+    if task.startswith('3d'):
+        return f"{per:,} voxels"
+    pt, ph, _ = patch_size
+    frames = 1 if task.startswith('image') else MAX_FRAMES['recon' if task == 'video_rec' else 'understand'] // pt
+    return f"{ph * math.isqrt(per // frames)} px"
+
+
+def build_datasets(cfg, stage, mcfg):
+    """Task -> training dataset for a stage (resolutions from the stage; folders when configured). cfg: the run's
+    train.TrainConfig (its data fields), mcfg: the stage's ModelConfig."""
+    ps = mcfg.patch_size
+    need = set(stage['mix'])
+    out = {}
+    if need & {'image_rec', 'image_und'}:
+        res = tuple(stage.get('image_res', (64, 256)))
+        ds = (ImageFolder(cfg.image_dir, res=res, patch_size=ps) if cfg.image_dir else
+              SyntheticImages(max(cfg.n_images, 2), 'train', cfg.seed, res=res, patch_size=ps))
+        out.update({t: ds for t in ('image_rec', 'image_und') if t in need})
+    if need & {'video_rec', 'video_und'}:
+        res = tuple(stage.get('video_res', (64, 128)))
+        for t in need & {'video_rec', 'video_und'}:
+            mode = 'recon' if t == 'video_rec' else 'understand'
+            out[t] = (VideoFolder(cfg.video_dir, res=res, patch_size=ps, mode=mode) if cfg.video_dir else
+                      SyntheticVideos(max(cfg.n_videos, 2), 'train', cfg.seed, res=res, patch_size=ps,
+                                      frames=cfg.video_frames))
+    if need & {'3d_rec', '3d_und'}:
+        ds = (AssetFolder(cfg.asset_dir, patch_size=ps, captions=cfg.captions_3d) if cfg.asset_dir else
+              Synthetic3D(max(cfg.n_3d, 2), 'train', cfg.seed, views=cfg.views_3d, view_res=cfg.view_res_3d,
+                          grid=mcfg.gs_resolution, patch_size=ps))
+        out.update({t: ds for t in ('3d_rec', '3d_und') if t in need})
+    return out
+
+
+class TaskStream:
+    """Batches for one task from a dataset, resumable: its position is (epoch, batch) on this rank.
+    Batches come from TokenBudgetSampler's deterministic plan, so a resumed run sees the same data. One
+    DataLoader serves every epoch (its key lists run on from epoch to epoch), so its workers, and the
+    built-in datasets' render caches inside them, live for the whole stage. At each epoch's end rank 0 prints what
+    was skipped or made smaller (skip_report, TokenBudgetSampler.report)."""
+
+    def __init__(self, dataset, budget, config, seed, rank, world, workers, grouped=True, pin=False, max_samples=0):
+        self.sampler = TokenBudgetSampler(dataset, budget, seed, rank, world, max_samples)
+        self.dataset, self.config, self.workers, self.grouped, self.pin = dataset, config, workers, grouped, pin
+        self.epoch, self.pos, self._it, self.skipped = 0, 0, None, []
+
+    def state(self):
+        return dict(epoch=self.epoch, pos=self.pos)
+
+    def load(self, state):
+        self.epoch, self.pos, self._it = state['epoch'], state['pos'], None
+
+    def mine(self, epoch):
+        """This rank's batches (lists of indices) of one epoch."""
+        return self.sampler.plan(epoch)[self.sampler.rank::self.sampler.world_size]
+
+    def _keys(self, epoch, pos):
+        while True:                             # endless: the loader's workers persist across epochs
+            yield from self.sampler.keys(epoch)[self.sampler.rank::self.sampler.world_size][pos:]
+            epoch, pos = epoch + 1, 0
+
+    def _open(self):
+        fn = functools.partial(collate, config=self.config, grouped=self.grouped)
+        # own generator: opening a DataLoader iterator draws a seed, which must not move the global RNG
+        # (a resumed run opens one more iterator than an uninterrupted one)
+        self._it = iter(DataLoader(self.dataset, batch_sampler=self._keys(self.epoch, self.pos), collate_fn=fn,
+                                   num_workers=self.workers, pin_memory=self.pin, generator=torch.Generator()))
+
+    def next(self):
+        if self._it is None:
+            self._open()
+        batch = next(self._it)
+        w = self.sampler.world_size         # every rank's batch at this position, from the plan: no communication
+        batch.rows = max(len(b) for b in self.sampler.plan(self.epoch)[self.pos * w:(self.pos + 1) * w])
+        self.pos += 1
+        self.skipped += batch.skipped
+        if self.pos == len(self.mine(self.epoch)):      # the epoch's last batch: report, move on
+            for report in (skip_report(self.dataset, self.skipped), self.sampler.report(self.epoch)):
+                if report and self.sampler.rank == 0:
+                    print(report, flush=True)
+            self.epoch, self.pos, self.skipped = self.epoch + 1, 0, []
+        return batch
 
 
 # -----------------------------------------------------------------------------

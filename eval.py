@@ -20,13 +20,15 @@ rFID / rFVD weights: --fid_weights=weights-inception-2015-12-05-6726825d.pth, --
 or their download into $TORCH_HOME/hub/checkpoints. Long runs save out_dir/partial_<kind>.pt and resume.
 Writes out_dir/report.json, report.md and side-by-side grids (original | reconstruction | error): PNG for
 images and 3D views, MP4 for videos. Unreadable inputs are skipped and listed in the report.
-train.py calls evaluate(tok, EvalConfig(...)) for held-out evaluation of an in-memory tokenizer.
+A training run evaluates its exports on held-out built-in data through periodic_evaluation and summarise_run (train.py
+calls them with held_out(its config)); evaluate(tok, EvalConfig(...)) takes an in-memory tokenizer.
 """
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -37,7 +39,7 @@ import data
 import losses
 import render3d
 import model
-from train import DTYPES, apply_flags, git_commit, pick_device   # one config, device and dtype mechanism
+from configurator import DTYPES, apply_flags, git_commit, pick_device   # one config, device and dtype mechanism
 
 # -----------------------------------------------------------------------------
 # pixel metrics. Inputs: (..., H, W, 3) tensors (or numpy arrays) in [-1, 1], the repo's convention, or in
@@ -1221,7 +1223,7 @@ def distribution_net(kind, cfg, device, notes):
 
 
 def evaluate(tok, cfg, gs_decoder=None, text=None):
-    """Evaluate an in-memory tokenizer on the data cfg names (train.py calls this for held-out evaluation).
+    """Evaluate an in-memory tokenizer on the data cfg names (run() calls this after loading the checkpoint).
 
     Returns dict(metrics={kind: {name: value}}, codebook={kind: {'usage': [G], 'perplexity': [G]}},
     per_class={kind: {class: top-1}}, counts={kind: {'evaluated', 'skipped'}}, skipped=[{kind, source,
@@ -1378,12 +1380,22 @@ def run(cfg):
 
 
 # -----------------------------------------------------------------------------
-# a finished training run: held-out evaluation of its exports and the summary against non-learned baselines.
-# train.py calls summarise_run at the end of a curriculum; the CPU demo's targets (configs/cpu_tiny.py) are here.
+# a training run: held-out evaluation of its exports while it trains and when it ends, and the summary against
+# non-learned baselines. train.py calls periodic_evaluation every eval_interval steps and summarise_run at the end of
+# a curriculum; the CPU demo's targets (configs/cpu_tiny.py) are here.
 
 # (metric, what it is compared with, margin): any run prints them; they are the bar for the CPU demo.
 TARGETS = dict(image_vs_bicubic=2.0, video_vs_bicubic=1.0, fsq_gap=3.0, psnr_3d=18.0, psnr_3d_vs_untrained=6.0,
                zero_shot_top1=0.50, zero_shot_shape=0.50)
+
+
+def held_out(run):
+    """The EvalConfig of a training run's held-out evaluation (run: its train.TrainConfig): the built-in 'val' split
+    at the last stage's sizes, random metric networks when the run's frozen networks are random, no rFID
+    (CPU-friendly)."""
+    return EvalConfig(seed=run.seed, res=tuple(run.stages[-1].get('image_res', (64, 256))), frames=run.video_frames,
+                      views_3d=run.views_3d, view_res_3d=run.view_res_3d,
+                      random_nets=bool(run.loss.get('random_frozen', False)), fid=False)
 
 
 def evaluate_export(base, run_dir, out_dir, n, checkpoint='tokenizer.pt', latent='mean',
@@ -1396,6 +1408,17 @@ def evaluate_export(base, run_dir, out_dir, n, checkpoint='tokenizer.pt', latent
     report = run(cfg)
     print(f"evaluation report: {os.path.join(out_dir, 'report.json')}")
     return report
+
+
+def periodic_evaluation(base, run_dir, stages, step, n):
+    """Held-out evaluation of a run's current tokenizer.pt while it trains (run_dir/eval_<step>/, n // 4 samples, at
+    least 2), on the modalities of `stages` (those trained so far, [(name, FSQ on, modalities)] as in summarise_run)
+    with the last one's latent. A failure is a warning: the run goes on."""
+    try:
+        evaluate_export(base, run_dir, os.path.join(run_dir, f'eval_{step}'), max(2, n // 4),
+                        latent='fsq' if stages[-1][1] else 'mean', modalities=set().union(*(m for _, _, m in stages)))
+    except Exception as e:      # noqa: BLE001 (evaluation must not end a long run; the final one raises)
+        warnings.warn(f"step {step}: periodic evaluation failed ({type(e).__name__}: {e}); training goes on")
 
 
 def learning_curves(run_dir, baselines):
@@ -1526,7 +1549,7 @@ def summarise_run(base, run_dir, stages, n):
 
 
 def main(argv):
-    """The command line: --key=value flags (EvalConfig fields, read by train.apply_flags) -> run(config)."""
+    """The command line: --key=value flags (EvalConfig fields, read by configurator.apply_flags) -> run(config)."""
     if '-h' in argv or '--help' in argv:
         print(usage())
         return None

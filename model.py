@@ -687,6 +687,18 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def compile_blocks(module):
+    """torch.compile every transformer block of module (tokenizer encoder and decoder, Gaussian decoder) in place, with
+    fullgraph=True and dynamic shapes. Packed batches change size every micro-batch; the structure's layouts mark
+    their sizes dynamic (Layout.mark_dynamic), so one graph per block serves every micro-batch without
+    recompiling (tests/test_step.py). On CUDA the attention inside is the Triton kernel, registered as a custom op
+    (kernels/attention.py), so it stays inside the graph. Module.compile() keeps parameter names, so checkpoints
+    and EMA are unaffected."""
+    for m in module.modules():
+        if isinstance(m, Block):
+            m.compile(fullgraph=True, dynamic=True)
+
+
 class PositionTable(nn.Module):
     """Learned 2D position table (pos_grid^2 x C), bilinearly resized to each segment's grid (SigLIP2-NaFlex).
 
@@ -1418,6 +1430,22 @@ def save_official(module, checkpoint_path, config_path):
     sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     _replace_atomic(checkpoint_path, lambda f: _save_flat(sd, f, str(checkpoint_path).endswith('.safetensors')))
     _replace_atomic(config_path, lambda f: _write_text(f, yaml.safe_dump(y, sort_keys=False)))
+
+
+def export_official(export, folder, with_gs=True):
+    """One of our tokenizer exports ({'model_config', 'model', 'gs_decoder'}: train.py's tokenizer.pt, EMA weights)
+    -> folder/atoken.pt + atoken.yaml in Apple's layout (save_official: loads in apple/ml-atoken and in
+    AToken.from_pretrained(path, yaml)), and with_gs its Gaussian decoder as 3d_decode_gs.pt + .yaml."""
+    import os
+    with torch.device('meta'):
+        tok = AToken(ModelConfig.from_dict(export['model_config'], 'tokenizer export'))
+    tok.load_checkpoint_state(export['model'], 'tokenizer export')
+    save_official(tok, os.path.join(folder, 'atoken.pt'), os.path.join(folder, 'atoken.yaml'))
+    if with_gs:
+        with torch.device('meta'):
+            gs = GaussianDecoder(tok.config)
+        gs.load_checkpoint_state(export['gs_decoder'], 'Gaussian decoder export')
+        save_official(gs, os.path.join(folder, '3d_decode_gs.pt'), os.path.join(folder, '3d_decode_gs.yaml'))
 
 
 def _replace_atomic(path, write):

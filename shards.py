@@ -38,7 +38,7 @@ import torch
 
 import data
 import model
-from train import apply_flags, pick_device     # the one --key=value parser and device picker
+from configurator import apply_flags, pick_device     # the one --key=value parser and device picker
 
 
 @dataclass

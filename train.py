@@ -6,31 +6,30 @@ laptop CPU to many GPUs with the same script.
     python train.py configs/cpu_tiny.py --lr=1e-3 --model.decoder_depth=3 --loss.lpips=0
     torchrun --nproc_per_node=8 train.py configs/so400m.py --parallel=fsdp
 
-Config files are plain Python assignments (nanoGPT style) loaded into TrainConfig; --key=value flags
-override them, and --model.<field> / --loss.<field> set ModelConfig / LossConfig fields. Unknown keys and
+Config files are plain Python assignments (nanoGPT style) loaded into TrainConfig by configurator.py; --key=value
+flags override them, and --model.<field> / --loss.<field> set ModelConfig / LossConfig fields. Unknown keys and
 wrong types are errors. The curriculum is a list of stage dicts (see configs/); each stage round-robins
 over its tasks (image/video/3D x reconstruction/understanding) with gradient accumulation, and starts
 from the previous stage's weights (widening the latent 32 -> 48, switching FSQ on).
 
-Borrowed: nanoGPT (configurator, get_lr, MFU, train loop layout), the FSDP2 recipe of torchtitan.
+Borrowed: nanoGPT (get_lr, MFU, train loop layout), the FSDP2 recipe of torchtitan.
 """
-import ast
-import functools
 import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
+import configurator
 import data
+import eval as ev       # (eval is a builtin's name)
 import losses
 import model
 
@@ -98,7 +97,7 @@ class TrainConfig:
 
 STAGE_KEYS = dict(name=str, steps=int, mix=dict, grad_accum=int, tokens=int, image_res=tuple, video_res=tuple,
                   latent_channels=int, use_quantizer=bool, batch=dict, task_tokens=dict)
-# Stage keys per task (see task_budget, task_samples):
+# Stage keys per task (see data.task_budget, data.task_samples):
 #   task_tokens {task: tokens}: that task's token budget per rank per micro-batch (default: the stage's `tokens`)
 #   batch {task: samples}: the task's global batch, the samples of one micro-batch of the task over all ranks (the
 #     paper states batch sizes in samples); each rank's micro-batch closes at batch / world samples or at its token
@@ -110,118 +109,29 @@ STAGE_KEYS = dict(name=str, steps=int, mix=dict, grad_accum=int, tokens=int, ima
 PAPER_BATCH = {'image_und': (8192, 8192), 'image_rec': (1024, 4096), 'video_rec': (512, 1024), '3d_rec': (256, 512)}
 
 # -----------------------------------------------------------------------------
-# config loading: python files + --key=value, checked against the dataclasses
+# config loading: python files + --key=value (configurator.py), the checks that need the whole config, and the
+# model config of each stage
 
 
-# One mechanism for every command line of the repo (train.py, eval.py, shards.py): --key=value flags checked
-# against a dataclass's fields and the types of their defaults. A flag's text becomes a value of the default's
-# type: strings stay as given (quotes removed); bools accept true/false/yes/no/on/off/1/0 (a bare --flag is true); anything else
-# is read as a Python literal (2.5, 64,512 or (64, 512), [..], {..}). Config files (train.py) are Python.
-
-BOOLS = {'1': True, 'true': True, 'yes': True, 'on': True, '0': False, 'false': False, 'no': False, 'off': False}
-
-
-def coerce(where, value, default):
-    """Check `value` against the type of `default` (int -> float and list <-> tuple allowed)."""
-    t = type(default)
-    if t is float and type(value) is int:
-        return float(value)
-    if t in (tuple, list) and isinstance(value, (tuple, list)):
-        return t(value)
-    if type(value) is not t:
-        raise ValueError(f"{where}: expected {t.__name__} like {default!r}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def parse_flag(where, text, default):
-    """A flag's text (None for a bare --flag) -> a value of the type of `default`."""
-    if text is None:
-        if type(default) is not bool:
-            raise ValueError(f"{where} needs a value: {where}=...")
-        return True
-    if type(default) is str:                    # as given; a quoted Python string is unquoted
-        return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in '"\'' else text
-    if type(default) is bool:
-        if text.lower() not in BOOLS:
-            raise ValueError(f"{where}={text}: expected true or false")
-        return BOOLS[text.lower()]
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        raise ValueError(f"{where}={text}: expected {type(default).__name__} like {default!r}") from None
-    return coerce(f"{where}={text}", value, default)
-
-
-def flags(argv):
-    """--key=value / --flag arguments -> [(key, text or None)]; anything else is an error naming it."""
-    out = []
-    for arg in argv:
-        if not arg.startswith('--') or len(arg) < 3:
-            raise ValueError(f"argument {arg!r}: expected --key=value")
-        key, sep, value = arg[2:].partition('=')
-        out.append((key, value if sep else None))
-    return out
-
-
-def apply_flags(obj, argv):
-    """Apply --key=value flags to a dataclass instance (returned); unknown keys raise, naming the known ones."""
-    known = {f.name: getattr(obj, f.name) for f in fields(obj)}
-    for key, text in flags(argv):
-        if key not in known:
-            raise ValueError(f"unknown option --{key}: expected one of {sorted(known)}")
-        setattr(obj, key, parse_flag(f"--{key}", text, known[key]))
-    return obj
-
-
-def _set_sub(cfg, name, key, value, cls, where):
-    """model.key / loss.key: validate against ModelConfig / LossConfig fields (value: from a file, or a
-    function of the field's default for a flag)."""
-    known = {f.name: f.default for f in fields(cls)}
-    if key not in known:
-        raise ValueError(f"{where}: unknown {name} key {key!r}; {cls.__name__} has {sorted(known)}")
-    getattr(cfg, name)[key] = value(known[key]) if callable(value) else coerce(where, value, known[key])
-
-
-def load_config(argv):
-    """[config.py ...] [--key=value ...] -> TrainConfig. Files run in a fresh namespace; their names and the
-    flags are applied with type checks; unknown keys raise."""
-    cfg, known = TrainConfig(), {f.name: f for f in fields(TrainConfig)}
-    updates = []        # (where, key, value): values from files, or a function of the default (a flag's text)
-    for arg in argv:
-        if arg.startswith('--'):
-            [(key, text)] = flags([arg])
-            updates.append((f"--{key}", key, lambda d, w=f"--{key}", t=text: parse_flag(w, t, d)))
-        else:
-            ns = {'__file__': os.path.abspath(arg)}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, 'exec'), ns)
-            updates += [(f"{arg}: {k}", k, v) for k, v in ns.items() if not k.startswith('_')
-                        and not callable(v) and not isinstance(v, type(sys))]
-    for where, key, value in updates:
-        head, _, sub = key.partition('.')
-        if sub and head in ('model', 'loss'):
-            _set_sub(cfg, head, sub, value, model.ModelConfig if head == 'model' else losses.LossConfig, where)
-        elif key in ('model', 'loss'):
-            value = value({}) if callable(value) else value
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}: expected a dict of {key} fields, got {value!r}")
-            for k, v in value.items():
-                _set_sub(cfg, key, k, v, model.ModelConfig if key == 'model' else losses.LossConfig, where)
-        elif key in known:
-            default = getattr(TrainConfig(), key)
-            setattr(cfg, key, value(default) if callable(value) else coerce(where, value, default))
-        else:
-            raise ValueError(f"{where}: unknown config key {key!r}")
-    check_stages(cfg.stages)
-    if cfg.preset not in model.PRESETS:
-        raise ValueError(f"preset {cfg.preset!r} not in {sorted(model.PRESETS)}")
-    for key in ('threads', 'num_workers'):
-        if getattr(cfg, key) < 0:
-            raise ValueError(f"{key}={getattr(cfg, key)}: expected 0 (default) or a positive count")
-    if cfg.parallel not in ('none', 'ddp', 'fsdp'):
-        raise ValueError(f"parallel={cfg.parallel!r}: expected none | ddp | fsdp")
-    check_init(cfg)
-    return cfg
+def check_stages(stages):
+    if not stages:
+        raise ValueError("config has no stages: set stages = [dict(name=..., steps=..., mix=...), ...]")
+    for i, s in enumerate(stages):
+        for k, v in s.items():
+            if k not in STAGE_KEYS:
+                raise ValueError(f"stage {i}: unknown key {k!r}; known: {sorted(STAGE_KEYS)}")
+            configurator.coerce(f"stage {i}.{k}", v, STAGE_KEYS[k]())
+        for k in ('name', 'steps', 'mix'):
+            if k not in s:
+                raise ValueError(f"stage {i}: missing {k!r}")
+        bad = set(s['mix']) - set(TASKS)
+        if bad or not s['mix'] or any(type(w) is not int or w < 1 for w in s['mix'].values()):
+            raise ValueError(f"stage {i} mix {s['mix']}: tasks must be in {TASKS} with positive integer ratios")
+        for k in ('batch', 'task_tokens'):
+            per = s.get(k, {})
+            if set(per) - set(s['mix']) or any(type(v) is not int or v < 1 for v in per.values()):
+                raise ValueError(f"stage {i} {k} {per}: tasks of the stage's mix {sorted(s['mix'])} with positive "
+                                 f"integer values")
 
 
 def check_init(cfg):
@@ -241,25 +151,43 @@ def check_init(cfg):
             raise FileNotFoundError(f"{key}={path!r}: no such file, and not a released name ({sorted(model.PRETRAINED)})")
 
 
-def check_stages(stages):
-    if not stages:
-        raise ValueError("config has no stages: set stages = [dict(name=..., steps=..., mix=...), ...]")
-    for i, s in enumerate(stages):
-        for k, v in s.items():
-            if k not in STAGE_KEYS:
-                raise ValueError(f"stage {i}: unknown key {k!r}; known: {sorted(STAGE_KEYS)}")
-            coerce(f"stage {i}.{k}", v, STAGE_KEYS[k]())
-        for k in ('name', 'steps', 'mix'):
-            if k not in s:
-                raise ValueError(f"stage {i}: missing {k!r}")
-        bad = set(s['mix']) - set(TASKS)
-        if bad or not s['mix'] or any(type(w) is not int or w < 1 for w in s['mix'].values()):
-            raise ValueError(f"stage {i} mix {s['mix']}: tasks must be in {TASKS} with positive integer ratios")
-        for k in ('batch', 'task_tokens'):
-            per = s.get(k, {})
-            if set(per) - set(s['mix']) or any(type(v) is not int or v < 1 for v in per.values()):
-                raise ValueError(f"stage {i} {k} {per}: tasks of the stage's mix {sorted(s['mix'])} with positive "
-                                 f"integer values")
+def load_config(argv):
+    """[config.py ...] [--key=value ...] -> TrainConfig: configurator.load's typed checks (model.<field> /
+    loss.<field> against ModelConfig / LossConfig), then the stages, the preset and the fine-tuning fields."""
+    cfg = configurator.load(TrainConfig(), argv, subs={'model': model.ModelConfig, 'loss': losses.LossConfig})
+    check_stages(cfg.stages)
+    if cfg.preset not in model.PRESETS:
+        raise ValueError(f"preset {cfg.preset!r} not in {sorted(model.PRESETS)}")
+    for key in ('threads', 'num_workers'):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key}={getattr(cfg, key)}: expected 0 (default) or a positive count")
+    if cfg.parallel not in ('none', 'ddp', 'fsdp'):
+        raise ValueError(f"parallel={cfg.parallel!r}: expected none | ddp | fsdp")
+    check_init(cfg)
+    return cfg
+
+
+def base_model_config(cfg):
+    """The run's model before overrides: the init_from checkpoint's config (with init_gs's Gaussian-decoder
+    sizes), else the preset."""
+    if not cfg.init_from:
+        return model.PRESETS[cfg.preset]
+    c = model.pretrained_config(cfg.init_from, cfg.init_config or None)
+    if cfg.init_gs:
+        g = model.pretrained_gs_config(cfg.init_gs, cfg.init_gs_config or None)
+        if g.patch_size[1:] != c.patch_size[1:]:
+            raise ValueError(f"init_gs reads {g.patch_size[1:]} patches, init_from makes {c.patch_size[1:]}")
+        c = replace(c, **{f: getattr(g, f) for f in ('gs_width', 'gs_depth', 'gs_heads', 'gs_mlp', 'gs_window',
+                                                      'gs_per_voxel', 'gs_resolution')})
+    return c
+
+
+def stage_model_config(cfg, stage):
+    """A stage's ModelConfig: the base, the run's `model` fields, then the stage's latent width and FSQ switch
+    (a stage's value wins over the same field in `model`)."""
+    return replace(base_model_config(cfg), **{**cfg.model,
+                   **{k: stage[k] for k in ('latent_channels', 'use_quantizer') if k in stage}})
+
 
 # -----------------------------------------------------------------------------
 # pure schedule helpers (unit-tested)
@@ -307,28 +235,6 @@ def step_tasks(mix, n, step):
     cycle = task_schedule(mix, sum(mix.values()))
     return [cycle[(step * n + k) % len(cycle)] for k in range(n)]
 
-def task_budget(stage, task):
-    """Tokens per rank per micro-batch of `task`: the stage's task_tokens[task], else its `tokens`."""
-    return stage.get('task_tokens', {}).get(task, stage.get('tokens', 4096))
-
-
-def task_samples(stage, task, world):
-    """Samples per rank per micro-batch of `task` on `world` ranks: the stage's global batch[task] / world, rounded,
-    at least 1 (so the global batch is within world / 2 samples of it); 0 = no cap (packed by tokens alone)."""
-    b = stage.get('batch', {}).get(task)
-    return max(1, round(b / world)) if b else 0
-
-
-def fits_up_to(stage, task, k, patch_size):
-    """What k samples per micro-batch of `task` leave each within its token budget: the largest square side in
-    px (images; videos of their longest clip, MAX_FRAMES) or the voxel count (3D)."""
-    per = task_budget(stage, task) // k
-    if task.startswith('3d'):
-        return f"{per:,} voxels"
-    pt, ph, _ = patch_size
-    frames = 1 if task.startswith('image') else data.MAX_FRAMES['recon' if task == 'video_rec' else 'understand'] // pt
-    return f"{ph * math.isqrt(per // frames)} px"
-
 
 def describe(cfg, world):
     """The derived per-stage figures (printed at startup): micro-batches per task per step, tokens per step, and per
@@ -337,7 +243,7 @@ def describe(cfg, world):
     lines = []
     for s in cfg.stages:
         n, total = s.get('grad_accum', 1), sum(s['mix'].values())
-        per_micro = sum(w * task_budget(s, t) for t, w in s['mix'].items()) / total    # mean over the mix
+        per_micro = sum(w * data.task_budget(s, t) for t, w in s['mix'].items()) / total    # mean over the mix
         per_step = round(per_micro * n * world)
         counts = ', '.join(f"{t} {w}/{total}" for t, w in s['mix'].items())
         lines.append(f"  {s['name']}: {s['steps']} steps x {n} micro-batches (shares {counts}) x {world} ranks "
@@ -346,25 +252,26 @@ def describe(cfg, world):
         ps = stage_model_config(cfg, s).patch_size
         for t in s['mix']:
             paper = '-'.join(f"{v:,}" for v in sorted(set(PAPER_BATCH[t]))) if t in PAPER_BATCH else 'not stated'
-            k = task_samples(s, t, world)
+            budget, k = data.task_budget(s, t), data.task_samples(s, t, world)
             if not k:
-                lines.append(f"    {t}: packed by {task_budget(s, t):,} tokens/rank (no batch set; paper {paper})")
+                lines.append(f"    {t}: packed by {budget:,} tokens/rank (no batch set; paper {paper})")
                 continue
-            at = '; '.join(f"{g} ranks: {task_samples(s, t, g)}/rank = {task_samples(s, t, g) * g:,}, fit up to "
-                           f"{fits_up_to(s, t, task_samples(s, t, g), ps)}" for g in dict.fromkeys((world, 8, 256)))
-            lines.append(f"    {t}: global batch, paper {paper}; {task_budget(s, t):,} tokens/rank; {at}")
+            per_rank = {g: data.task_samples(s, t, g) for g in (world, 8, 256)}
+            at = '; '.join(f"{g} ranks: {b}/rank = {b * g:,}, fit up to {data.fits_up_to(s, t, b, ps)}"
+                           for g, b in per_rank.items())
+            lines.append(f"    {t}: global batch, paper {paper}; {budget:,} tokens/rank; {at}")
     return '\n'.join(lines)
 
 
 # -----------------------------------------------------------------------------
-# compute: devices, dtypes, torchrun
+# compute: torchrun, ranks, the device (configurator.pick_device)
 
 
 def init_compute(cfg):
     """Detect torchrun, pick the device, init the process group. -> (rank, local_rank, world, device)."""
     rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('LOCAL_RANK', 0),
                                                                        ('WORLD_SIZE', 1)))
-    device = pick_device(cfg.device).type if cfg.device == 'auto' else cfg.device
+    device = configurator.pick_device(cfg.device).type if cfg.device == 'auto' else cfg.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device == 'cuda':
@@ -381,20 +288,6 @@ def init_compute(cfg):
     return rank, local_rank, world, device
 
 
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
-
-def pick_device(name):
-    """'auto' -> cuda, else mps, else cpu; any other name as given."""
-    if name != 'auto':
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available():
-        return torch.device('mps')
-    return torch.device('cpu')
-
-
 def print0(*a, **k):
     if int(os.environ.get('RANK', 0)) == 0:
         print(*a, **k, flush=True)
@@ -408,91 +301,6 @@ def all_reduce_mean(x, world):
         x /= world
     return x
 
-
-def git_commit():
-    try:
-        return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=5,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or 'unknown'
-    except (OSError, subprocess.SubprocessError):
-        return 'unknown'
-
-# -----------------------------------------------------------------------------
-# data: one resumable stream of packed batches per task
-
-
-class TaskStream:
-    """Batches for one task from a dataset, resumable: its position is (epoch, batch) on this rank.
-    Batches come from data.TokenBudgetSampler's deterministic plan, so a resumed run sees the same data. One
-    DataLoader serves every epoch (its key lists run on from epoch to epoch), so its workers, and the
-    built-in datasets' render caches inside them, live for the whole stage."""
-
-    def __init__(self, dataset, budget, config, seed, rank, world, workers, grouped=True, pin=False, max_samples=0):
-        self.sampler = data.TokenBudgetSampler(dataset, budget, seed, rank, world, max_samples)
-        self.dataset, self.config, self.workers, self.grouped, self.pin = dataset, config, workers, grouped, pin
-        self.epoch, self.pos, self._it, self.skipped = 0, 0, None, []
-
-    def state(self):
-        return dict(epoch=self.epoch, pos=self.pos)
-
-    def load(self, state):
-        self.epoch, self.pos, self._it = state['epoch'], state['pos'], None
-
-    def mine(self, epoch):
-        """This rank's batches (lists of indices) of one epoch."""
-        return self.sampler.plan(epoch)[self.sampler.rank::self.sampler.world_size]
-
-    def _keys(self, epoch, pos):
-        while True:                             # endless: the loader's workers persist across epochs
-            yield from self.sampler.keys(epoch)[self.sampler.rank::self.sampler.world_size][pos:]
-            epoch, pos = epoch + 1, 0
-
-    def _open(self):
-        collate = functools.partial(data.collate, config=self.config, grouped=self.grouped)
-        # own generator: opening a DataLoader iterator draws a seed, which must not move the global RNG
-        # (a resumed run opens one more iterator than an uninterrupted one)
-        self._it = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=self._keys(self.epoch, self.pos),
-                                                    collate_fn=collate, num_workers=self.workers,
-                                                    pin_memory=self.pin, generator=torch.Generator()))
-
-    def next(self):
-        if self._it is None:
-            self._open()
-        batch = next(self._it)
-        w = self.sampler.world_size         # every rank's batch at this position, from the plan: no communication
-        batch.rows = max(len(b) for b in self.sampler.plan(self.epoch)[self.pos * w:(self.pos + 1) * w])
-        self.pos += 1
-        self.skipped += batch.skipped
-        if self.pos == len(self.mine(self.epoch)):      # the epoch's last batch: report, move on
-            for report in (data.skip_report(self.dataset, self.skipped), self.sampler.report(self.epoch)):
-                if report:
-                    print0(report)
-            self.epoch, self.pos, self.skipped = self.epoch + 1, 0, []
-        return batch
-
-
-def build_datasets(cfg, stage, mcfg, split='train', n_scale=1.0):
-    """Task -> dataset for a stage (resolutions from the stage; folders when configured)."""
-    ps = mcfg.patch_size
-    need = set(stage['mix'])
-    out = {}
-    if need & {'image_rec', 'image_und'}:
-        res = tuple(stage.get('image_res', (64, 256)))
-        ds = (data.ImageFolder(cfg.image_dir, res=res, patch_size=ps) if cfg.image_dir else
-              data.SyntheticImages(max(int(cfg.n_images * n_scale), 2), split, cfg.seed, res=res, patch_size=ps))
-        out.update({t: ds for t in ('image_rec', 'image_und') if t in need})
-    if need & {'video_rec', 'video_und'}:
-        res = tuple(stage.get('video_res', (64, 128)))
-        for t in need & {'video_rec', 'video_und'}:
-            mode = 'recon' if t == 'video_rec' else 'understand'
-            out[t] = (data.VideoFolder(cfg.video_dir, res=res, patch_size=ps, mode=mode) if cfg.video_dir else
-                      data.SyntheticVideos(max(int(cfg.n_videos * n_scale), 2), split, cfg.seed, res=res,
-                                           patch_size=ps, frames=cfg.video_frames))
-    if need & {'3d_rec', '3d_und'}:
-        ds = (data.AssetFolder(cfg.asset_dir, patch_size=ps, captions=cfg.captions_3d) if cfg.asset_dir else
-              data.Synthetic3D(max(int(cfg.n_3d * n_scale), 2), split, cfg.seed, views=cfg.views_3d,
-                               view_res=cfg.view_res_3d, grid=mcfg.gs_resolution, patch_size=ps))
-        out.update({t: ds for t in ('3d_rec', '3d_und') if t in need})
-    return out
 
 # -----------------------------------------------------------------------------
 # model surgery between stages, optimizer, EMA, checkpoints
@@ -596,57 +404,6 @@ class Trainable(torch.nn.Module):
                 for i, r in zip(ids, renders)}
 
 
-def base_model_config(cfg):
-    """The run's model before overrides: the init_from checkpoint's config (with init_gs's Gaussian-decoder
-    sizes), else the preset."""
-    if not cfg.init_from:
-        return model.PRESETS[cfg.preset]
-    c = model.pretrained_config(cfg.init_from, cfg.init_config or None)
-    if cfg.init_gs:
-        g = model.pretrained_gs_config(cfg.init_gs, cfg.init_gs_config or None)
-        if g.patch_size[1:] != c.patch_size[1:]:
-            raise ValueError(f"init_gs reads {g.patch_size[1:]} patches, init_from makes {c.patch_size[1:]}")
-        c = replace(c, **{f: getattr(g, f) for f in ('gs_width', 'gs_depth', 'gs_heads', 'gs_mlp', 'gs_window',
-                                                      'gs_per_voxel', 'gs_resolution')})
-    return c
-
-
-def stage_model_config(cfg, stage):
-    """The model of one stage: the base config, then `model` overrides, then the stage's own latent_channels /
-    use_quantizer (a stage's value wins over the same field in `model`)."""
-    return replace(base_model_config(cfg), **{**cfg.model,
-                   **{k: stage[k] for k in ('latent_channels', 'use_quantizer') if k in stage}})
-
-
-def build_trainable(cfg, stage, state, frozen, loss_cfg):
-    """Fresh (init_weights, SigLIP2 encoder) or from `state` ({'tok', 'gs', 'temperature'} state dicts,
-    widened when the stage's latent is wider)."""
-    mcfg = stage_model_config(cfg, stage)
-    tok, gs = model.AToken(mcfg), model.GaussianDecoder(mcfg)
-    temp = losses.SigmoidTemperature(loss_cfg.sigmoid_bias_init)
-    text = losses.TrainableText(frozen) if loss_cfg.train_text else None   # starts as the frozen tower
-    if state is None:
-        tok.init_weights()
-        gs.init_weights()
-        if cfg.init_siglip2:
-            tok.init_from_siglip2(cfg.init_siglip2)
-        if cfg.init_from:
-            load_init(cfg, tok, gs)
-    else:
-        sd = dict(state['tok'])
-        old = sd['decoder.input_layer.weight'].shape[1]
-        if old != mcfg.latent_channels:
-            print0(f"stage {stage['name']}: widening the latent {old} -> {mcfg.latent_channels}")
-            sd = widen_latent(sd, old, mcfg.latent_channels)
-        tok.load_checkpoint_state(sd, 'previous stage')
-        gs.load_state_dict(state['gs'])
-        temp.load_state_dict(state['temperature'])
-        if text is not None and state.get('text'):
-            text.load_state_dict(state['text'])
-    freeze(cfg, tok)
-    return Trainable(tok, gs, temp, frozen, loss_cfg, text)
-
-
 @torch.no_grad()
 def load_init(cfg, tok, gs):
     """Fine-tuning start: the init_from tokenizer's weights into tok (widened when the stage's latent is wider, e.g.
@@ -677,6 +434,35 @@ def freeze(cfg, tok):
         tok.encoder.requires_grad_(False)
     if cfg.freeze_decoder:
         tok.decoder.requires_grad_(False)
+
+
+def build_trainable(cfg, stage, state, frozen, loss_cfg):
+    """Fresh (init_weights, SigLIP2 encoder) or from `state` ({'tok', 'gs', 'temperature'} state dicts,
+    widened when the stage's latent is wider)."""
+    mcfg = stage_model_config(cfg, stage)
+    tok, gs = model.AToken(mcfg), model.GaussianDecoder(mcfg)
+    temp = losses.SigmoidTemperature(loss_cfg.sigmoid_bias_init)
+    text = losses.TrainableText(frozen) if loss_cfg.train_text else None   # starts as the frozen tower
+    if state is None:
+        tok.init_weights()
+        gs.init_weights()
+        if cfg.init_siglip2:
+            tok.init_from_siglip2(cfg.init_siglip2)
+        if cfg.init_from:
+            load_init(cfg, tok, gs)
+    else:
+        sd = dict(state['tok'])
+        old = sd['decoder.input_layer.weight'].shape[1]
+        if old != mcfg.latent_channels:
+            print0(f"stage {stage['name']}: widening the latent {old} -> {mcfg.latent_channels}")
+            sd = widen_latent(sd, old, mcfg.latent_channels)
+        tok.load_checkpoint_state(sd, 'previous stage')
+        gs.load_state_dict(state['gs'])
+        temp.load_state_dict(state['temperature'])
+        if text is not None and state.get('text'):
+            text.load_state_dict(state['text'])
+    freeze(cfg, tok)
+    return Trainable(tok, gs, temp, frozen, loss_cfg, text)
 
 
 def wrap(net, cfg, world, device):
@@ -724,7 +510,7 @@ class Stage:
     ema: dict                   # EMA parameters by Trainable name
     params: list                # parameters and their EMA copies, in the same order (one foreach lerp)
     ema_params: list
-    streams: dict               # task -> TaskStream
+    streams: dict               # task -> data.TaskStream
     fused_opt: bool
     grad_accum: int
     bar: object = None          # tqdm progress bar (rank 0)
@@ -743,16 +529,16 @@ def start_stage(cfg, i, stage, s_step, prev, ckpt, frozen, loss_cfg, rank, world
     raw = raw.to(device)
     net = wrap(raw, cfg, world, device)
     if cfg.compile:
-        compile_blocks(raw)
+        model.compile_blocks(raw)
     fused_opt = not (cfg.parallel == 'fsdp' and world > 1)      # fused AdamW: CPU and CUDA, not DTensors
     opt = torch.optim.AdamW(param_groups({'tok': raw.tok, 'gs': raw.gs, 'temp': raw.temperature,
                                           **({'text': raw.text} if raw.text is not None else {})}, cfg),
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused_opt)
     ema = {n: p.detach().clone() for n, p in raw.named_parameters()}
-    dsets = build_datasets(cfg, stage, raw.tok.config)
-    streams = {t: TaskStream(d, task_budget(stage, t), raw.tok.config, cfg.seed + 1000 * TASKS.index(t), rank,
-                             world, cfg.num_workers, grouped=not cuda, pin=cuda,
-                             max_samples=task_samples(stage, t, world)) for t, d in dsets.items()}
+    dsets = data.build_datasets(cfg, stage, raw.tok.config)
+    streams = {t: data.TaskStream(d, data.task_budget(stage, t), raw.tok.config, cfg.seed + 1000 * TASKS.index(t),
+                                  rank, world, cfg.num_workers, grouped=not cuda, pin=cuda,
+                                  max_samples=data.task_samples(stage, t, world)) for t, d in dsets.items()}
     if ckpt is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(net, opt, ckpt['optimizer'],   # strict=False: parts with no
@@ -778,11 +564,21 @@ def start_stage(cfg, i, stage, s_step, prev, ckpt, frozen, loss_cfg, rank, world
                  fused_opt, grad_accum, bar)
 
 
+class StepStats(NamedTuple):
+    """One optimizer step of this rank, as train_step returns it (tensors stay on the device until log_step)."""
+    ok: torch.Tensor            # bool: loss and gradient finite on every rank (else the step was skipped)
+    gnorm: torch.Tensor         # gradient norm before clipping
+    lr: float
+    terms: dict                 # {task/term: loss value}, each task's terms averaged over its micro-batches
+    tokens: int
+    samples: int
+    flops: float                # model FLOPs (AToken.estimate_flops)
+
+
 def train_step(cfg, st, stage, s_step, world, device, autocast):
     """One optimizer step: this step's round-robin micro-batches with gradient accumulation, clipping, AdamW,
     EMA. Nothing here reads the device: loss terms, the finite flag and the gradient norm stay there until the
-    log step; a non-finite step is skipped by the fused optimizer itself (found_inf), as AMP does.
-    -> (ok flag, gradient norm, {task/term: value}, tokens, samples, FLOPs) of this rank."""
+    log step; a non-finite step is skipped by the fused optimizer itself (found_inf), as AMP does. -> StepStats"""
     lr = get_lr(s_step, stage['steps'], cfg)
     for g in st.opt.param_groups:
         g['lr'] = lr * g['lr_mult']
@@ -818,7 +614,18 @@ def train_step(cfg, st, stage, s_step, world, device, autocast):
     with torch.no_grad():                   # EMA, one foreach op (a skipped step left the params as they were)
         torch._foreach_lerp_(st.ema_params, [p.detach() for p in st.params], 1 - cfg.ema_decay)
     st.opt.zero_grad(set_to_none=True)
-    return ok, gnorm, lr, terms, tokens, samples, flops
+    return StepStats(ok, gnorm, lr, terms, tokens, samples, flops)
+
+
+def tokenizer_export(raw, trainable, ema, step):
+    """The file eval.py and AToken.from_pretrained read: the EMA tokenizer, Gaussian decoder and (train_text)
+    text tower. trainable: full state dicts per part (they also hold buffers, e.g. the Gaussian offsets);
+    ema: EMA parameters by Trainable name (the same names as trainable's with a 'part.' prefix)."""
+    part = lambda k: {**trainable[k], **{n[len(k) + 1:]: v for n, v in ema.items() if n.startswith(k + '.')}}
+    text = {n[len('text.'):]: v for n, v in part('text').items()} if trainable.get('text') else {}  # model.text
+    return dict(model_config=asdict(raw.tok.config), model=part('tok'), gs_decoder=part('gs'),
+                loss_config=asdict(raw.loss_cfg), step=step, commit=configurator.git_commit(),
+                **({'text_tower': text} if text else {}))
 
 
 def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_steps, master, end_of_stage=False):
@@ -836,41 +643,18 @@ def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_s
         save_atomic(dict(step=step, stage=stage_i, trainable=trainable, optimizer=optim, ema=ema_full,
                          streams={t: s.state() for t, s in streams.items()}, rng=rng_states(),
                          bad_steps=bad_steps, config=asdict(cfg), model_config=asdict(raw.tok.config),
-                         loss_config=asdict(raw.loss_cfg), command=' '.join(sys.argv), commit=git_commit()), path)
+                         loss_config=asdict(raw.loss_cfg), command=' '.join(sys.argv),
+                         commit=configurator.git_commit()), path)
         export = tokenizer_export(raw, trainable, ema_full, step)
         save_atomic(export, os.path.join(cfg.out_dir, 'tokenizer.pt'))
         if end_of_stage:    # each stage's tokenizer stays (paper: So/C = stage 3, continuous; So/D = stage 4)
             save_atomic(export, os.path.join(cfg.out_dir, f"tokenizer_{cfg.stages[stage_i]['name']}.pt"))
-        if end_of_stage and cfg.export_official:
-            export_official(cfg, export, os.path.join(cfg.out_dir, f"official_{cfg.stages[stage_i]['name']}"))
+        if end_of_stage and cfg.export_official:    # Apple's layout (loads in apple/ml-atoken)
+            folder = os.path.join(cfg.out_dir, f"official_{cfg.stages[stage_i]['name']}")
+            gs = bool(cfg.init_gs) or any('3d_rec' in s['mix'] for s in cfg.stages)  # a Gaussian decoder worth keeping
+            model.export_official(export, folder, with_gs=gs)
+            print0(f"official layout: {folder}/atoken.pt + atoken.yaml")
     return trainable
-
-
-def tokenizer_export(raw, trainable, ema, step):
-    """The file eval.py and AToken.from_pretrained read: the EMA tokenizer, Gaussian decoder and (train_text)
-    text tower. trainable: full state dicts per part (they also hold buffers, e.g. the Gaussian offsets);
-    ema: EMA parameters by Trainable name (the same names as trainable's with a 'part.' prefix)."""
-    part = lambda k: {**trainable[k], **{n[len(k) + 1:]: v for n, v in ema.items() if n.startswith(k + '.')}}
-    text = {n[len('text.'):]: v for n, v in part('text').items()} if trainable.get('text') else {}  # model.text
-    return dict(model_config=asdict(raw.tok.config), model=part('tok'), gs_decoder=part('gs'),
-                loss_config=asdict(raw.loss_cfg), step=step, commit=git_commit(),
-                **({'text_tower': text} if text else {}))
-
-
-def export_official(cfg, export, folder):
-    """A tokenizer export (EMA weights) -> folder/atoken.pt + atoken.yaml in Apple's layout (model.save_official:
-    loads in apple/ml-atoken and in AToken.from_pretrained(path, yaml)), plus 3d_decode_gs.pt + .yaml when the
-    run has a Gaussian decoder worth keeping (init_gs, or a stage that trains 3D reconstruction)."""
-    with torch.device('meta'):
-        tok = model.AToken(model.ModelConfig.from_dict(export['model_config'], 'tokenizer export'))
-    tok.load_checkpoint_state(export['model'], 'tokenizer export')
-    model.save_official(tok, os.path.join(folder, 'atoken.pt'), os.path.join(folder, 'atoken.yaml'))
-    if cfg.init_gs or any('3d_rec' in s['mix'] for s in cfg.stages):
-        with torch.device('meta'):
-            gs = model.GaussianDecoder(tok.config)
-        gs.load_checkpoint_state(export['gs_decoder'], 'Gaussian decoder export')
-        model.save_official(gs, os.path.join(folder, '3d_decode_gs.pt'), os.path.join(folder, '3d_decode_gs.yaml'))
-    print0(f"official layout: {folder}/atoken.pt + atoken.yaml")
 
 
 def save_untrained(cfg, frozen, loss_cfg, path):
@@ -884,47 +668,14 @@ def save_untrained(cfg, frozen, loss_cfg, path):
     save_atomic(tokenizer_export(net, sd, {}, 0), path)
 
 
-def held_out(cfg):
-    """The EvalConfig of this run's held-out evaluation: the built-in 'val' split at the last stage's sizes,
-    random metric networks when the run's frozen networks are random, no rFID (CPU-friendly)."""
-    from eval import EvalConfig
-    return EvalConfig(seed=cfg.seed, res=tuple(cfg.stages[-1].get('image_res', (64, 256))), frames=cfg.video_frames,
-                      views_3d=cfg.views_3d, view_res_3d=cfg.view_res_3d,
-                      random_nets=bool(cfg.loss.get('random_frozen', False)), fid=False)
-
-
 def curriculum(cfg):
-    """[(stage name, FSQ on, modalities it trains)]: what eval.summarise_run needs to know of the stages."""
+    """[(stage name, FSQ on, modalities it trains)]: what eval.summarise_run / periodic_evaluation need to know of
+    the stages."""
     return [(s['name'], stage_model_config(cfg, s).use_quantizer, {t.split('_')[0] for t in s['mix']})
             for s in cfg.stages]
 
 
-def periodic_evaluation(cfg, stage_i, step):
-    """Held-out evaluation of the current tokenizer.pt during training (eval_<step>/), on the modalities
-    trained so far and with the current stage's latent. A failure is a warning: the run goes on."""
-    from eval import evaluate_export
-    stages = curriculum(cfg)[:stage_i + 1]
-    try:
-        evaluate_export(held_out(cfg), cfg.out_dir, os.path.join(cfg.out_dir, f'eval_{step}'),
-                        max(2, cfg.eval_n // 4), latent='fsq' if stages[-1][1] else 'mean',
-                        modalities=set().union(*(m for _, _, m in stages)))
-    except Exception as e:      # noqa: BLE001 (evaluation must not end a long run; the final one raises)
-        warnings.warn(f"step {step}: periodic evaluation failed ({type(e).__name__}: {e}); training goes on")
-
-
 PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L40S': 362e12, 'RTX 4090': 165e12}
-
-
-def compile_blocks(net):
-    """torch.compile every transformer block (tokenizer encoder and decoder, Gaussian decoder) in place, with
-    fullgraph=True and dynamic shapes. Packed batches change size every micro-batch; the structure's layouts mark
-    their sizes dynamic (model.Layout.mark_dynamic), so one graph per block serves every micro-batch without
-    recompiling (tests/test_step.py). On CUDA the attention inside is the Triton kernel, registered as a custom op
-    (kernels/attention.py), so it stays inside the graph. Module.compile() keeps parameter names, so checkpoints
-    and EMA are unaffected."""
-    for m in net.modules():
-        if isinstance(m, model.Block):
-            m.compile(fullgraph=True, dynamic=True)
 
 
 def peak_flops(device):
@@ -933,13 +684,39 @@ def peak_flops(device):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), float('nan'))
 
 
+def log_step(cfg, st, stage, step, dt, out, bad_run, skipped, world, device, log):
+    """Every log_interval steps and at a stage's end, the one place the device is read: skipped (non-finite) steps
+    are warned about (and `skipped` reset) or, max_bad_steps in a row, stop the run; rank 0 (log: its open
+    log.jsonl) updates the progress bar and appends the step's record."""
+    bad_steps, n_skipped = int(bad_run), int(skipped)
+    if n_skipped:
+        warnings.warn(f"step {step}: {n_skipped} step(s) with a non-finite loss or gradient skipped since "
+                      f"the last log ({bad_steps} in a row now)")
+        skipped.zero_()
+    if bad_steps >= cfg.max_bad_steps:
+        raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {step}: stopping. Lower the "
+                           f"lr, check the data ({[b for s in st.streams.values() for b in s.skipped]}), "
+                           f"or resume from {os.path.join(cfg.out_dir, 'ckpt.pt')}")
+    if log is None:
+        return
+    terms = {k: float(v) for k, v in out.terms.items()}
+    mfu = out.flops * world / dt / peak_flops(device) if device.startswith('cuda') else None
+    st.bar.set_postfix(loss=f"{sum(v for k, v in terms.items() if k.endswith('/total')):.4f}",
+                       tok_s=f"{out.tokens * world / dt:.0f}", smp_s=f"{out.samples * world / dt:.1f}",
+                       **({'mfu': f"{100 * mfu:.1f}%"} if mfu is not None else {}))
+    rec = dict(step=step, stage=stage['name'], lr=out.lr, grad_norm=float(out.gnorm), dt=dt,
+               tokens=out.tokens * world, skipped_step=not bool(out.ok), **terms)
+    log.write(json.dumps(rec) + '\n')
+    log.flush()
+
+
 def main(cfg):
     # --- compute, checkpoint to resume, frozen networks (built once; never trained or saved) ---
     rank, local_rank, world, device = init_compute(cfg)
     master = rank == 0
     torch.manual_seed(cfg.seed + rank)
     cuda = device.startswith('cuda')
-    ptdtype = DTYPES[cfg.dtype]
+    ptdtype = configurator.DTYPES[cfg.dtype]
     autocast = torch.autocast('cuda', dtype=ptdtype) if cuda and ptdtype != torch.float32 else nullcontext()
     print0(f"device {device} x {world} ({cfg.parallel}), "
            f"{'autocast ' + cfg.dtype if cuda else 'fp32 (autocast is CUDA-only here)'}")
@@ -972,9 +749,9 @@ def main(cfg):
             if resume is not None:
                 bad_run, ckpt = torch.full((), resume.get('bad_steps', 0), device=device), None   # consumed
         t0 = time.time()
-        ok, gnorm, lr, terms, tokens, samples, flops = train_step(cfg, st, stage, s_step, world, device, autocast)
-        bad_run = (bad_run + 1) * (~ok)         # consecutive skipped steps, on the device
-        skipped = skipped + (~ok)
+        out = train_step(cfg, st, stage, s_step, world, device, autocast)
+        bad_run = (bad_run + 1) * (~out.ok)     # consecutive skipped steps, on the device
+        skipped = skipped + (~out.ok)
         step, s_step = step + 1, s_step + 1
 
         # --- logging: the device is read here only, every log_interval steps ---------------
@@ -982,25 +759,7 @@ def main(cfg):
         if st.bar is not None:
             st.bar.update(1)
         if step % cfg.log_interval == 0 or s_step == stage['steps']:
-            bad_steps, n_skipped = int(bad_run), int(skipped)
-            if n_skipped:
-                warnings.warn(f"step {step}: {n_skipped} step(s) with a non-finite loss or gradient skipped since "
-                              f"the last log ({bad_steps} in a row now)")
-                skipped = torch.zeros_like(skipped)
-            if bad_steps >= cfg.max_bad_steps:
-                raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {step}: stopping. Lower the "
-                                   f"lr, check the data ({[b for s in st.streams.values() for b in s.skipped]}), "
-                                   f"or resume from {ckpt_path}")
-            if master:
-                terms = {k: float(v) for k, v in terms.items()}
-                mfu = flops * world / dt / peak_flops(device) if cuda else None
-                st.bar.set_postfix(loss=f"{sum(v for k, v in terms.items() if k.endswith('/total')):.4f}",
-                                   tok_s=f"{tokens * world / dt:.0f}", smp_s=f"{samples * world / dt:.1f}",
-                                   **({'mfu': f"{100 * mfu:.1f}%"} if mfu is not None else {}))
-                rec = dict(step=step, stage=stage['name'], lr=lr, grad_norm=float(gnorm), dt=dt,
-                           tokens=tokens * world, skipped_step=not bool(ok), **terms)
-                log.write(json.dumps(rec) + '\n')
-                log.flush()
+            log_step(cfg, st, stage, step, dt, out, bad_run, skipped, world, device, log)
 
         # --- checkpoints and periodic evaluation ---------------------------------------
         end_of_stage = s_step == stage['steps']
@@ -1010,12 +769,11 @@ def main(cfg):
         if end_of_stage and st.bar is not None:
             st.bar.close()
         if cfg.eval_interval and step % cfg.eval_interval == 0 and master and step < last:
-            periodic_evaluation(cfg, st.index, step)
+            ev.periodic_evaluation(ev.held_out(cfg), cfg.out_dir, curriculum(cfg)[:st.index + 1], step, cfg.eval_n)
 
     # --- final evaluation (EMA weights, held-out built-in data) and cleanup ----------------
     if master and step == total_steps and stop['signal'] is None:
-        from eval import summarise_run
-        summarise_run(held_out(cfg), cfg.out_dir, curriculum(cfg), cfg.eval_n)
+        ev.summarise_run(ev.held_out(cfg), cfg.out_dir, curriculum(cfg), cfg.eval_n)
     if stop['signal'] is not None:
         print0(f"signal {stop['signal']}: checkpoint saved at step {step} in {ckpt_path}; exiting")
     elif step < total_steps:

@@ -76,6 +76,11 @@ def collate(data, model, items, mcfg):
     return batch
 
 
+def api(*places):
+    """The first of (module, name) places that exists: this tree's API first, then where older checkouts had it."""
+    return next(getattr(m, n) for m, n in places if hasattr(m, n))
+
+
 def to_device(batch, device):
     batch.packed = batch.packed.to(device)
     return batch
@@ -101,7 +106,7 @@ def measure_cpu(args):
     Census = census_mode()
     budget = stage.get('tokens', 4096)
     out = {}
-    dsets = train.build_datasets(cfg, stage, mcfg)
+    dsets = api((data, 'build_datasets'), (train, 'build_datasets'))(cfg, stage, mcfg)
     for task in args.tasks.split(','):
         ds = dsets[task]
         sampler = data.TokenBudgetSampler(ds, budget, cfg.seed + 1000 * train.TASKS.index(task))
@@ -176,13 +181,14 @@ def measure_gpu(args):
     frozen = train.losses.FrozenNets(loss_cfg, embed_dim=mcfg.encoder_width).to(dev)
     net = train.build_trainable(cfg, stage, None, frozen, loss_cfg).to(dev)
     if args.compile:
-        (train.compile_blocks if hasattr(train, 'compile_blocks') else train.compile_token_parts)(net)
+        api((model, 'compile_blocks'), (train, 'compile_blocks'), (train, 'compile_token_parts'))(net)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda)
-    ds = train.build_datasets(cfg, stage, mcfg)['image_rec']
+    ds = api((data, 'build_datasets'), (train, 'build_datasets'))(cfg, stage, mcfg)['image_rec']
+    TaskStream = api((data, 'TaskStream'), (train, 'TaskStream'))
     try:
-        stream = train.TaskStream(ds, args.tokens, mcfg, 0, 0, 1, 8 if cuda else 1, grouped=not cuda, pin=cuda)
+        stream = TaskStream(ds, args.tokens, mcfg, 0, 0, 1, 8 if cuda else 1, grouped=not cuda, pin=cuda)
     except TypeError:
-        stream = train.TaskStream(ds, args.tokens, mcfg.patch_size, 0, 0, 1, 8)
+        stream = TaskStream(ds, args.tokens, mcfg.patch_size, 0, 0, 1, 8)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     phases = {k: [] for k in ('data', 'copy', 'forward', 'loss', 'backward', 'optimizer', 'step')}

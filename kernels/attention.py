@@ -424,7 +424,7 @@ def _blocks(host, block, device):
 
 
 # The kernels as two custom ops (torch.library), so that torch.compile keeps a transformer block with this attention
-# in one graph (train.compile_blocks: fullgraph=True) and the autograd formula is registered once. cu_q_host /
+# in one graph (model.compile_blocks: fullgraph=True) and the autograd formula is registered once. cu_q_host /
 # cu_k_host are the packed batch's host copies of cu_q / cu_k: the block lists come from them, nothing is read back.
 
 

@@ -251,23 +251,23 @@ def test_codebook_stats():
 
 
 def test_flags_types_and_errors():
-    """eval.py reads its flags with train.py's one mechanism (train.apply_flags), with the same syntax."""
-    import train
-    cfg = train.apply_flags(ev.EvalConfig(), ['--n_images=3', '--res=32,64', '--random_nets', '--fid=false',
-                                              '--latent=fsq', '--out_dir=x'])
+    """eval.py reads its flags with the repo's one mechanism (configurator.apply_flags), with the same syntax."""
+    import configurator
+    cfg = configurator.apply_flags(ev.EvalConfig(), ['--n_images=3', '--res=32,64', '--random_nets', '--fid=false',
+                                                     '--latent=fsq', '--out_dir=x'])
     got = (cfg.n_images, cfg.res, cfg.random_nets, cfg.fid, cfg.latent, cfg.out_dir)
     assert got == (3, (32, 64), True, False, 'fsq', 'x')
     assert ev.config_from_argv(['--res=(16, 48)', '--fid=0']).res == (16, 48)
     with pytest.raises(ValueError, match='bogus'):
-        train.apply_flags(ev.EvalConfig(), ['--bogus=1'])
+        configurator.apply_flags(ev.EvalConfig(), ['--bogus=1'])
     with pytest.raises(ValueError, match='n_images'):
-        train.apply_flags(ev.EvalConfig(), ['--n_images=many'])
+        configurator.apply_flags(ev.EvalConfig(), ['--n_images=many'])
     with pytest.raises(ValueError, match='res'):
-        train.apply_flags(ev.EvalConfig(), ['--res=32'])
+        configurator.apply_flags(ev.EvalConfig(), ['--res=32'])
     with pytest.raises(ValueError, match='random_nets'):
-        train.apply_flags(ev.EvalConfig(), ['--random_nets=maybe'])
+        configurator.apply_flags(ev.EvalConfig(), ['--random_nets=maybe'])
     with pytest.raises(ValueError, match='out_dir needs a value'):
-        train.apply_flags(ev.EvalConfig(), ['--out_dir'])
+        configurator.apply_flags(ev.EvalConfig(), ['--out_dir'])
 
 
 # -----------------------------------------------------------------------------

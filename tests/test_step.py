@@ -77,7 +77,7 @@ def setup():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     batches = {}
-    for task, ds in train.build_datasets(cfg, stage, mcfg).items():
+    for task, ds in data.build_datasets(cfg, stage, mcfg).items():
         keys = data.TokenBudgetSampler(ds, 512, 0).plan(0)
         batches[task] = data.collate([ds[(i, 0)] for i in keys[0]], mcfg)
     return net, batches, mcfg

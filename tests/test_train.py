@@ -343,7 +343,7 @@ def test_final_summary_against_baselines(tmp_path, monkeypatch):
     monkeypatch.setattr(ev, 'evaluate_export', fake)
     assert train.curriculum(cfg) == [('s1', False, {'image'}), ('s3', False, {'video', '3d', 'image'}),
                                      ('s4', True, {'image'})]
-    res = ev.summarise_run(train.held_out(cfg), cfg.out_dir, train.curriculum(cfg), cfg.eval_n)
+    res = ev.summarise_run(ev.held_out(cfg), cfg.out_dir, train.curriculum(cfg), cfg.eval_n)
     assert calls == [('tokenizer.pt', 'fsq', ['3d', 'image', 'video']), ('tokenizer_s3.pt', 'mean', ['image', 'video']),
                      ('tokenizer_init.pt', 'mean', ['3d'])]
     # image 29.5 >= 27 + 2; video 26.0 < 25.5 + 1; FSQ 27.0 >= 29.5 - 3; 3D 19 >= max(18, 12.5 + 6);
