@@ -32,19 +32,19 @@ threads, num_workers = 1, 1
 # config, and with every drawn size kept at most ~270 MB.
 # eval every 100 steps (learning curves, on eval_n // 4 samples); the final summary uses 48 held-out images, 24 videos
 # and 24 objects (16 images gave zero-shot figures that moved by +-0.2 between identical-config runs)
-log_interval, ckpt_interval, eval_interval, eval_n = 10, 50, 100, 48
+log_interval, ckpt_interval, eval_interval, eval_n = 10, 100, 200, 48
 # grad_accum micro-batches per step cycle through the mix across steps (train.step_tasks): a task with
 # weight w of a total W gets w/W of the stage's micro-batches even when grad_accum < W.
 stages = [
-    dict(name='stage1_image', steps=220, mix={'image_rec': 2, 'image_und': 1}, grad_accum=3, tokens=1024,
-         image_res=(32, 64), latent_channels=32),
-    dict(name='stage2_video', steps=120, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 6},
-         grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=48),
-    dict(name='stage3_3d', steps=540, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 3,
+    dict(name='stage1_image', steps=200, mix={'image_rec': 2, 'image_und': 1}, grad_accum=3, tokens=1024,
+         image_res=(32, 64), latent_channels=8),
+    dict(name='stage2_video', steps=180, mix={'image_rec': 1, 'image_und': 1, 'video_und': 1, 'video_rec': 7},
+         grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=12),
+    dict(name='stage3_3d', steps=460, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 4,
                                            '3d_und': 1, '3d_rec': 4},
-         grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=48),
+         grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=12),
     dict(name='stage4_fsq', steps=100, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 3,
                                             '3d_und': 1, '3d_rec': 4},
-         grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=48,
+         grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=12,
          use_quantizer=True),
 ]
