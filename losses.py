@@ -61,6 +61,11 @@ class LossConfig:
     # 1e-8 KL weight lets it shrink only slowly, so very short runs (the CPU demo) lose ~3 dB to the noise.
     sample_posterior: bool = True
     train_text: bool = False    # train the text tower with the tokenizer; exported with it for eval.py
+    # False: with train_text, the text tower's token-embedding table stays at its initial values and only the
+    # tower's transformer trains. The tiny demo tower's table (open_clip's 49,408-word BPE vocabulary x 64) holds
+    # 3.2M of its 3.3M parameters, ten times the tokenizer, while the built-in captions use about 60 words; a
+    # fixed random table still gives each word its own vector, and AdamW, clipping and EMA skip those 3.2M.
+    train_text_embedding: bool = True
     # Under torchrun, the semantic losses (Eq. 7 softmax over texts, SigLIP's sigmoid over all pairs) run over
     # the global batch: every rank's micro-batch of the task, gathered with gradients (global_semantic_terms).
     # False: each rank's own micro-batch only (no collective in the loss; weaker negatives).
@@ -268,12 +273,14 @@ class TrainableText(nn.Module):
     """A trainable copy of the SigLIP text tower (LossConfig.train_text): list of K strings -> [K, D]
     L2-normalised embeddings, with gradients. It lives in train.Trainable (optimizer, checkpoint, EMA) and is
     exported next to the tokenizer as 'text_tower' (the state dict of open_clip's model.text)."""
-    def __init__(self, frozen):
+    def __init__(self, frozen, embedding=True):
         super().__init__()
         if not hasattr(frozen.siglip, 'text'):
             raise ValueError(f"train_text needs an open_clip model with a separate text tower (model.text), "
                              f"{type(frozen.siglip).__name__} has none")
         self.text = copy.deepcopy(frozen.siglip.text).requires_grad_(True)
+        if not embedding:                   # LossConfig.train_text_embedding=False: the word table stays as it is
+            self.text.token_embedding.requires_grad_(False)
         self.tokenizer = frozen.tokenizer
 
     def forward(self, texts):

@@ -442,7 +442,8 @@ def build_trainable(cfg, stage, state, frozen, loss_cfg):
     mcfg = stage_model_config(cfg, stage)
     tok, gs = model.AToken(mcfg), model.GaussianDecoder(mcfg)
     temp = losses.SigmoidTemperature(loss_cfg.sigmoid_bias_init)
-    text = losses.TrainableText(frozen) if loss_cfg.train_text else None   # starts as the frozen tower
+    # the trainable text tower starts as the frozen one
+    text = losses.TrainableText(frozen, loss_cfg.train_text_embedding) if loss_cfg.train_text else None
     if state is None:
         tok.init_weights()
         gs.init_weights()
@@ -534,7 +535,9 @@ def start_stage(cfg, i, stage, s_step, prev, ckpt, frozen, loss_cfg, rank, world
     opt = torch.optim.AdamW(param_groups({'tok': raw.tok, 'gs': raw.gs, 'temp': raw.temperature,
                                           **({'text': raw.text} if raw.text is not None else {})}, cfg),
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused_opt)
-    ema = {n: p.detach().clone() for n, p in raw.named_parameters()}
+    # EMA of what trains: frozen parts (freeze_encoder / freeze_decoder, a fixed text-embedding table) keep their
+    # values, and the export (tokenizer_export) takes them from the weights
+    ema = {n: p.detach().clone() for n, p in raw.named_parameters() if p.requires_grad}
     dsets = data.build_datasets(cfg, stage, raw.tok.config)
     streams = {t: data.TaskStream(d, data.task_budget(stage, t), raw.tok.config, cfg.seed + 1000 * TASKS.index(t),
                                   rank, world, cfg.num_workers, grouped=not cuda, pin=cuda,
@@ -559,8 +562,8 @@ def start_stage(cfg, i, stage, s_step, prev, ckpt, frozen, loss_cfg, rank, world
     if rank == 0:
         from tqdm import tqdm
         bar = tqdm(total=stage['steps'], initial=s_step, desc=stage['name'], dynamic_ncols=True, mininterval=2.0)
-    names = [n for n, _ in raw.named_parameters()]
-    return Stage(i, net, raw, opt, ema, [p for _, p in raw.named_parameters()], [ema[n] for n in names], streams,
+    params = dict(raw.named_parameters())
+    return Stage(i, net, raw, opt, ema, [params[n] for n in ema], list(ema.values()), streams,
                  fused_opt, grad_accum, bar)
 
 

@@ -1,5 +1,6 @@
 """train.py: schedule and stage functions by hand, the config loader's checks, exact resume, NaN steps,
 and DDP / FSDP2 on two CPU processes (gloo)."""
+import dataclasses
 import json
 import math
 import os
@@ -270,11 +271,12 @@ def test_train_text_is_trained_exported_and_loaded_by_eval(tmp_path):
     assert r['config']['latent'] == 'mean' and set(r['metrics']) == {'image', 'video'}
     ck = torch.load(os.path.join(cfg.out_dir, 'ckpt.pt'), weights_only=False)
     export = torch.load(os.path.join(cfg.out_dir, 'tokenizer.pt'), weights_only=True)
-    torch.manual_seed(0)
-    fresh = losses.load_siglip(losses.LossConfig(siglip_model='tiny', random_frozen=True), 64)[0].text
+    torch.manual_seed(cfg.seed)                 # the frozen nets as train.main builds them: the tower it copies
+    fresh = losses.FrozenNets(dataclasses.replace(losses.LossConfig(), **cfg.loss), embed_dim=64).siglip.text
     trained = {n[len('text.'):]: v for n, v in ck['trainable']['text'].items()}
     assert trained.keys() == fresh.state_dict().keys() == export['text_tower'].keys()
-    assert any(not torch.equal(trained[n], v) for n, v in fresh.state_dict().items())    # it trained
+    # it trained: every tensor moved (the word table too, by default)
+    assert all(not torch.equal(trained[n], v) for n, v in fresh.state_dict().items() if v.is_floating_point())
     notes = []
     tower = ev.load_text_tower(ev.EvalConfig(random_nets=True), export['loss_config'], 64, 'cpu', notes,
                                export['text_tower'])
@@ -283,6 +285,31 @@ def test_train_text_is_trained_exported_and_loaded_by_eval(tmp_path):
     want = torch.nn.functional.normalize(fresh(tower.tokenizer(texts)), dim=-1)
     torch.testing.assert_close(tower.encode_text(texts), want, rtol=0, atol=1e-6)
     assert tower.trained and any('trained with the tokenizer' in n for n in notes)
+
+
+def test_text_embedding_frozen(tmp_path):
+    """loss.train_text_embedding=False: the trainable text tower's word table stays exactly as initialised (in the
+    checkpoint and the export) while the rest of the tower trains; it is neither in the optimizer nor in the EMA."""
+    import losses
+    stages = [dict(name='s', steps=2, mix={'image_und': 1}, grad_accum=1, tokens=256, image_res=(32, 32))]
+    cfg = make_cfg(tmp_path, stages, '--loss.train_text=True', "--loss.image_und='sigmoid'",
+                   '--loss.train_text_embedding=False', '--ema_decay=0.5')
+    train.main(cfg)
+    ck = torch.load(os.path.join(cfg.out_dir, 'ckpt.pt'), weights_only=False)
+    export = torch.load(os.path.join(cfg.out_dir, 'tokenizer.pt'), weights_only=True)
+    torch.manual_seed(cfg.seed)                 # the frozen nets as train.main builds them: the tower it copies
+    frozen = losses.FrozenNets(dataclasses.replace(losses.LossConfig(), **cfg.loss), embed_dim=64)
+    fresh = frozen.siglip.text.state_dict()
+    trained = {n[len('text.'):]: v for n, v in ck['trainable']['text'].items()}
+    assert torch.equal(trained['token_embedding.weight'], fresh['token_embedding.weight'])
+    assert torch.equal(export['text_tower']['token_embedding.weight'], fresh['token_embedding.weight'])
+    changed = [n for n, v in fresh.items() if not torch.equal(trained[n], v)]
+    assert changed and 'token_embedding.weight' not in changed                  # the transformer trained
+    assert 'text.text.token_embedding.weight' not in ck['ema']
+    assert 'text.text.positional_embedding' in ck['ema']
+    n_state = sum(len(g['params']) for g in ck['optimizer']['param_groups'])
+    n_trainable = sum(1 for k in ck['ema'])                                     # EMA = exactly what trains
+    assert n_state == n_trainable
 
 
 def test_sample_posterior_switch():
