@@ -39,6 +39,8 @@ def parse():
     p.add_argument('--tokens', type=int, default=16384, help='GPU mode: tokens per micro-batch')
     p.add_argument('--steps', type=int, default=12, help='GPU mode: steps (the first 2 are warm-up)')
     p.add_argument('--compile', type=int, default=1, help='GPU mode: torch.compile the blocks')
+    p.add_argument('--cpu_compile', type=int, default=0, help='CPU mode: torch.compile the blocks (inductor, C++ '
+                   'codegen: fuses the elementwise ops around the matmuls; the first micro-batches compile)')
     p.add_argument('--json', default='', help='write the results here')
     return p.parse_args()
 
@@ -103,6 +105,8 @@ def measure_cpu(args):
     with torch.no_grad():                         # every path active, as after some training
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.02)
+    if args.cpu_compile:
+        api((model, 'compile_blocks'), (train, 'compile_blocks'))(net)
     Census = census_mode()
     budget = stage.get('tokens', 4096)
     out = {}
@@ -130,7 +134,7 @@ def measure_cpu(args):
             loss.backward()
             net.zero_grad(set_to_none=True)
         moved = lambda: to_device(collate_copy(batch), 'cpu')
-        for _ in range(2):
+        for _ in range(4 if args.cpu_compile else 2):     # compiled: the first calls compile (fwd, bwd)
             step(moved())
         times = []
         for _ in range(args.reps):
@@ -237,7 +241,8 @@ def inner(args):
 def run_tree(tree, args):
     cmd = [sys.executable, os.path.abspath(__file__), '--inner', f'--tree={tree}', f'--reps={args.reps}',
            f'--tasks={args.tasks}', f'--threads={args.threads}', f'--device={args.device}', f'--preset={args.preset}',
-           f'--tokens={args.tokens}', f'--steps={args.steps}', f'--compile={args.compile}']
+           f'--tokens={args.tokens}', f'--steps={args.steps}', f'--compile={args.compile}',
+           f'--cpu_compile={args.cpu_compile}']
     env = {**os.environ, 'PYTHONPATH': tree, 'OMP_NUM_THREADS': str(args.threads)}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
     line = [s for s in r.stdout.splitlines() if s.startswith('RESULT ')]
