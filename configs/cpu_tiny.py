@@ -15,7 +15,7 @@ model = dict(gs_width=64, gs_depth=2, gs_heads=2, gs_mlp=128, gs_per_voxel=8, gs
 # With LPIPS (x10), Gram (x1e3) and CLIP off, L_rec = L1 alone is ~20x smaller than in the paper's balance
 # against L_sem; l1=20 restores that balance (otherwise the semantic loss dominates the shared encoder).
 loss = dict(siglip_model='tiny', random_frozen=True, lpips=0.0, gram=0.0, clip=0.0, l1=20.0, image_und='sigmoid',
-            train_text=True, sigmoid_bias_init=-5.0, sample_posterior=False)
+            train_text=True, train_text_embedding=False, sigmoid_bias_init=-5.0, sample_posterior=False)
 # sample_posterior=False: a 10-minute run cannot wait for the posterior std to shrink from 1 (it cost ~3 dB
 # after 200 image steps); the paper's runs sample.
 n_images, n_videos, n_3d = 2048, 512, 48
@@ -40,7 +40,7 @@ stages = [
          image_res=(32, 64), latent_channels=8),
     dict(name='stage2_video', steps=180, mix={'image_rec': 1, 'image_und': 1, 'video_und': 1, 'video_rec': 7},
          grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=12),
-    dict(name='stage3_3d', steps=460, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 4,
+    dict(name='stage3_3d', steps=460, mix={'image_rec': 1, 'image_und': 1, 'video_und': 1, 'video_rec': 5,
                                            '3d_und': 1, '3d_rec': 4},
          grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=12),
     dict(name='stage4_fsq', steps=100, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 3,
