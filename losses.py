@@ -74,6 +74,9 @@ class LossConfig:
     def __post_init__(self):
         if self.image_und not in ('distill', 'sigmoid'):
             raise ValueError(f"LossConfig.image_und must be 'distill' or 'sigmoid', got {self.image_und!r}")
+        if not self.train_text_embedding and not self.train_text:
+            raise ValueError("LossConfig.train_text_embedding=False fixes the word table of a trained text tower: "
+                             "it needs train_text=True (the frozen tower never trains)")
 
 
 # -----------------------------------------------------------------------------

@@ -156,6 +156,7 @@ def load_config(argv):
     loss.<field> against ModelConfig / LossConfig), then the stages, the preset and the fine-tuning fields."""
     cfg = configurator.load(TrainConfig(), argv, subs={'model': model.ModelConfig, 'loss': losses.LossConfig})
     check_stages(cfg.stages)
+    replace(losses.LossConfig(), **cfg.loss)        # LossConfig's own checks (__post_init__), before any work
     if cfg.preset not in model.PRESETS:
         raise ValueError(f"preset {cfg.preset!r} not in {sorted(model.PRESETS)}")
     for key in ('threads', 'num_workers'):

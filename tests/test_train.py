@@ -306,6 +306,8 @@ def test_text_embedding_frozen(tmp_path):
     changed = [n for n, v in fresh.items() if not torch.equal(trained[n], v)]
     assert changed and 'token_embedding.weight' not in changed                  # the transformer trained
     assert 'text.text.token_embedding.weight' not in ck['ema']
+    with pytest.raises(ValueError, match='train_text'):                         # without a trained tower: an error
+        make_cfg(tmp_path / 'b', stages, '--loss.train_text_embedding=False')
     assert 'text.text.positional_embedding' in ck['ema']
     n_state = sum(len(g['params']) for g in ck['optimizer']['param_groups'])
     n_trainable = sum(1 for k in ck['ema'])                                     # EMA = exactly what trains
