@@ -17,8 +17,8 @@ model = dict(gs_width=64, gs_depth=2, gs_heads=2, gs_mlp=128, gs_per_voxel=8, gs
 # zero-shot accuracy then measures real image-text alignment. A real run keeps the paper's frozen SigLIP2.
 # The tower's word table (49,408 x 64: 3.2M parameters, ten times the tokenizer) stays fixed and random
 # (train_text_embedding=False): the captions use ~60 words, each keeps its own vector, and AdamW, clipping and
-# EMA skip 3.2M parameters (the demo ran 44 s faster; zero-shot colour 0.96, 0.98 with a trained table). No tiny teacher: a
-# teacher trained here would know only what the student can learn from the same captions.
+# EMA skip 3.2M parameters (the demo took 14:06 instead of 14:50; zero-shot colour 0.96, 0.98 with a trained
+# table). No tiny teacher: a teacher trained here would know only what the student can learn from the same captions.
 # With LPIPS (x10), Gram (x1e3) and CLIP off, L_rec = L1 alone is ~20x smaller than in the paper's balance
 # against L_sem; l1=20 restores that balance (otherwise the semantic loss dominates the shared encoder).
 loss = dict(siglip_model='tiny', random_frozen=True, lpips=0.0, gram=0.0, clip=0.0, l1=20.0, image_und='sigmoid',
