@@ -1424,8 +1424,8 @@ def periodic_evaluation(base, run_dir, stages, step, n):
 def learning_curves(run_dir, baselines):
     """The periodic evaluations of a run (run_dir/eval_<step>/report.json) as one PNG, run_dir/curves.png:
     PSNR vs step per modality (left) and zero-shot accuracy vs step (right), each baseline a dashed line in its
-    series' colour (baselines: {'psnr image' | 'zs image shape' | ...: value}). Drawn with PIL (no plotting library). -> the path, or None
-    when the run has fewer than two periodic evaluations."""
+    series' colour (baselines: {'psnr image' | 'zs image shape' | ...: value}), legends under the panels. Drawn
+    with PIL (no plotting library). -> the path, or None when the run has fewer than two periodic evaluations."""
     from PIL import Image, ImageDraw
     steps = sorted(int(d[5:]) for d in os.listdir(run_dir) if d.startswith('eval_') and d[5:].isdigit())
     reports = {}
@@ -1441,8 +1441,9 @@ def learning_curves(run_dir, baselines):
               ('zs', 'zero-shot top-1', {'image': ('image', 'zs_top1'), 'image shape': ('image', 'zs_shape_top1'),
                                    'video': ('video', 'zs_top1'), '3D': ('3d', 'zs_top1')})]
     colours = {'image': (31, 119, 180), 'video': (255, 127, 14), '3D': (44, 160, 44), 'image shape': (148, 103, 189)}
-    W, H, m = 520, 360, 48
-    img = Image.new('RGB', (2 * W, H), 'white')
+    W, H, m = 520, 360, 48                  # each panel W x H (plot inside margins m); the legends go below them
+    legend = 16 * max(len(s) for _, _, s in panels) + 8
+    img = Image.new('RGB', (2 * W, H + legend), 'white')
     draw = ImageDraw.Draw(img)
     x0, x1 = min(reports), max(reports)
     for k, (panel, title, series) in enumerate(panels):
@@ -1474,8 +1475,8 @@ def learning_curves(run_dir, baselines):
                 yb = Y(base[name])
                 for xa in range(int(L + m), int(L + W - m), 12):
                     draw.line([(xa, yb), (xa + 6, yb)], fill=c, width=1)
-            draw.text((L + W - m - 150, m + 6 + 14 * j), name + (' (dashed: baseline)' if name in base else ''),
-                      fill=c)
+            draw.line([(L + m, H + 8 + 16 * j), (L + m + 20, H + 8 + 16 * j)], fill=c, width=2)    # the legend
+            draw.text((L + m + 28, H + 2 + 16 * j), name + (' (dashed: baseline)' if name in base else ''), fill=c)
     path = os.path.join(run_dir, 'curves.png')
     img.save(path)
     return path

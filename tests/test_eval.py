@@ -802,7 +802,8 @@ def test_learning_curves_png(tmp_path):
             {'metrics': {'image': {'psnr': psnr, 'zs_top1': 0.1, 'zs_shape_top1': 0.3}}}))
     path = ev.learning_curves(str(tmp_path), {'psnr image': 25.0, 'zs image shape': 1 / 6})
     img = Image.open(path).convert('RGB')
-    assert img.size == (1040, 360)
+    assert img.size == (1040, 360 + 16 * 4 + 8)                              # 2 panels, legend rows below
+    assert img.getpixel((48 + 10, 360 + 8)) == (31, 119, 180)               # the legend's first line: image
     # PSNR panel: y range 19.5..30.5 over pixels 312..48; x = 48 at step 100
     assert img.getpixel((48, 300)) == (31, 119, 180)
     assert img.getpixel((48 + 424, 48 + 12)) == (31, 119, 180)              # 30 dB at step 300
