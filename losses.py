@@ -488,7 +488,8 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
     """The total loss (Eq. 4) for one packed batch mixing images, videos and 3D, reconstruction and
     understanding.
 
-    out: AToken.forward(packed) dict (rec [N, C] patches, mean/logvar [N, L], embedding [B, D]).
+    out: AToken.forward(packed) dict (rec [N, C] patches, mean/logvar [N, L], embedding [B, D]; the embedding may
+    be None (embed=False) when no sample has an understanding task).
     packed: the input batch (targets = packed.feats; kinds 'image' | 'video' | '3d'), its structure built (the
     forward pass builds it if the batch came without one).
     tasks: per sample 'rec' | 'und' | 'both' (default 'rec'); understanding needs captions[i].
@@ -509,9 +510,12 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
     for i in und_ids:
         if not captions or not captions[i]:
             raise ValueError(f"sample {i} ({kinds[i]}) has an understanding task but no caption")
-    dev = out['embedding'].device
+    if und_ids and out.get('embedding') is None:
+        raise ValueError("understanding tasks need the pooled embedding: call the model with embed=True")
+    like = out['embedding'] if out.get('embedding') is not None else out['rec']   # a tensor on the device
+    dev = like.device
     host = lambda a, dtype=torch.float32: torch.as_tensor(np.asarray(a), dtype=dtype).to(dev, non_blocking=True)
-    zero = out['embedding'].new_zeros((), dtype=torch.float32)
+    zero = like.new_zeros((), dtype=torch.float32)
     logs, rec_loss = {}, zero
     # one frozen SigLIP2 pass over the target images serves both CLIP-perceptual and the distillation teacher
     distill = cfg.image_und == 'distill'

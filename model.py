@@ -604,10 +604,17 @@ def attention(q, k, v, layout, rope_q=None, rope_k=None, softcap=None):
     if softcap is None and not layout.small:
         o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=None if layout.full else layout.mask.transpose(0, 1))
     else:                                       # explicit softmax: short groups (faster on CPU), or the soft-cap
-        s = torch.matmul(qg, kg.transpose(-1, -2)).mul_(1 / math.sqrt(d))       # [h, G, Lq, Lk]
-        if softcap is not None:
-            s = softcap * torch.tanh(s / softcap)
-        o = torch.matmul(torch.softmax(s if layout.full else s + layout.bias.transpose(0, 1), dim=-1), vg)
+        qb, kb = qg.reshape(h * G, Lq, d), kg.reshape(h * G, Lk, d).transpose(1, 2)
+        if softcap is None and not layout.full:  # scores = bias + q k^T / sqrt(d): one baddbmm
+            bias = layout.bias.transpose(0, 1).expand(h, G, Lq, Lk).reshape(h * G, Lq, Lk).to(qb.dtype)
+            s = torch.baddbmm(bias, qb, kb, alpha=1 / math.sqrt(d))
+        else:
+            s = torch.bmm(qb, kb).mul_(1 / math.sqrt(d))                       # [h*G, Lq, Lk]
+            if softcap is not None:
+                s = softcap * torch.tanh(s / softcap)
+            if not layout.full:
+                s = s + layout.bias.transpose(0, 1).expand(h, G, Lq, Lk).reshape(h * G, Lq, Lk)
+        o = torch.bmm(torch.softmax(s, dim=-1), vg.reshape(h * G, Lk, d))
     o = o.view(h, G * Lq, d)
     return (o if layout.identity else o.index_select(1, layout.q_scatter)).transpose(0, 1)   # [N, h, d]
 
@@ -619,6 +626,34 @@ class LayerNorm(nn.LayerNorm):
                             self.eps).to(x.dtype)
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """y = x * r * w with r = rsqrt(mean(x^2) + eps) over the last dim, and its backward written out:
+    dx = r * (g*w - xh * mean(g*w * xh)), dw = sum(g * xh), where xh = x * r. On the CPU, F.rms_norm is a
+    decomposition that autograd turns into ~30 ops per call (fwd + bwd); this is 12, and each decoder block runs
+    four norms (two RMSNorms, the q and k norms). CUDA has a fused rms_norm kernel: rms_norm() below uses it there."""
+    @staticmethod
+    def forward(ctx, x, w, eps):
+        r = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))          # [..., 1]
+        xh = x * r
+        ctx.save_for_backward(xh, r, w)
+        return xh * w
+
+    @staticmethod
+    def backward(ctx, g):
+        xh, r, w = ctx.saved_tensors
+        gw = g * w
+        dx = (gw - xh * (gw * xh).mean(-1, keepdim=True)) * r
+        dw = (g * xh).reshape(-1, *w.shape).sum(0).to(w.dtype)               # w: the trailing dims of x
+        return dx, dw, None
+
+
+def rms_norm(x, w, eps):
+    """x * rsqrt(mean(x^2) + eps) * w over the last dim, computed in fp32, cast back to x's dtype."""
+    if x.is_cuda:
+        return (F.rms_norm(x.float(), x.shape[-1:], eps=eps) * w).to(x.dtype)
+    return RMSNormFunction.apply(x.float(), w, eps).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) in fp32, cast back, times a learned weight (no bias)."""
     def __init__(self, dim, eps=NORM_EPS):
@@ -627,8 +662,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        y = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
-        return (y * self.weight).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class HeadRMSNorm(nn.Module):
@@ -638,8 +672,8 @@ class HeadRMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(heads, head_dim))
 
     def forward(self, x):                                                       # x [N, h, d]
-        # x / ||x|| * sqrt(d) = x * rsqrt(mean(x^2)): one fused rms_norm (eps ~ F.normalize's 1e-12 clamp)
-        return (F.rms_norm(x.float(), x.shape[-1:], eps=1e-24) * self.gamma).to(x.dtype)
+        # x / ||x|| * sqrt(d) = x * rsqrt(mean(x^2)): an rms_norm (eps ~ F.normalize's 1e-12 clamp)
+        return rms_norm(x, self.gamma, 1e-24)
 
 
 class MLP(nn.Module):
@@ -996,12 +1030,13 @@ class AToken(nn.Module):
             return self.decoder(z, structure=structure_of(coords, self.config))
         return self.decoder(z, coords, seqlens)
 
-    def forward(self, x, sample=None, decode=True):
+    def forward(self, x, sample=None, decode=True, embed=True):
         """Training pass on a Packed batch. Samples the posterior when training (unless sample=False).
-        decode=False (understanding-only batches) skips the bottleneck and the pixel decoder."""
+        decode=False (understanding-only batches) skips the bottleneck and the pixel decoder; embed=False
+        (reconstruction-only batches) skips the pooling head, whose embedding their loss does not use."""
         sample = self.training if sample is None else sample
         h = self.encode(x)
-        out = dict(h=h, embedding=self.embed_features(h, x))
+        out = dict(h=h, embedding=self.embed_features(h, x) if embed else None)
         if decode:
             lat = self.bottleneck(h, sample)
             out.update(rec=self.decode(lat.z, x), mean=lat.mean, logvar=lat.logvar, indices=lat.indices)

@@ -380,7 +380,7 @@ class Trainable(torch.nn.Module):
     def forward(self, batch, task):
         p = batch.packed
         rec = task.endswith('rec')
-        out = self.tok(p, sample=self.loss_cfg.sample_posterior and self.training, decode=rec)
+        out = self.tok(p, sample=self.loss_cfg.sample_posterior and self.training, decode=rec, embed=not rec)
         views = self.render_3d(out['rec'], batch) if task == '3d_rec' else None
         # understanding under torchrun: the semantic loss over every rank's micro-batch (LossConfig.global_batch)
         gather = batch.rows if not rec and self.loss_cfg.global_batch and losses.dist_world()[1] > 1 else 0

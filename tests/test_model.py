@@ -316,6 +316,24 @@ def test_norms_by_hand():
     assert ln(v.double()).dtype == torch.float64
 
 
+
+@pytest.mark.parametrize('shape,wshape', [((37, 64), (64,)), ((37, 2, 32), (2, 32))], ids=['RMSNorm', 'HeadRMSNorm'])
+def test_rms_norm_backward_matches_autograd(shape, wshape):
+    """The hand-written backward of model.RMSNormFunction (CPU) against autograd through the plain formula in
+    float64: the input's and the weight's gradients (RMSNorm weight [C]; the qk-norm's gamma [h, d])."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).requires_grad_()
+    w = (torch.rand(wshape, generator=g) + 0.5).requires_grad_()
+    up = torch.randn(shape, generator=g)
+    y = model.rms_norm(x, w, 1e-6)
+    dx, dw = torch.autograd.grad(y, (x, w), up)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    yd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * wd
+    rx, rw = torch.autograd.grad(yd, (xd, wd), up.double())
+    torch.testing.assert_close(y, yd.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx, rx.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw, rw.float(), atol=1e-4, rtol=1e-5)
+
 # -----------------------------------------------------------------------------
 # 7. FSQ by hand
 

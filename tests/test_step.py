@@ -113,6 +113,26 @@ def test_no_host_reads_in_a_training_micro_batch(setup, task):
     assert census.reads == [], f"{task}: host reads {census.reads}"
 
 
+def test_reconstruction_micro_batch_skips_the_pooling_head(setup):
+    """A reconstruction-only micro-batch does not run the pooling head (its embedding is in no reconstruction
+    loss); an understanding micro-batch does, and skips the pixel decoder."""
+    net, batches, _ = setup
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, a, o, name=name: calls.append(name))
+             for name, m in (('head', net.tok.encoder.head), ('decoder', net.tok.decoder))]
+    try:
+        for task in ('image_rec', 'image_und'):
+            calls.clear()
+            batch = batches[task]
+            batch.packed = batch.packed.to('cpu')
+            loss, _ = net(batch, task)
+            loss.backward()
+            net.zero_grad(set_to_none=True)
+            assert calls == (['decoder'] if task == 'image_rec' else ['head']), (task, calls)
+    finally:
+        for h in hooks:
+            h.remove()
+
 def micro_batch(n, side, cfg):
     """n images of side x side pixels (random pixels), packed with their structure, as float."""
     g = torch.Generator().manual_seed(n)
