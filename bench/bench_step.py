@@ -7,7 +7,7 @@ per-phase split (data wait, host->device copy, forward, loss, backward, optimize
 
     python bench/bench_step.py                               # CPU, tiny preset, configs/cpu_tiny.py stage 3
     python bench/bench_step.py --tree=/tmp/old               # the same measurement on another checkout
-    python bench/bench_step.py --compare=/tmp/old            # this tree and /tmp/old alternately, with ratios
+    python bench/bench_step.py --compare=/tmp/old            # this tree and /tmp/old in lock step (turn by turn), ratios
     python bench/bench_step.py --device=cuda --preset=so400m --tokens=16384 --compile=1   # GPU: MFU per phase
 
 Make the other checkout with `git worktree add /tmp/old <commit>`. The script adapts to the older API (collate
@@ -30,7 +30,7 @@ def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--tree', default=os.path.dirname(HERE), help='checkout whose model/data/train/losses are measured')
     p.add_argument('--compare', default='', help='another checkout: run both, alternating, and print ratios')
-    p.add_argument('--rounds', type=int, default=3, help='alternating rounds with --compare')
+    p.add_argument('--rounds', type=int, default=1, help='with --compare: runs of the pair (medians over them)')
     p.add_argument('--reps', type=int, default=5, help='timed repetitions per task (median)')
     p.add_argument('--tasks', default='image_rec,image_und,video_rec,video_und,3d_rec,3d_und')
     p.add_argument('--threads', type=int, default=1)
@@ -42,6 +42,7 @@ def parse():
     p.add_argument('--cpu_compile', type=int, default=0, help='CPU mode: torch.compile the blocks (inductor, C++ '
                    'codegen: fuses the elementwise ops around the matmuls; the first micro-batches compile)')
     p.add_argument('--json', default='', help='write the results here')
+    p.add_argument('--lockstep', action='store_true', help=argparse.SUPPRESS)   # internal: run only when told
     return p.parse_args()
 
 
@@ -88,6 +89,16 @@ def to_device(batch, device):
     return batch
 
 
+def gate(args):
+    """With --compare both checkouts run at once, in lock step: each measured unit (a task's data timing, one
+    timed + one profiled micro-batch, the census) starts only when the driver says so, and the driver lets the
+    two processes take turns, one unit each. Every measurement of one checkout then sits between two of the
+    other's, so a slow spell of the machine hits both alike."""
+    if args.lockstep:
+        print('READY', flush=True)
+        sys.stdin.readline()
+
+
 def measure_cpu(args):
     import torch
     import data
@@ -112,6 +123,7 @@ def measure_cpu(args):
     out = {}
     dsets = api((data, 'build_datasets'), (train, 'build_datasets'))(cfg, stage, mcfg)
     for task in args.tasks.split(','):
+        gate(args)
         ds = dsets[task]
         sampler = data.TokenBudgetSampler(ds, budget, cfg.seed + 1000 * train.TASKS.index(task))
         keys = [(i, 0) for i in sampler.plan(0)[0]]
@@ -129,25 +141,33 @@ def measure_cpu(args):
             collate(data, model, [ds[(i, epoch)] for i, _ in keys], mcfg)
         data_steady = (time.perf_counter() - t0) / 6
 
-        def step(b):
-            loss, _ = net(b, task)
+        def step(b):                              # forward + loss + backward; clearing the gradients is the
+            loss, _ = net(b, task)                # optimizer's (train.py: optimizer.zero_grad), outside the timing
             loss.backward()
-            net.zero_grad(set_to_none=True)
+        clear = lambda: net.zero_grad(set_to_none=True)
         moved = lambda: to_device(collate_copy(batch), 'cpu')
         for _ in range(4 if args.cpu_compile else 2):     # compiled: the first calls compile (fwd, bwd)
             step(moved())
-        times = []
+            clear()
+        # timed runs and profiled runs (for the matmul time) alternate, so that both see the same machine; on a
+        # noisy box the ratio of the two medians is steadier than either time
+        from torch.profiler import ProfilerActivity, profile
+        times, mms = [], []
         for _ in range(args.reps):
+            gate(args)
             b = moved()
             t0 = time.perf_counter()
             step(b)
             times.append(time.perf_counter() - t0)
-        from torch.profiler import ProfilerActivity, profile
-        b = moved()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step(b)
-        mm = sum(e.self_cpu_time_total for e in prof.key_averages()
-                 if e.key in ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm')) / 1e3
+            clear()
+            b = moved()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(b)
+            clear()
+            mms.append(sum(e.self_cpu_time_total for e in prof.key_averages()
+                           if e.key in ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm')) / 1e3)
+        mm = statistics.median(mms)
+        gate(args)
         census, b = Census(), moved()
         if args.cpu_compile:                      # a dispatch mode cannot run inside compiled graphs: eager only
             census.ops = census.reads = -1
@@ -156,7 +176,8 @@ def measure_cpu(args):
                 step(b)
         p = batch.packed
         out[task] = dict(samples=len(p.seqlens), tokens=sum(p.seqlens), ms=1e3 * statistics.median(times),
-                         matmul_ms=mm, ops=census.ops, host_reads=census.reads,
+                         matmul_ms=mm, ratio=statistics.median(times) * 1e3 / max(mm, 1e-9), ops=census.ops,
+                         host_reads=census.reads,
                          data_cold_ms=1e3 * data_cold, data_warm_ms=1e3 * data_warm,
                          data_steady_ms=1e3 * data_steady)
     return out
@@ -241,12 +262,16 @@ def inner(args):
 # driver
 
 
-def run_tree(tree, args):
+def inner_command(tree, args, lockstep=False):
     cmd = [sys.executable, os.path.abspath(__file__), '--inner', f'--tree={tree}', f'--reps={args.reps}',
            f'--tasks={args.tasks}', f'--threads={args.threads}', f'--device={args.device}', f'--preset={args.preset}',
            f'--tokens={args.tokens}', f'--steps={args.steps}', f'--compile={args.compile}',
-           f'--cpu_compile={args.cpu_compile}']
-    env = {**os.environ, 'PYTHONPATH': tree, 'OMP_NUM_THREADS': str(args.threads)}
+           f'--cpu_compile={args.cpu_compile}'] + (['--lockstep'] if lockstep else [])
+    return cmd, {**os.environ, 'PYTHONPATH': tree, 'OMP_NUM_THREADS': str(args.threads)}
+
+
+def run_tree(tree, args):
+    cmd, env = inner_command(tree, args)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
     line = [s for s in r.stdout.splitlines() if s.startswith('RESULT ')]
     if r.returncode or not line:
@@ -254,12 +279,43 @@ def run_tree(tree, args):
     return json.loads(line[-1][7:])
 
 
+def run_lockstep(trees, args):
+    """Both checkouts at once, taking turns unit by unit (gate()): -> [result of each tree]."""
+    import tempfile
+    procs, results = [], [None] * len(trees)
+    for t in trees:
+        cmd, env = inner_command(t, args, lockstep=True)
+        err = tempfile.TemporaryFile(mode='w+')
+        procs.append((subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                       env=env, cwd=t), err))
+
+    def wait(i):                                  # until process i blocks at its next gate (True) or ends (False)
+        p, err = procs[i]
+        for line in p.stdout:
+            if line.startswith('READY'):
+                return True
+            if line.startswith('RESULT '):
+                results[i] = json.loads(line[7:])
+        if p.wait() or results[i] is None:
+            err.seek(0)
+            raise RuntimeError(f"{trees[i]}: benchmark failed\n{err.read()[-3000:]}")
+        return False
+    live = [i for i in range(len(trees)) if wait(i)]  # set-up (untimed) runs in parallel; then strict turns
+    while live:
+        for i in list(live):
+            procs[i][0].stdin.write('go\n')
+            procs[i][0].stdin.flush()
+            if not wait(i):
+                live.remove(i)
+    return results
+
+
 def show(name, res):
     print(f"\n{name}")
     for task, r in res.items():
         if 'ms' in r:
             print(f"  {task:10s} {r['samples']:3d} samples {r['tokens']:5d} tokens  {r['ms']:7.1f} ms  matmul "
-                  f"{r['matmul_ms']:5.1f} ms ({r['ms'] / max(r['matmul_ms'], 1e-9):4.1f}x)  ops {r['ops']:6d}  "
+                  f"{r['matmul_ms']:5.1f} ms ({r.get('ratio', r['ms'] / max(r['matmul_ms'], 1e-9)):4.2f}x)  ops {r['ops']:6d}  "
                   f"host reads {r['host_reads']:4d}  data: first epoch {r['data_cold_ms']:6.1f} ms, 2nd "
                   f"{r['data_warm_ms']:5.1f} ms, later {r.get('data_steady_ms', float('nan')):5.1f} ms "
                   f"({100 * r.get('data_steady_ms', float('nan')) / r['ms']:.0f}% of the step)")
@@ -279,9 +335,13 @@ def main():
     else:
         trees = [os.path.abspath(args.tree), os.path.abspath(args.compare)]
         runs = {t: [] for t in trees}
-        for _ in range(args.rounds):                      # A B A B ...: drift of the machine hits both alike
-            for t in trees:
-                runs[t].append(run_tree(t, args))
+        for _ in range(args.rounds):
+            if args.device == 'cpu' and args.preset == 'tiny':
+                for t, r in zip(trees, run_lockstep(trees, args)):   # A B A B ... within the run
+                    runs[t].append(r)
+            else:                                     # GPU: whole runs alternate
+                for t in trees:
+                    runs[t].append(run_tree(t, args))
         res = {}
         for t in trees:
             res[t] = {task: {k: statistics.median(r[task][k] for r in runs[t]) for k in runs[t][0][task]}
