@@ -302,6 +302,8 @@ class Layout:
     q_gather: torch.Tensor = None   # [G*Lq] token of each query slot
     k_gather: torch.Tensor = None   # [G*Lk]
     q_scatter: torch.Tensor = None  # [Nq] slot of each query token
+    k_scatter: torch.Tensor = None  # [Nk] slot of each key token
+    q_real: torch.Tensor = None     # [G, Lq, 1] 1.0 where a query slot holds a token, 0.0 where it is empty
     mask: torch.Tensor = None       # [G, 1, Lq, Lk] bool, True = attend
     bias: torch.Tensor = None       # the same as an additive float mask (0 / -inf), for the explicit-softmax path
     full: bool = False              # every group is one whole segment: no mask needed (SDPA is faster without)
@@ -347,10 +349,11 @@ class Layout:
             gather[slot], seg_of_slot[slot] = np.arange(len(seg)), seg
             return slot, gather, seg_of_slot.reshape(G, L)
         q_slot, q_gather, sq = slots(lq, cq, oq, Lq)
-        _, k_gather, sk = slots(lk, ck, ok, Lk)
+        k_slot, k_gather, sk = slots(lk, ck, ok, Lk)
         mask = (sq[:, :, None] == sk[:, None, :]) | (sq[:, :, None] < 0)      # empty query slots: see all
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
-        self.q_gather, self.k_gather, self.q_scatter = t(q_gather), t(k_gather), t(q_slot)
+        self.q_gather, self.k_gather, self.q_scatter, self.k_scatter = t(q_gather), t(k_gather), t(q_slot), t(k_slot)
+        self.q_real = t((sq >= 0)[:, :, None].astype(np.float32))
         self.mask = t(mask[:, None])
         self.bias = torch.zeros(self.mask.shape).masked_fill_(~self.mask, float('-inf'))
         self.small = Lq * Lk <= SMALL_SCORES
@@ -362,9 +365,12 @@ class Layout:
     def mark_dynamic(self):
         """Tell torch.compile that these sizes change from batch to batch: a compiled block then serves every
         micro-batch with one graph (without this the mask's sizes are specialised and each new size recompiles)."""
-        for x in (self.q_gather, self.k_gather, self.q_scatter):
+        for x in (self.q_gather, self.k_gather, self.q_scatter, self.k_scatter):
             if x is not None:
                 torch._dynamo.maybe_mark_dynamic(x, 0)
+        if self.q_real is not None:
+            torch._dynamo.maybe_mark_dynamic(self.q_real, 0)
+            torch._dynamo.maybe_mark_dynamic(self.q_real, 1)
         for x in (self.mask, self.bias):
             if x is not None:
                 for dim in (0, 2, 3):
@@ -590,10 +596,13 @@ def attention(q, k, v, layout, rope_q=None, rope_k=None, softcap=None):
         q, k = rope_q.rotate(q), rope_k.rotate(k)
     if layout.mask is None:                     # a layout made for the kernel, used on another device
         layout.grouped()
-        for name in ('q_gather', 'k_gather', 'q_scatter', 'mask', 'bias'):
+        for name in ('q_gather', 'k_gather', 'q_scatter', 'k_scatter', 'q_real', 'mask', 'bias'):
             setattr(layout, name, getattr(layout, name).to(q.device))
     G, _, Lq, Lk = layout.mask.shape
     h, d = q.shape[1:]
+    if softcap is None and layout.small:        # short groups: explicit softmax, backward written out (below)
+        return GroupedAttention.apply(q, k, v, layout.q_gather, layout.k_gather, layout.q_scatter, layout.k_scatter,
+                                      layout.q_real, None if layout.full else layout.bias[:, 0], G, Lq, Lk)
     # head-major [h, G, L, d]: gathering along the token axis of [h, N, d] views gives contiguous groups, so
     # the batched matmuls need no copies
     gather = (lambda x, i: x.transpose(0, 1).reshape(h, -1, d)) if layout.identity else \
@@ -601,22 +610,49 @@ def attention(q, k, v, layout, rope_q=None, rope_k=None, softcap=None):
     qg = gather(q, layout.q_gather).view(h, G, Lq, d)
     kg = gather(k, layout.k_gather).view(h, G, Lk, d)
     vg = gather(v, layout.k_gather).view(h, G, Lk, d)
-    if softcap is None and not layout.small:
+    if softcap is None:
         o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=None if layout.full else layout.mask.transpose(0, 1))
-    else:                                       # explicit softmax: short groups (faster on CPU), or the soft-cap
-        qb, kb = qg.reshape(h * G, Lq, d), kg.reshape(h * G, Lk, d).transpose(1, 2)
-        if softcap is None and not layout.full:  # scores = bias + q k^T / sqrt(d): one baddbmm
-            bias = layout.bias.transpose(0, 1).expand(h, G, Lq, Lk).reshape(h * G, Lq, Lk).to(qb.dtype)
-            s = torch.baddbmm(bias, qb, kb, alpha=1 / math.sqrt(d))
-        else:
-            s = torch.bmm(qb, kb).mul_(1 / math.sqrt(d))                       # [h*G, Lq, Lk]
-            if softcap is not None:
-                s = softcap * torch.tanh(s / softcap)
-            if not layout.full:
-                s = s + layout.bias.transpose(0, 1).expand(h, G, Lq, Lk).reshape(h * G, Lq, Lk)
-        o = torch.bmm(torch.softmax(s, dim=-1), vg.reshape(h * G, Lk, d))
-    o = o.view(h, G * Lq, d)
+    else:                                       # the soft-cap: explicit softmax
+        s = torch.matmul(qg, kg.transpose(-1, -2)).mul_(1 / math.sqrt(d))       # [h, G, Lq, Lk]
+        s = softcap * torch.tanh(s / softcap)
+        o = torch.matmul(torch.softmax(s if layout.full else s + layout.bias.transpose(0, 1), dim=-1), vg)
+    o = o.reshape(h, G * Lq, d)
     return (o if layout.identity else o.index_select(1, layout.q_scatter)).transpose(0, 1)   # [N, h, d]
+
+
+class GroupedAttention(torch.autograd.Function):
+    """The CPU path for short groups (Layout.small; e.g. a batch of small images): gather q, k, v into the
+    layout's groups (head-major [h*G, L, d]), scores + mask, softmax, times v, back to token order; and its
+    backward written out. Against autograd through the same ops, the backward needs no scatter-add: every token
+    sits in exactly one slot, so the gradient of a gather is a gather by the inverse index (q_scatter,
+    k_scatter), once the empty query slots' output gradients are zeroed (q_real); empty key slots get
+    probability 0 and so no gradient. ~20% faster per call than autograd's version (bench in NOTES.md)."""
+    @staticmethod
+    def forward(ctx, q, k, v, q_gather, k_gather, q_scatter, k_scatter, q_real, bias, G, Lq, Lk):
+        h, d = q.shape[1:]
+        gather = lambda x, i, L: x.transpose(0, 1).index_select(1, i).view(h * G, L, d)
+        qg, kg, vg = gather(q, q_gather, Lq), gather(k, k_gather, Lk), gather(v, k_gather, Lk)
+        s = torch.bmm(qg, kg.transpose(1, 2))                                   # [h*G, Lq, Lk]
+        s4 = s.view(h, G, Lq, Lk).mul_(d ** -0.5)
+        if bias is not None:                    # [G, Lq, Lk]: 0 / -inf (another segment, or an empty slot)
+            s4.add_(bias)
+        p = torch.softmax(s, dim=-1)
+        ctx.save_for_backward(qg, kg, vg, p, q_gather, q_scatter, k_scatter, q_real)
+        ctx.dims = h, d, G, Lq
+        return torch.bmm(p, vg).view(h, G * Lq, d).index_select(1, q_scatter).transpose(0, 1)   # [N, h, d]
+
+    @staticmethod
+    def backward(ctx, grad):
+        qg, kg, vg, p, q_gather, q_scatter, k_scatter, q_real = ctx.saved_tensors
+        h, d, G, Lq = ctx.dims
+        go = grad.transpose(0, 1).index_select(1, q_gather).view(h, G, Lq, d) * q_real.to(grad.dtype)
+        go = go.view(h * G, Lq, d)                                              # empty slots: 0
+        dv = torch.bmm(p.transpose(1, 2), go)
+        ds = torch._softmax_backward_data(torch.bmm(go, vg.transpose(1, 2)), p, -1, p.dtype)
+        dq = torch.bmm(ds, kg).mul_(d ** -0.5)
+        dk = torch.bmm(ds.transpose(1, 2), qg).mul_(d ** -0.5)
+        back = lambda x, i: x.view(h, -1, d).index_select(1, i).transpose(0, 1)     # slots -> tokens
+        return (back(dq, q_scatter), back(dk, k_scatter), back(dv, k_scatter)) + (None,) * 9
 
 
 class LayerNorm(nn.LayerNorm):
