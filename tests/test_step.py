@@ -133,10 +133,11 @@ def test_reconstruction_micro_batch_skips_the_pooling_head(setup):
         for h in hooks:
             h.remove()
 
-def micro_batch(n, side, cfg):
-    """n images of side x side pixels (random pixels), packed with their structure, as float."""
+def micro_batch(n, side, cfg, sizes=None):
+    """n images of side x side pixels, or of the (height, width) in sizes (random pixels), packed with their
+    structure, as float."""
     g = torch.Generator().manual_seed(n)
-    media = [torch.rand(side, side, 3, generator=g) * 2 - 1 for _ in range(n)]
+    media = [torch.rand(*hw, 3, generator=g) * 2 - 1 for hw in (sizes or [(side, side)] * n)]
     return model.pack(media, cfg.patch_size, cfg)
 
 
@@ -150,16 +151,24 @@ def count_step_ops(net, x):
     return census
 
 
-@pytest.mark.parametrize('small_scores', [0, 10 ** 9], ids=['sdpa', 'explicit-softmax'])
-def test_op_count_independent_of_sample_count(setup, monkeypatch, small_scores):
-    """A 1,024-token micro-batch of 4 images (256 tokens each) and one of 64 images (16 tokens each) run exactly
-    the same ATen ops in forward + L1/KL loss + backward: no per-sample loop anywhere. (The CPU attention picks
-    SDPA or an explicit softmax by the longest segment, not the number of samples: each path is checked.)"""
+@pytest.mark.parametrize('small_scores', [0, 10 ** 9], ids=['sdpa', 'grouped-attention'])
+@pytest.mark.parametrize('mixed', [False, True], ids=['equal-sizes', 'mixed-sizes'])
+def test_op_count_independent_of_sample_count(setup, monkeypatch, small_scores, mixed):
+    """A 1,024-token micro-batch of 4 images and one of 64 images run exactly the same ATen ops in forward + L1/KL
+    loss + backward: no per-sample loop anywhere. Equal sizes (256 / 16 tokens each: one segment per group, no
+    mask) and mixed sizes (384 + 128 + 2 x 256 / 32 x 8 + 32 x 24 tokens: masked groups). The CPU attention picks
+    its path by the layout (SDPA, or GroupedAttention for short masked groups), not the number of samples: each
+    path is checked."""
     net, _, cfg = setup
     monkeypatch.setattr(model, 'SMALL_SCORES', small_scores)
-    few, many = micro_batch(4, 128, cfg), micro_batch(64, 32, cfg)
+    if mixed:
+        few = micro_batch(4, 0, cfg, [(192, 128), (64, 128), (128, 128), (128, 128)])
+        many = micro_batch(64, 0, cfg, [(32, 16)] * 32 + [(32, 48)] * 32)
+    else:
+        few, many = micro_batch(4, 128, cfg), micro_batch(64, 32, cfg)
     assert sum(few.seqlens) == sum(many.seqlens) == 1024
     assert few.structure.seg.small == many.structure.seg.small == bool(small_scores)
+    assert few.structure.seg.full == many.structure.seg.full == (not mixed)
     a, b = count_step_ops(net, few), count_step_ops(net, many)
     assert a.reads == b.reads == []
     assert a.ops == b.ops, (a.ops, b.ops)
