@@ -579,14 +579,48 @@ def fused_kernel(x, head_dim):
     return kattn.HAS_TRITON and kattn.BACKEND != 'reference'
 
 
+class GroupedAttention(torch.autograd.Function):
+    """The CPU path for short masked groups (Layout.small; e.g. a batch of small images): gather q, k, v into the
+    layout's groups (head-major [h*G, L, d]), scores + mask, softmax, times v, back to token order; and its
+    backward written out. Against autograd through the same ops, the backward needs no scatter-add: every token
+    sits in exactly one slot, so the gradient of a gather is a gather by the inverse index (q_scatter,
+    k_scatter), once the empty query slots' output gradients are zeroed (q_real); empty key slots get
+    probability 0 and so no gradient. ~20% faster per call than autograd through the same ops (NOTES.md)."""
+    @staticmethod
+    def forward(ctx, q, k, v, q_gather, k_gather, q_scatter, k_scatter, q_real, bias, G, Lq, Lk):
+        h, d = q.shape[1:]
+        gather = lambda x, i, L: x.transpose(0, 1).index_select(1, i).view(h * G, L, d)
+        qg, kg, vg = gather(q, q_gather, Lq), gather(k, k_gather, Lk), gather(v, k_gather, Lk)
+        s = torch.bmm(qg, kg.transpose(1, 2))                                   # [h*G, Lq, Lk]
+        s.view(h, G, Lq, Lk).mul_(d ** -0.5).add_(bias)     # bias [G, Lq, Lk]: 0, or -inf (another segment)
+        p = torch.softmax(s, dim=-1)
+        ctx.save_for_backward(qg, kg, vg, p, q_gather, q_scatter, k_scatter, q_real)
+        ctx.dims = h, d, G, Lq
+        return torch.bmm(p, vg).view(h, G * Lq, d).index_select(1, q_scatter).transpose(0, 1)   # [N, h, d]
+
+    @staticmethod
+    def backward(ctx, grad):
+        qg, kg, vg, p, q_gather, q_scatter, k_scatter, q_real = ctx.saved_tensors
+        h, d, G, Lq = ctx.dims
+        go = grad.transpose(0, 1).index_select(1, q_gather).view(h, G, Lq, d) * q_real.to(grad.dtype)
+        go = go.view(h * G, Lq, d)                                              # empty slots: 0
+        dv = torch.bmm(p.transpose(1, 2), go)
+        ds = torch._softmax_backward_data(torch.bmm(go, vg.transpose(1, 2)), p, -1, p.dtype)
+        dq = torch.bmm(ds, kg).mul_(d ** -0.5)
+        dk = torch.bmm(ds.transpose(1, 2), qg).mul_(d ** -0.5)
+        back = lambda x, i: x.view(h, -1, d).index_select(1, i).transpose(0, 1)     # slots -> tokens
+        return (back(dq, q_scatter), back(dk, k_scatter), back(dv, k_scatter)) + (None,) * 9
+
+
 def attention(q, k, v, layout, rope_q=None, rope_k=None, softcap=None):
     """Block-diagonal attention over packed segments (flash-attn varlen semantics): the one attention path.
 
     q [N, h, d], k/v [M, h, d]; layout (Layout): which query rows see which key rows. rope_q / rope_k: 4D RoPE
     of q / k (Rope), or None. Non-causal, scale 1/sqrt(d). softcap c: scores become c * tanh(s / c) (the
-    Gaussian decoder's). CUDA: the fused Triton kernel (RoPE inside it). Elsewhere: RoPE, then one masked
-    SDPA over the layout's groups (Layout.grouped). The per-segment loop lives only in kernels/attention.py
-    as the reference the tests compare with.
+    Gaussian decoder's). CUDA: the fused Triton kernel (RoPE inside it). Elsewhere: RoPE, then the layout's
+    groups (Layout.grouped) in one call: GroupedAttention for short masked groups, SDPA for the others, an
+    explicit softmax for the soft-cap. The per-segment loop lives only in kernels/attention.py as the
+    reference the tests compare with.
     """
     if fused_kernel(q, q.shape[-1]):
         from kernels.attention import attention as fused_attention
@@ -621,39 +655,6 @@ def attention(q, k, v, layout, rope_q=None, rope_k=None, softcap=None):
         o = torch.matmul(torch.softmax(s if layout.full else s + layout.bias.transpose(0, 1), dim=-1), vg)
     o = o.reshape(h, G * Lq, d)
     return (o if layout.identity else o.index_select(1, layout.q_scatter)).transpose(0, 1)   # [N, h, d]
-
-
-class GroupedAttention(torch.autograd.Function):
-    """The CPU path for short masked groups (Layout.small; e.g. a batch of small images): gather q, k, v into the
-    layout's groups (head-major [h*G, L, d]), scores + mask, softmax, times v, back to token order; and its
-    backward written out. Against autograd through the same ops, the backward needs no scatter-add: every token
-    sits in exactly one slot, so the gradient of a gather is a gather by the inverse index (q_scatter,
-    k_scatter), once the empty query slots' output gradients are zeroed (q_real); empty key slots get
-    probability 0 and so no gradient. ~20% faster per call than autograd through the same ops (NOTES.md)."""
-    @staticmethod
-    def forward(ctx, q, k, v, q_gather, k_gather, q_scatter, k_scatter, q_real, bias, G, Lq, Lk):
-        h, d = q.shape[1:]
-        gather = lambda x, i, L: x.transpose(0, 1).index_select(1, i).view(h * G, L, d)
-        qg, kg, vg = gather(q, q_gather, Lq), gather(k, k_gather, Lk), gather(v, k_gather, Lk)
-        s = torch.bmm(qg, kg.transpose(1, 2))                                   # [h*G, Lq, Lk]
-        s.view(h, G, Lq, Lk).mul_(d ** -0.5).add_(bias)     # bias [G, Lq, Lk]: 0, or -inf (another segment)
-        p = torch.softmax(s, dim=-1)
-        ctx.save_for_backward(qg, kg, vg, p, q_gather, q_scatter, k_scatter, q_real)
-        ctx.dims = h, d, G, Lq
-        return torch.bmm(p, vg).view(h, G * Lq, d).index_select(1, q_scatter).transpose(0, 1)   # [N, h, d]
-
-    @staticmethod
-    def backward(ctx, grad):
-        qg, kg, vg, p, q_gather, q_scatter, k_scatter, q_real = ctx.saved_tensors
-        h, d, G, Lq = ctx.dims
-        go = grad.transpose(0, 1).index_select(1, q_gather).view(h, G, Lq, d) * q_real.to(grad.dtype)
-        go = go.view(h * G, Lq, d)                                              # empty slots: 0
-        dv = torch.bmm(p.transpose(1, 2), go)
-        ds = torch._softmax_backward_data(torch.bmm(go, vg.transpose(1, 2)), p, -1, p.dtype)
-        dq = torch.bmm(ds, kg).mul_(d ** -0.5)
-        dk = torch.bmm(ds.transpose(1, 2), qg).mul_(d ** -0.5)
-        back = lambda x, i: x.view(h, -1, d).index_select(1, i).transpose(0, 1)     # slots -> tokens
-        return (back(dq, q_scatter), back(dk, k_scatter), back(dv, k_scatter)) + (None,) * 9
 
 
 class LayerNorm(nn.LayerNorm):

@@ -12,7 +12,9 @@ per-phase split (data wait, host->device copy, forward, loss, backward, optimize
 
 Make the other checkout with `git worktree add /tmp/old <commit>`. The script adapts to the older API (collate
 with a patch size, float pixels), so the figures of both commits come from the same code. CPU figures use one
-torch thread (as the CPU demo does): the ratios are what to quote; absolute times depend on the machine.
+torch thread (as the CPU demo does): the ratios are what to quote; absolute times depend on the machine. On a
+machine whose cores differ in load, pin the comparison to one core (`taskset -c 1 python bench/bench_step.py
+--compare=...`): both processes then run on it, taking turns.
 """
 import argparse
 import contextlib
