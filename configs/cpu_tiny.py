@@ -38,10 +38,9 @@ threads, num_workers = 1, 1
 # Each worker renders a built-in sample once (at its native size) and keeps it, and each size it is drawn at, as
 # uint8, so later epochs cost a look-up: the native renders of the four pixel streams take ~66 MB in all for this
 # config, and with every drawn size kept at most ~270 MB.
-# eval every 240 steps (learning curves, on eval_n // 4 samples; ~1 minute each, the last at the end of stage 3);
-# the final summary uses 48 held-out images, 24 videos and 24 objects (16 images gave zero-shot figures that
-# moved by +-0.2 between identical-config runs)
-log_interval, ckpt_interval, eval_interval, eval_n = 10, 100, 240, 48
+# eval every 200 steps (learning curves, on eval_n // 4 samples); the final summary uses 48 held-out images, 24 videos
+# and 24 objects (16 images gave zero-shot figures that moved by +-0.2 between identical-config runs)
+log_interval, ckpt_interval, eval_interval, eval_n = 10, 100, 200, 48
 # grad_accum micro-batches per step cycle through the mix across steps (train.step_tasks): a task with
 # weight w of a total W gets w/W of the stage's micro-batches even when grad_accum < W. Video gets most of
 # stages 2-3 (its PSNR still rises ~0.25 dB per 100 stage-3 steps at the end); 3D keeps 4 of 13 (its 18 dB target
