@@ -50,7 +50,7 @@ stages = [
          image_res=(32, 64), latent_channels=8),
     dict(name='stage2_video', steps=180, mix={'image_rec': 1, 'image_und': 1, 'video_und': 1, 'video_rec': 7},
          grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=12),
-    dict(name='stage3_3d', steps=580, mix={'image_rec': 1, 'image_und': 1, 'video_und': 1, 'video_rec': 5,
+    dict(name='stage3_3d', steps=460, mix={'image_rec': 1, 'image_und': 1, 'video_und': 1, 'video_rec': 5,
                                            '3d_und': 1, '3d_rec': 4},
          grad_accum=5, tokens=1024, image_res=(32, 64), video_res=(32, 48), latent_channels=12),
     dict(name='stage4_fsq', steps=100, mix={'image_rec': 2, 'image_und': 1, 'video_und': 1, 'video_rec': 3,
