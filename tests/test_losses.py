@@ -339,6 +339,19 @@ def test_und_without_caption_names_the_sample(frozen, tiny_model):
         losses.compute_losses(out, packed, frozen, CFG, tasks=['und', 'rec', 'rec', 'rec'])
 
 
+
+def test_und_without_embedding_says_embed_true(frozen, tiny_model):
+    """A model output made with embed=False (reconstruction-only micro-batches) has no embedding: an
+    understanding task then fails with an error that says how to get one; reconstruction alone runs."""
+    packed, out = tiny_batch(tiny_model)
+    no_emb = {**out, 'embedding': None}
+    with pytest.raises(ValueError, match='embed=True'):
+        losses.compute_losses(no_emb, packed, frozen, CFG, tasks=['und', 'und', 'rec', 'rec'],
+                              captions=['a cat', 'a dog', None, None])
+    a, _ = losses.compute_losses(no_emb, packed, frozen, CFG)
+    b, _ = losses.compute_losses(out, packed, frozen, CFG)
+    assert torch.equal(a, b)
+
 def test_semantic_terms_per_modality_and_total(frozen, tiny_model):
     p, out = tiny_batch(tiny_model, with_3d=True)
     assert p.kinds == ['image', 'image', 'video', '3d']
