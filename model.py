@@ -282,7 +282,8 @@ def _move(obj, device, pin=False):
 # Masked groups up to this many scores run GroupedAttention on CPU, larger ones and unmasked ones SDPA. Forward +
 # backward of ~1,000 tokens, 2 heads of 32, one thread: segments of 8-56 tokens packed, 3.4 ms (GroupedAttention)
 # vs 4.2 (SDPA with the mask); 30-128 tokens, 5.8 vs 7.5; 60-200, 11.9 vs 12.1. Groups of one segment each (no
-# mask) are faster in SDPA at every length measured: 64 tokens x 16, 3.0 vs 3.5 ms; 637 x 1, 11.8 vs 16.3.
+# mask) tie from 26 to 64 tokens and are faster in SDPA above (96 x 10: 2.8 vs 3.6 ms; 637 x 1: 11.8 vs 16.3);
+# only 16-token segments were faster grouped (2.1 vs 2.4 ms), so unmasked groups all take SDPA.
 SMALL_SCORES = 128 * 128
 
 
