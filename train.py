@@ -43,7 +43,9 @@ class TrainConfig:
     seed: int = 0
     device: str = 'auto'            # auto: cuda -> mps -> cpu
     dtype: str = 'bfloat16'         # autocast dtype on CUDA (CPU always runs fp32)
-    compile: bool = False           # torch.compile each transformer block (fullgraph, dynamic shapes)
+    compile: bool = False           # torch.compile (dynamic shapes), of:
+    compile_scope: str = 'blocks'   # blocks: each transformer block (fullgraph) | tokenizer: the tokenizer's whole
+                                    # forward, one graph per kind of micro-batch (faster on CPU; not with fsdp)
     parallel: str = 'none'          # none | ddp | fsdp (under torchrun)
     # model
     preset: str = 'tiny'            # model.PRESETS key; `model` overrides its fields
@@ -164,6 +166,11 @@ def load_config(argv):
             raise ValueError(f"{key}={getattr(cfg, key)}: expected 0 (default) or a positive count")
     if cfg.parallel not in ('none', 'ddp', 'fsdp'):
         raise ValueError(f"parallel={cfg.parallel!r}: expected none | ddp | fsdp")
+    if cfg.compile_scope not in ('blocks', 'tokenizer'):
+        raise ValueError(f"compile_scope={cfg.compile_scope!r}: expected blocks | tokenizer")
+    if cfg.compile and cfg.compile_scope == 'tokenizer' and cfg.parallel == 'fsdp':
+        raise ValueError("compile_scope='tokenizer' does not go with parallel=fsdp (FSDP2 shards each block): "
+                         "use compile_scope='blocks'")
     check_init(cfg)
     return cfg
 
@@ -530,7 +537,10 @@ def start_stage(cfg, i, stage, s_step, prev, ckpt, frozen, loss_cfg, rank, world
         raise ValueError(f"checkpoint: latent width does not match stage {stage['name']}")
     raw = raw.to(device)
     net = wrap(raw, cfg, world, device)
-    if cfg.compile:
+    if cfg.compile and cfg.compile_scope == 'tokenizer':
+        model.compile_tokenizer(raw.tok)
+        model.compile_blocks(raw.gs)
+    elif cfg.compile:
         model.compile_blocks(raw)
     fused_opt = not (cfg.parallel == 'fsdp' and world > 1)      # fused AdamW: CPU and CUDA, not DTensors
     opt = torch.optim.AdamW(param_groups({'tok': raw.tok, 'gs': raw.gs, 'temp': raw.temperature,

@@ -41,8 +41,9 @@ def parse():
     p.add_argument('--tokens', type=int, default=16384, help='GPU mode: tokens per micro-batch')
     p.add_argument('--steps', type=int, default=12, help='GPU mode: steps (the first 2 are warm-up)')
     p.add_argument('--compile', type=int, default=1, help='GPU mode: torch.compile the blocks')
-    p.add_argument('--cpu_compile', type=int, default=0, help='CPU mode: torch.compile the blocks (inductor, C++ '
-                   'codegen: fuses the elementwise ops around the matmuls; the first micro-batches compile)')
+    p.add_argument('--cpu_compile', type=int, default=0, help='CPU mode: torch.compile (inductor, C++ codegen: '
+                   'fuses the elementwise ops around the matmuls; the first micro-batches compile): 1 = each block '
+                   "(train.py compile_scope='blocks'), 2 = the tokenizer's whole forward (compile_scope='tokenizer')")
     p.add_argument('--json', default='', help='write the results here')
     p.add_argument('--lockstep', action='store_true', help=argparse.SUPPRESS)   # internal: run only when told
     return p.parse_args()
@@ -118,7 +119,10 @@ def measure_cpu(args):
     with torch.no_grad():                         # every path active, as after some training
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    if args.cpu_compile:
+    if args.cpu_compile == 2:                     # (an older checkout without compile_tokenizer: the same call)
+        getattr(model, 'compile_tokenizer', lambda tok: tok.compile(dynamic=True))(net.tok)
+        api((model, 'compile_blocks'), (train, 'compile_blocks'))(net.gs)
+    elif args.cpu_compile:
         api((model, 'compile_blocks'), (train, 'compile_blocks'))(net)
     Census = census_mode()
     budget = stage.get('tokens', 4096)

@@ -334,6 +334,53 @@ def test_rms_norm_backward_matches_autograd(shape, wshape):
     torch.testing.assert_close(dx, rx.float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dw, rw.float(), atol=1e-4, rtol=1e-5)
 
+
+def test_position_lookup_is_the_resized_table_per_segment():
+    """model.position_lookup's index and weights give, for every token, the g x g table bilinearly resized
+    (antialias, as SigLIP2-NaFlex) to its segment's grid and read at its (row, column): against F.interpolate per
+    segment, for segments of different grids, a repeated grid, a two-frame segment and an empty one."""
+    g, C = 4, 3
+    table = torch.randn(g * g, C, dtype=torch.float64)
+    grids = [(2, 3), (5, 4), (2, 3), (1, 1), (6, 2)]
+    frames = [1, 1, 1, 1, 2]
+    local, lens = [], []
+    for (h, w), t in zip(grids, frames):
+        c = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing='ij'), -1)
+        local.append(torch.cat([c.reshape(-1, 3), torch.zeros(t * h * w, 1, dtype=torch.long)], 1))
+        lens.append(t * h * w)
+    local.insert(2, torch.zeros(0, 4, dtype=torch.long)), lens.insert(2, 0)                 # an empty segment
+    index, rows = model.position_lookup(torch.cat(local).numpy(), lens, g)
+    got = (rows.double() @ table)[index]
+    assert rows.shape[0] == sum(h * w for h, w in dict.fromkeys(grids))                   # each grid once
+    want = []
+    for c, n in zip(local, lens):
+        if n:
+            h, w = int(c[:, 1].max()) + 1, int(c[:, 2].max()) + 1
+            img = torch.nn.functional.interpolate(table.t().reshape(1, C, g, g), size=(h, w), mode='bilinear',
+                                                  align_corners=False, antialias=True)[0]
+            want.append(img[:, c[:, 1], c[:, 2]].t())
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-6, rtol=1e-6)
+
+
+def test_gelu_compiled_form_is_the_tanh_gelu():
+    """model.GELU inside torch.compile runs x * sigmoid(2u) (a traced graph with a sigmoid and no tanh); its output
+    and gradient equal the tanh GELU's computed in float64 (0.5 x (1 + tanh u)), over [-10, 10]."""
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == 'call_function'})
+        return gm
+    x = torch.linspace(-10, 10, 20001).requires_grad_()
+    y = torch.compile(model.GELU(), backend=backend, fullgraph=True)(x)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert len(graphs) == 1 and any('sigmoid' in t for t in graphs[0]) and not any('tanh' in t for t in graphs[0])
+    xd = x.detach().double().requires_grad_()
+    yd = 0.5 * xd * (1 + torch.tanh(math.sqrt(2 / math.pi) * (xd + 0.044715 * xd ** 3)))
+    (rd,) = torch.autograd.grad(yd, xd, torch.ones_like(yd))
+    torch.testing.assert_close(y, yd.float(), atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(dx, rd.float(), atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(model.GELU()(x), yd.float(), atol=2e-6, rtol=1e-6)      # eager: F.gelu's tanh form
+
 # -----------------------------------------------------------------------------
 # 7. FSQ by hand
 

@@ -196,4 +196,36 @@ def test_blocks_compile_once_for_any_micro_batch(setup):
             want = trunk.blocks[0](h, rope, st.seg)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
             got.sum().backward()
+    net.zero_grad(set_to_none=True)
     assert all(first) and [c.frame_count for c in counters] == first       # nothing compiled again
+
+
+def test_tokenizer_compiles_once_for_any_micro_batch(setup):
+    """model.compile_tokenizer (train.py compile_scope='tokenizer'): the tokenizer's whole training forward is one
+    graph (no break), which three micro-batches of different token and sample counts (and segment lengths) reuse;
+    its outputs and gradients are the eager ones."""
+    import copy
+    from torch._dynamo.testing import CompileCounterWithBackend
+    net, _, cfg = setup
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend('aot_eager')
+    net.zero_grad(set_to_none=True)
+    tok = copy.deepcopy(net.tok)
+    model.compile_tokenizer(tok, backend=counter)
+    counts = []
+    for n, side in ((4, 64), (10, 32), (5, 48)):         # 256 tokens first: the position table's size
+        x = micro_batch(n, side, cfg)
+        outs = []
+        for m in (tok, net.tok):                            # compiled, then eager: the same weights
+            out = m(x, sample=False, decode=True, embed=False)
+            (out['rec'].square().mean() + out['mean'].sum()).backward()
+            outs.append((out['rec'].detach(), [p.grad for p in m.parameters()]))
+            m.zero_grad(set_to_none=True)
+        torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=0)
+        for a, b in zip(outs[0][1], outs[1][1]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        counts.append(counter.frame_count)
+    graphs = [g for g in counter.graphs if any(n.op == 'call_function' for n in g.graph.nodes)]
+    assert len(graphs) == 1 and counts[0] == counts[1] == counts[2], counts     # compiled for the first one only

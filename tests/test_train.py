@@ -101,6 +101,11 @@ def test_config_loader(tmp_path):
         make_cfg(tmp_path, [dict(name='s', steps=1, mix={'image_rec': 0.5})])
     with pytest.raises(ValueError, match='threads=-1'):
         make_cfg(tmp_path, stages, '--threads=-1')
+    assert make_cfg(tmp_path, stages, '--compile=True', '--compile_scope=tokenizer').compile_scope == 'tokenizer'
+    with pytest.raises(ValueError, match="compile_scope='layers'"):
+        make_cfg(tmp_path, stages, '--compile_scope=layers')
+    with pytest.raises(ValueError, match="compile_scope='tokenizer' .*fsdp"):
+        make_cfg(tmp_path, stages, '--compile=True', '--compile_scope=tokenizer', '--parallel=fsdp')
     bad = tmp_path / 'bad.py'
     bad.write_text("batch_size = 8\n")
     with pytest.raises(ValueError, match='bad.py.*batch_size'):
