@@ -71,9 +71,7 @@ import model
 
 @dataclass
 class Sample:
-    media: object           # image (H, W, 3) or video (T, H, W, 3), float32 in [-1, 1], patch multiples;
-                            # 3D: dict(feats [N, ph*pw*3] in [-1, 1], coords [N, 3], views [V, H, W, 3] in
-                            # [-1, 1], cameras [render3d.Camera]) (model.pack reads feats and coords)
+    _media: object          # .media, or None when pixels holds it (below)
     kind: str               # 'image' | 'video' | '3d'
     caption: str            # '' when the source has none
     label: int              # index into the dataset's `classes`, -1 when unknown
@@ -81,6 +79,16 @@ class Sample:
     source: str             # file path, or 'synthetic:<split>:<kind>:<index>'
     pixels: object = None   # the same media as uint8 levels u (media = u / 127.5 - 1) when the source has them
                             # (the built-in datasets): collate ships these without converting twice
+
+    @property
+    def media(self):
+        """Image (H, W, 3) or video (T, H, W, 3), float32 in [-1, 1], patch multiples; 3D: dict(feats [N, ph*pw*3]
+        in [-1, 1], coords [N, 3], views [V, H, W, 3] in [-1, 1], cameras [render3d.Camera]) (model.pack reads
+        feats and coords). A sample given as uint8 pixels only makes its float copy on first read: a training
+        batch of them (data.collate) never reads it."""
+        if self._media is None and self.pixels is not None:
+            self._media = model.from_uint8(self.pixels)
+        return self._media
 
 
 @dataclass
@@ -420,9 +428,8 @@ def _synthetic_item(ds, key, kind):
                                 align_corners=False, antialias=True).permute(0, 2, 3, 1)
         sizes[hw] = model.to_uint8(resized).contiguous()
     u8 = u8 if hw == native else sizes[hw]
-    media = model.from_uint8(u8)                                                           # (T, H, W, 3), a copy
-    return Sample(media[0] if kind == 'image' else media, kind, caption, CLASSES.index(name), name, ds.source(i),
-                  u8[0] if kind == 'image' else u8)
+    # the float media (a copy) is made from the uint8 pixels only if read (Sample.media)
+    return Sample(None, kind, caption, CLASSES.index(name), name, ds.source(i), u8[0] if kind == 'image' else u8)
 
 
 def _cache_bytes(ds):

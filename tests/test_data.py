@@ -221,6 +221,20 @@ def test_synthetic_pixels_on_uint8_grid():
                 assert on_uint8_grid(ds[(i, epoch)].media)
 
 
+def test_built_in_batch_never_makes_the_float_copy():
+    """A built-in sample carries uint8 pixels; collate packs them as they are, and the float media (u / 127.5 - 1)
+    is made only when read: a training batch makes none."""
+    cfg = model.ModelConfig(patch_size=PS)
+    for ds in (data.SyntheticImages(6, 'val', res=(16, 32), patch_size=PS),
+               data.SyntheticVideos(3, 'val', res=(16, 32), patch_size=PS, frames=8)):
+        items = [ds[(i, 0)] for i in range(len(ds))]
+        batch = data.collate(items, cfg)
+        assert batch.packed.feats.dtype == torch.uint8
+        assert all(s._media is None for s in items)                       # nothing was converted
+        assert torch.equal(model.pack([s.media for s in items], PS).feats, model.from_uint8(batch.packed.feats))
+        assert all(torch.equal(s.media, s.pixels.float() / 127.5 - 1) for s in items)
+
+
 # -----------------------------------------------------------------------------
 # resolution and clip sampling
 
