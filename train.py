@@ -671,6 +671,18 @@ def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_s
     return trainable
 
 
+def resume_point(ckpt, i, s_step, path):
+    """A checkpoint met at stage i, step s_step of it -> (ckpt to restore inside stage i, or None; the weights stage i
+    starts from). A checkpoint written at the end of stage i - 1 carries the weights stage i starts from (a straight
+    run hands them over in memory); anything else means the curriculum changed under the run."""
+    if ckpt['stage'] == i:
+        return ckpt, None
+    if ckpt['stage'] == i - 1 and s_step == 0:
+        return None, ckpt['trainable']
+    raise ValueError(f"{path}: written in stage {ckpt['stage'] + 1} at step {ckpt['step']}, but the config puts that "
+                     f"step in stage {i + 1} (step {s_step} of it): the stages changed; use a new out_dir")
+
+
 def save_untrained(cfg, frozen, loss_cfg, path):
     """The freshly initialised model of stage 1 (same seed as the run) as an export: the "untrained" baseline
     of the final summary. RNG states are forked, so the run itself is unaffected."""
@@ -757,11 +769,12 @@ def main(cfg):
     while step < last and stop['signal'] is None:
         i, stage, s_step = get_stage(step, cfg.stages)
         if st is None or i != st.index:
-            resume = ckpt if ckpt is not None and ckpt['stage'] == i else None
+            resume = None
+            if ckpt is not None:        # this invocation's first stage: resume inside it, or from the last one's end
+                resume, state = resume_point(ckpt, i, s_step, ckpt_path)
+                bad_run, ckpt = torch.full((), ckpt.get('bad_steps', 0), device=device), None   # consumed
             st = start_stage(cfg, i, stage, s_step, resume['trainable'] if resume else state, resume, frozen,
                              loss_cfg, rank, world, device)
-            if resume is not None:
-                bad_run, ckpt = torch.full((), resume.get('bad_steps', 0), device=device), None   # consumed
         t0 = time.time()
         out = train_step(cfg, st, stage, s_step, world, device, autocast)
         bad_run = (bad_run + 1) * (~out.ok)     # consecutive skipped steps, on the device

@@ -155,6 +155,35 @@ def test_resume_is_exact(tmp_path):
     assert tok.config.latent_channels == 48
 
 
+def test_resume_is_exact_at_every_step(tmp_path):
+    """A run stopped after every single step (stage ends, the 32 -> 48 widening and the FSQ switch included) and
+    resumed each time ends bit-identical to a straight run. A stop right after a stage's last step once restarted
+    the next stage from fresh weights."""
+    stages = [dict(STAGES[0], steps=2, latent_channels=8), dict(STAGES[1], steps=2, latent_channels=12),
+              dict(STAGES[1], name='s3', steps=1, latent_channels=12, use_quantizer=True)]
+    a = make_cfg(tmp_path / 'a', stages)
+    assert train.main(a) == 5
+    b = make_cfg(tmp_path / 'b', stages, '--max_steps=1')
+    for step in range(1, 6):
+        assert train.main(b) == step
+    pa, ca = params(a.out_dir)
+    pb, cb = params(b.out_dir)
+    assert pa.keys() == pb.keys() and pa['tok.proj.weight'].shape[0] == 24
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    for k in ca['ema']:
+        assert torch.equal(ca['ema'][k], cb['ema'][k]), k
+
+
+def test_resume_refuses_a_changed_curriculum(tmp_path):
+    """A checkpoint whose stage does not fit the config's stages is an error naming the file, not a fresh start."""
+    b = make_cfg(tmp_path / 'b', STAGES, '--max_steps=2')
+    train.main(b)
+    c = make_cfg(tmp_path / 'b', [dict(STAGES[0], steps=1), STAGES[1], dict(STAGES[1], name='s3')])
+    with pytest.raises(ValueError, match='ckpt.pt.*the stages changed'):
+        train.main(c)
+
+
 def test_threads_flag(tmp_path):
     """threads=N sets torch's intra-op threads for the run; 0 leaves torch's default alone."""
     before = torch.get_num_threads()
