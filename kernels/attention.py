@@ -4,7 +4,7 @@ Fused block-diagonal (varlen) attention with 4D RoPE on q and k, in Triton.
 AToken packs every batch into one token set: segment i (a sample x temporal tile) is the query rows
 q[cu_q[i]:cu_q[i+1]] against the key rows k[cu_k[i]:cu_k[i+1]], non-causal, scale 1/sqrt(d). With
 cu_q != cu_k the keys of a segment may start with extra rows: the decoder KV cache puts the cached
-keys of the previous latent frames there (model.KVCache.attend). Every encoder and decoder layer runs
+keys of the previous latent frames there (the model's KV-cache decode). Every encoder and decoder layer runs
 this, so it is the inner loop of the tokenizer.
 
 Algorithm: FlashAttention-2 (Dao 2023, arXiv 2307.08691) as laid out in the Triton fused-attention
@@ -16,10 +16,10 @@ tutorial (python/tutorials/06-fused-attention.py):
             loops over the key blocks and accumulates dQ. P is recomputed from the stored LSE.
   varlen    the host lists every BLOCK-row tile of every segment as (segment, first row), longest
             segments first, so a 1024 px image and a 64 px image in one batch waste no programs.
-  4D RoPE   (official layout, model.rope_angles) applied in registers: head_dim splits into four
+  4D RoPE   (official layout, as model.Rope) applied in registers: head_dim splits into four
             blocks t|x|y|z, block a rotates its interleaved pairs (2m, 2m+1) by
             coord_a * theta^(-j/head_dim), j = 0..d/8-1. Rotation in fp32, cast back to the input
-            dtype before the dot (as model.apply_rope). The backward re-rotates q and k and applies
+            dtype before the dot (as model.Rope.rotate). The backward re-rotates q and k and applies
             the inverse rotation (angle -> -angle) to dq, dk before storing them.
   head_dim  tl.arange needs powers of two, so the head dim is split into D0 = the largest power of two
             <= d plus a second part of D1 = max(16, next power of two of the rest) columns, masked:
@@ -35,9 +35,10 @@ of cu_q, cu_k that the packed batch carries (cu_host), so no call reads the devi
 copies are made once per cu tensor. Not causal, no dropout: AToken needs neither.
 
 Runs on CUDA; on CPU only under the Triton interpreter (TRITON_INTERPRET=1 set before this module is
-imported; tests/conftest.py does that when there is no GPU). `attention()` is the one entry point:
-backend 'auto' uses the kernel for CUDA tensors and the pure-torch reference (per-segment SDPA)
-otherwise.
+imported; tests/conftest.py does that when there is no GPU). `attention()` at the end is the one entry point
+the model calls: the kernel for CUDA tensors it supports, the grouped pure-torch path (kernels/grouped.py)
+elsewhere or with ATOKEN_ATTENTION=reference; `attention_ref` (one SDPA per segment) is what both are tested
+against.
 
     python -m pytest -q tests/test_kernels.py           # CPU: interpreter; GPU: compiled, bf16 too
     python kernels/bench_attention.py                    # TFLOP/s vs SDPA / FlexAttention
@@ -50,6 +51,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kernels import grouped
+
 try:
     import triton
     import triton.language as tl
@@ -60,35 +63,25 @@ except ImportError:         # CPU-only installs: the reference path still works
 # triton.jit reads this when the kernels below are defined; we only mirror it to give a clear error
 INTERPRET = os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', 'on', 'yes')
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# override switch for tests and benchmarks: 'auto' | 'triton' | 'reference'; the environment variable
-# ATOKEN_ATTENTION sets it for a whole run (e.g. ATOKEN_ATTENTION=reference python train.py ...)
+# 'auto' | 'reference' (the pure-torch path on CUDA too, e.g. ATOKEN_ATTENTION=reference python train.py ...); tests
+# and benchmarks set it directly
 BACKEND = os.environ.get('ATOKEN_ATTENTION', 'auto')
 
 # -----------------------------------------------------------------------------
-# reference: pure torch (4D RoPE as model.rope_angles + model.apply_rope, then one SDPA per segment)
+# reference: pure torch, one SDPA per segment (the host loop the real paths avoid). RoPE, when wanted, is applied
+# by the caller with the model's one pure-torch RoPE (model.Rope.rotate), exactly as the entry point below does.
 
 
 def rope_freqs(head_dim, theta, device=None):
-    """theta^(-j/head_dim), j = 0..head_dim/8-1, fp32 [d/8] (official: divided by the full head dim)."""
+    """theta^(-j/head_dim), j = 0..head_dim/8-1, fp32 [d/8] (official: divided by the full head dim); the fused
+    kernel's frequency table."""
     j = torch.arange(head_dim // 8, device=device, dtype=torch.float32)
     return theta ** (-j / head_dim)
 
 
-def rope_ref(x, coords, theta):
-    """x [N, h, d] with 4D RoPE at coords [N, 4] (t, x, y, z): pairs (2m, 2m+1) rotated in fp32."""
-    N, d = x.shape[0], x.shape[-1]
-    if d % 8:
-        raise ValueError(f"4D RoPE needs head_dim divisible by 8, got {d}")
-    ang = (coords.float()[:, :, None] * rope_freqs(d, theta, x.device)).reshape(N, d // 2)  # [N, d/2]
-    a, b = x.float().unflatten(-1, (d // 2, 2)).unbind(-1)                                # [N, h, d/2]
-    cos, sin = ang.cos()[:, None], ang.sin()[:, None]                                     # [N, 1, d/2]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).to(x.dtype)  # [N, h, d]
-
-
-def attention_ref(q, k, v, cu_q, cu_k, coords_q=None, coords_k=None, rope_theta=10000.0, softcap=None):
-    """The reference: same arguments and result as `attention`; differentiable; any device."""
-    if coords_q is not None:
-        q, k = rope_ref(q, coords_q, rope_theta), rope_ref(k, coords_k, rope_theta)
+def attention_ref(q, k, v, cu_q, cu_k, softcap=None):
+    """The reference of attention(): q [N, h, d] against k, v [M, h, d] per segment of cu_q / cu_k (host int
+    [S+1]); differentiable; any device."""
     out, bq, bk = [], cu_q.tolist(), cu_k.tolist()
     for i in range(len(bq) - 1):
         qi = q[bq[i]:bq[i + 1]].transpose(0, 1)                                 # [h, n, d]
@@ -142,7 +135,7 @@ if HAS_TRITON:
     @triton.jit
     def _load_qk(ptr, Pos, Freq, rows, rmask, stride, col0, C: tl.constexpr, D: tl.constexpr,
                  ROPE: tl.constexpr):
-        """A q or k tile, rotated in fp32 and cast back to the input dtype (as model.apply_rope)."""
+        """A q or k tile, rotated in fp32 and cast back to the input dtype (as model.Rope.rotate)."""
         x = _load(ptr, rows, rmask, stride, col0, C, D)
         if ROPE:
             x = _rope(x.to(tl.float32), Pos, Freq, rows, rmask, col0, D, 1.0).to(ptr.dtype.element_ty)
@@ -424,7 +417,7 @@ def _blocks(host, block, device):
 
 
 # The kernels as two custom ops (torch.library), so that torch.compile keeps a transformer block with this attention
-# in one graph (model.compile_blocks: fullgraph=True) and the autograd formula is registered once. cu_q_host /
+# in one graph (train.compile_blocks: fullgraph=True) and the autograd formula is registered once. cu_q_host /
 # cu_k_host are the packed batch's host copies of cu_q / cu_k: the block lists come from them, nothing is read back.
 
 
@@ -532,32 +525,58 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # -----------------------------------------------------------------------------
-# the one entry point
+# the low-level kernel call, and the one entry point the model calls
 
 
-def attention(q, k, v, cu_q, cu_k, coords_q=None, coords_k=None, rope_theta=10000.0, softcap=None,
-              backend=None, cu_host=None):
-    """Block-diagonal attention over packed segments, with 4D RoPE on q and k when coords are given.
+def varlen_attention(q, k, v, cu_q, cu_k, coords_q=None, coords_k=None, rope_theta=10000.0, softcap=None,
+                     cu_host=None):
+    """The Triton kernel: block-diagonal attention over packed segments, with 4D RoPE on q and k when coords are
+    given (CUDA tensors, or any under TRITON_INTERPRET=1).
 
     q [N, h, d]; k, v [M, h, d]; cu_q, cu_k int32 [S+1]: segment i is q[cu_q[i]:cu_q[i+1]] against
     k[cu_k[i]:cu_k[i+1]] (a KV-cache prefix is just more keys). coords_q [N, 4], coords_k [M, 4] integer
     (t, x, y, z), or None for no RoPE. softcap c: scores c * tanh(s / c). Returns [N, h, d].
     cu_host: (cu_q, cu_k) already on the CPU (the packed batch's structure carries them): then the kernel's
     block lists are made from them and nothing is read back from the device.
-    backend: 'auto' (the Triton kernel for CUDA tensors it supports, else the reference), 'triton'
-    (always the kernel; on CPU under TRITON_INTERPRET=1), 'reference'; None: the module's BACKEND.
     """
-    backend = backend or BACKEND
-    if backend == 'auto':
-        ok = HAS_TRITON and q.is_cuda and q.dtype in DTYPES and q.shape[-1] >= 16
-        backend = 'triton' if ok else 'reference'
-    if backend == 'reference':
-        return attention_ref(q, k, v, cu_q, cu_k, coords_q, coords_k, rope_theta, softcap)
-    if backend != 'triton':
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     if not HAS_TRITON:
-        raise RuntimeError("backend='triton' but triton is not installed")
+        raise RuntimeError("the Triton kernel needs triton, which is not installed")
     if cu_host is None:                         # one host copy per cu tensor (cached), as in a plain call
         cu_host = (_host(cu_q)[0], _host(cu_k)[0])
     return _attention_fwd(q, k, v, cu_q, cu_k, *cu_host, coords_q, coords_k, float(rope_theta),
                           None if softcap is None else float(softcap))[0]
+
+
+def use_triton(q):
+    """Whether attention on tensors like q runs the Triton kernel: CUDA, a dtype and head dim it supports, and not
+    switched off (ATOKEN_ATTENTION=reference)."""
+    return HAS_TRITON and BACKEND != 'reference' and q.is_cuda and q.dtype in DTYPES and q.shape[-1] >= 16
+
+
+def prepare(cu_q_host, cu_k_host, max_q, max_k, device):
+    """What attention() needs on `device` beyond the cu_seqlens, made on the host once per batch when a layout moves
+    there (structure.to_device): nothing for the Triton kernel on CUDA (it lists its blocks from the host copies
+    of cu itself), the grouping of the pure-torch path (kernels/grouped.py) on any other device."""
+    if torch.device(device).type == 'cuda' and HAS_TRITON and BACKEND != 'reference':
+        return None
+    return grouped.plan(cu_q_host, cu_k_host, max_q, max_k).to(device).mark_dynamic()
+
+
+def attention(q, k, v, layout, rope_q=None, rope_k=None, softcap=None):
+    """Block-diagonal attention over a packed batch's segments: the one attention call of the model.
+
+    q [N, h, d], k/v [M, h, d]; layout (structure.Layout): segment i is the queries cu_q[i]:cu_q[i+1] against the
+    keys cu_k[i]:cu_k[i+1]; rope_q / rope_k: the 4D RoPE of q / k (model.Rope: .coords, .theta, .rotate), or None.
+    Non-causal, scale 1/sqrt(d); softcap c: scores c * tanh(s / c) (the Gaussian decoder's). CUDA: the Triton
+    kernel, RoPE fused into it. Elsewhere: RoPE, then the grouped pure-torch path over the layout's plan."""
+    if use_triton(q):
+        return varlen_attention(q, k, v, layout.cu_q, layout.cu_k, None if rope_q is None else rope_q.coords,
+                                None if rope_k is None else rope_k.coords,
+                                10000.0 if rope_q is None else rope_q.theta, softcap,
+                                cu_host=(layout.cu_q_host, layout.cu_k_host))
+    if rope_q is not None:
+        q, k = rope_q.rotate(q), rope_k.rotate(k)
+    plan = layout.plan      # None only for a layout prepared for the Triton kernel that it cannot take (e.g. fp64)
+    if plan is None:
+        plan = grouped.plan(layout.cu_q_host, layout.cu_k_host, layout.max_q, layout.max_k).to(q.device)
+    return grouped.attention(q, k, v, plan, softcap)
