@@ -36,7 +36,7 @@ the sampler plans an epoch's token counts up front).
 
     ds = Concat([SyntheticImages(1000, res=(32, 64), patch_size=(4, 8, 8)),
                  SyntheticVideos(200, res=(32, 48), patch_size=(4, 8, 8))])
-    loader = make_loader(ds, budget=2048, patch_size=(4, 8, 8), num_workers=2)
+    loader = make_loader(ds, budget=2048, config=model.PRESETS['tiny'], num_workers=2)
     for epoch in range(3):
         loader.batch_sampler.set_epoch(epoch)
         for batch in loader: ...        # batch.packed (model.Packed), batch.captions, batch.labels
@@ -64,6 +64,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import model
+from structure import build_structure
 
 # -----------------------------------------------------------------------------
 # items, keys and random streams
@@ -1019,12 +1020,11 @@ class Batch:
                      [(v[0].pin_memory(), v[1]) if v is not None else None for v in self.views])
 
 
-def collate(items, config, grouped=True):
+def collate(items, config):
     """Samples (and Skipped) -> one Batch; as a collate_fn: functools.partial(collate, config=...). It runs in
-    the DataLoader workers, so the batch's structure (model.build_structure: segments, attention layouts,
+    the DataLoader workers, so the batch's structure (structure.build_structure: segments, attention layouts,
     position-table weights, Gaussian windows) is made here, on the host, once. Pixels leave as uint8.
-    config: the ModelConfig, or a bare patch size (pt, ph, pw): then the model builds the structure on first use.
-    grouped: also build the portable (CPU) attention path's indices; the CUDA kernel needs none."""
+    config: the ModelConfig, or a bare patch size (pt, ph, pw) for batches no model runs on (no structure)."""
     cfg = config if isinstance(config, model.ModelConfig) else None
     good = [s for s in items if isinstance(s, Sample)]
     packed = None
@@ -1037,7 +1037,7 @@ def collate(items, config, grouped=True):
             all(s.kind != 'video' or len(s.pixels) >= ps[0] for s in good)
         packed = model.pack([s.pixels if raw else s.media for s in good], ps)
         if cfg is not None:
-            packed.structure = model.build_structure(packed.coords, packed.seqlens, packed.kinds, cfg, grouped)
+            packed.structure = build_structure(packed.coords, packed.seqlens, packed.kinds, cfg)
         if not raw:
             packed.feats = model.to_uint8(packed.feats)
     return Batch(packed, [s.caption for s in good], torch.tensor([s.label for s in good], dtype=torch.int64),
@@ -1047,12 +1047,12 @@ def collate(items, config, grouped=True):
                   for s in good])
 
 
-def make_loader(dataset, budget, patch_size, seed=0, rank=0, world_size=1, num_workers=0):
-    """DataLoader of Batches of at most `budget` tokens on this rank. The sampler runs in the main process
-    and items depend only on their keys, so any num_workers gives the same batches. Call
-    loader.batch_sampler.set_epoch(e) before each epoch."""
+def make_loader(dataset, budget, config, seed=0, rank=0, world_size=1, num_workers=0):
+    """DataLoader of Batches of at most `budget` tokens on this rank (config: a ModelConfig, or a bare patch size for
+    batches no model runs on, as collate). The sampler runs in the main process and items depend only on their
+    keys, so any num_workers gives the same batches. Call loader.batch_sampler.set_epoch(e) before each epoch."""
     return DataLoader(dataset, batch_sampler=TokenBudgetSampler(dataset, budget, seed, rank, world_size),
-                      collate_fn=functools.partial(collate, config=patch_size), num_workers=num_workers)
+                      collate_fn=functools.partial(collate, config=config), num_workers=num_workers)
 
 
 def skip_report(dataset, skipped):
@@ -1126,9 +1126,9 @@ class TaskStream:
     built-in datasets' render caches inside them, live for the whole stage. At each epoch's end rank 0 prints what
     was skipped or made smaller (skip_report, TokenBudgetSampler.report)."""
 
-    def __init__(self, dataset, budget, config, seed, rank, world, workers, grouped=True, pin=False, max_samples=0):
+    def __init__(self, dataset, budget, config, seed, rank, world, workers, pin=False, max_samples=0):
         self.sampler = TokenBudgetSampler(dataset, budget, seed, rank, world, max_samples)
-        self.dataset, self.config, self.workers, self.grouped, self.pin = dataset, config, workers, grouped, pin
+        self.dataset, self.config, self.workers, self.pin = dataset, config, workers, pin
         self.epoch, self.pos, self._it, self.skipped = 0, 0, None, []
 
     def state(self):
@@ -1147,7 +1147,7 @@ class TaskStream:
             epoch, pos = epoch + 1, 0
 
     def _open(self):
-        fn = functools.partial(collate, config=self.config, grouped=self.grouped)
+        fn = functools.partial(collate, config=self.config)
         # own generator: opening a DataLoader iterator draws a seed, which must not move the global RNG
         # (a resumed run opens one more iterator than an uninterrupted one)
         self._it = iter(DataLoader(self.dataset, batch_sampler=self._keys(self.epoch, self.pos), collate_fn=fn,

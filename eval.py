@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import convert
 import data
 import losses
 import render3d
@@ -627,25 +628,19 @@ def config_from_argv(argv):
 # loading: tokenizer (ours or official), Gaussian decoder, text tower
 
 
-def _released(name):
-    """True for the name of one of Apple's released checkpoints (model.PRETRAINED) that is not a local path:
-    model.AToken / model.GaussianDecoder.from_pretrained download it (once, into $ATOKEN_CACHE)."""
-    return bool(name) and name in model.PRETRAINED and not os.path.exists(name)
-
-
 def load_tokenizer(cfg):
     """-> (AToken in eval mode on CPU, info dict). Official: a released name, or checkpoint + YAML
     (model.AToken.from_pretrained). Ours:
     a dict with 'model_config' and 'model' (model.export(), or a training checkpoint that may also hold
     'ema' (preferred), 'loss_config' and 'gs_decoder'). Missing files: FileNotFoundError; weights that do
-    not fit the config: the ValueError of AToken.load_checkpoint_state, naming the keys."""
-    named = _released(cfg.checkpoint)
+    not fit the config: the ValueError of model.load_strict, naming the keys."""
+    named = convert.is_released(cfg.checkpoint)
     for path in (cfg.config,) if named else (cfg.checkpoint, cfg.config):
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"not found: {path}")
     if not cfg.checkpoint:
         raise ValueError("give --checkpoint=<file> (ours, or an official one with --config=<yaml>) or a released "
-                         f"name ({', '.join(n for n, e in model.PRETRAINED.items() if e['kind'] == 'tokenizer')})")
+                         f"name ({convert.released_names('tokenizer')})")
     if cfg.config or named:
         return (model.AToken.from_pretrained(cfg.checkpoint, cfg.config or None),
                 dict(kind='official', weights='model', loss_config=None, gs_decoder=None))
@@ -659,7 +654,7 @@ def load_tokenizer(cfg):
     weights = 'ema' if ck.get('ema') is not None else 'model'
     with torch.device('meta'):
         tok = model.AToken(config)
-    tok.load_checkpoint_state(ck[weights], source=f"{cfg.checkpoint} ['{weights}']")
+    model.load_strict(tok, ck[weights], f"{cfg.checkpoint} ['{weights}']")
     info = dict(kind='training' if len(set(ck) - {'model', 'model_config'}) else 'export', weights=weights,
                 loss_config=ck.get('loss_config'), gs_decoder=ck.get('gs_decoder'), text_tower=ck.get('text_tower'))
     return tok.eval(), info
@@ -669,7 +664,7 @@ def load_gs_decoder(cfg, model_config, state=None):
     """Official GaussianDecoder (gs_checkpoint + gs_config), or ours from a training checkpoint's 'gs_decoder'
     state dict (its gs_* sizes are model_config's), or None."""
     if cfg.gs_checkpoint or cfg.gs_config:
-        if not (cfg.gs_checkpoint and (cfg.gs_config or _released(cfg.gs_checkpoint))):
+        if not (cfg.gs_checkpoint and (cfg.gs_config or convert.is_released(cfg.gs_checkpoint))):
             raise ValueError("the official Gaussian decoder needs both --gs_checkpoint and --gs_config "
                              "(or --gs_checkpoint=3d_decode_gs, the released name)")
         return model.GaussianDecoder.from_pretrained(cfg.gs_checkpoint, cfg.gs_config or None)
@@ -677,7 +672,7 @@ def load_gs_decoder(cfg, model_config, state=None):
         return None
     with torch.device('meta'):
         gs = model.GaussianDecoder(model_config)
-    gs.load_checkpoint_state(state, source=f"{cfg.checkpoint} ['gs_decoder']")
+    model.load_strict(gs, state, f"{cfg.checkpoint} ['gs_decoder']")
     return gs.eval()
 
 

@@ -36,8 +36,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+import convert
 import data
 import model
+from structure import build_structure
 from configurator import apply_flags, pick_device     # the one --key=value parser and device picker
 
 
@@ -296,8 +298,8 @@ def write_index(cfg):
         meta = read_meta(os.path.join(cfg.out, name))
         shards.append(dict(file=name, samples=len(json.loads(meta['samples']))))
         skipped += json.loads(meta['skipped'])
-    model._write_json_atomic(os.path.join(cfg.out, 'index.json'),
-                             dict(shards=shards, samples=sum(s['samples'] for s in shards), skipped=skipped))
+    convert.save_json(dict(shards=shards, samples=sum(s['samples'] for s in shards), skipped=skipped),
+                      os.path.join(cfg.out, 'index.json'))
     with open(os.path.join(cfg.out, 'skipped.txt'), 'w') as f:
         f.writelines(f"{s}\t{r}\n" for s, r in skipped)
     if skipped:
@@ -327,7 +329,7 @@ def decode_samples(tok, items, batch_tokens):
         seqlens, kinds = [len(it['coords']) for it in its], [it['kind'] for it in its]
         grids = [tuple(it['grid']) if it['grid'] else None for it in its]
         x = model.Packed(z, coords, seqlens, kinds, grids, c.patch_size,
-                         model.build_structure(coords, seqlens, kinds, c)).to(p.device)
+                         build_structure(coords, seqlens, kinds, c)).to(p.device)
         out += [m.float().cpu() for m in model.unpack(tok.decode(x.feats.to(p.dtype), x), x, c.patch_size)]
     return out
 

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 import configurator
+import convert
 import data
 import eval as ev       # (eval is a builtin's name)
 import losses
@@ -50,10 +51,10 @@ class TrainConfig:
     # model
     preset: str = 'tiny'            # model.PRESETS key; `model` overrides its fields
     model: dict = field(default_factory=dict)
-    init_siglip2: str = ''          # SigLIP2 tower for the encoder ('' = random init); see model.load_siglip2_tower
+    init_siglip2: str = ''          # SigLIP2 tower for the encoder ('' = random init); see convert.load_siglip2_tower
     # fine-tuning (configs/finetune.py): start from a released tokenizer instead of SigLIP2 / random init. The
     # model config then comes from that checkpoint (`preset` is not used; `model` and the stage still override).
-    init_from: str = ''             # official checkpoint (+ init_config), a model.PRETRAINED name, or our tokenizer.pt
+    init_from: str = ''             # official checkpoint (+ init_config), a released name (convert.PRETRAINED), or our tokenizer.pt
     init_config: str = ''           # the official YAML of init_from (model.model_cfg.arch_cfg)
     init_gs: str = ''               # official Gaussian decoder: '3d_decode_gs', or a file + init_gs_config
     init_gs_config: str = ''
@@ -149,8 +150,8 @@ def check_init(cfg):
                          "encoder, so it trains nothing (and has no gradient); drop 'image_und' from the stage mix")
     for key in ('init_from', 'init_config', 'init_gs', 'init_gs_config'):
         path = getattr(cfg, key)
-        if path and not os.path.exists(path) and path not in model.PRETRAINED:
-            raise FileNotFoundError(f"{key}={path!r}: no such file, and not a released name ({sorted(model.PRETRAINED)})")
+        if path and not os.path.exists(path) and path not in convert.PRETRAINED:
+            raise FileNotFoundError(f"{key}={path!r}: no such file, and not a released name ({sorted(convert.PRETRAINED)})")
 
 
 def load_config(argv):
@@ -180,9 +181,11 @@ def base_model_config(cfg):
     sizes), else the preset."""
     if not cfg.init_from:
         return model.PRESETS[cfg.preset]
-    c = model.pretrained_config(cfg.init_from, cfg.init_config or None)
+    fields, _, source = convert.tokenizer_source(cfg.init_from, cfg.init_config or None, weights=False)
+    c = model.ModelConfig.from_dict(fields, source)
     if cfg.init_gs:
-        g = model.pretrained_gs_config(cfg.init_gs, cfg.init_gs_config or None)
+        fields, _, source = convert.gaussian_source(cfg.init_gs, cfg.init_gs_config or None, weights=False)
+        g = model.ModelConfig.from_dict(fields, source)
         if g.patch_size[1:] != c.patch_size[1:]:
             raise ValueError(f"init_gs reads {g.patch_size[1:]} patches, init_from makes {c.patch_size[1:]}")
         c = replace(c, **{f: getattr(g, f) for f in ('gs_width', 'gs_depth', 'gs_heads', 'gs_mlp', 'gs_window',
@@ -423,14 +426,14 @@ def load_init(cfg, tok, gs):
     if old != tok.config.latent_channels:
         print0(f"init_from: widening the latent {old} -> {tok.config.latent_channels}")
         sd = widen_latent(dict(sd), old, tok.config.latent_channels)
-    tok.load_checkpoint_state(sd, source=f"init_from={cfg.init_from}")
+    model.load_strict(tok, sd, f"init_from={cfg.init_from}")
     if cfg.init_gs:
         g = model.GaussianDecoder.from_pretrained(cfg.init_gs, cfg.init_gs_config or None)
-        gs.load_checkpoint_state(g.state_dict(), source=f"init_gs={cfg.init_gs}")
+        model.load_strict(gs, g.state_dict(), f"init_gs={cfg.init_gs}")
     elif os.path.isfile(cfg.init_from) and not cfg.init_config and not cfg.init_from.endswith('.safetensors'):
         ck = torch.load(cfg.init_from, map_location='cpu', weights_only=True, mmap=True)
         if ck.get('gs_decoder'):
-            gs.load_checkpoint_state(ck['gs_decoder'], source=f"{cfg.init_from} ['gs_decoder']")
+            model.load_strict(gs, ck['gs_decoder'], f"{cfg.init_from} ['gs_decoder']")
     print0(f"fine-tuning from {cfg.init_from}" + (f" ({cfg.init_config})" if cfg.init_config else '') +
            (f", Gaussian decoder {cfg.init_gs}" if cfg.init_gs else ''))
 
@@ -465,7 +468,7 @@ def build_trainable(cfg, stage, state, frozen, loss_cfg):
         if old != mcfg.latent_channels:
             print0(f"stage {stage['name']}: widening the latent {old} -> {mcfg.latent_channels}")
             sd = widen_latent(sd, old, mcfg.latent_channels)
-        tok.load_checkpoint_state(sd, 'previous stage')
+        model.load_strict(tok, sd, 'previous stage')
         gs.load_state_dict(state['gs'])
         temp.load_state_dict(state['temperature'])
         if text is not None and state.get('text'):
@@ -506,6 +509,45 @@ def local(t):
     return t.full_tensor() if hasattr(t, 'full_tensor') else t
 
 # -----------------------------------------------------------------------------
+# torch.compile: every transformer block, or the tokenizer's whole forward (compile_scope)
+
+
+def dynamic_sizes_apart():
+    """torch.compile's dynamic shapes give two sizes that are equal when a graph is traced one symbol ("duck
+    sizing"): a first micro-batch of 256 tokens would tie the token count to the position table's 256 rows, or 4
+    images to the 4 coords, and the next micro-batch would compile again. Off, every size keeps its own symbol
+    (as torch's own recompile message advises). Process-wide: set by the two functions below."""
+    torch.fx.experimental._config.use_duck_shape = False
+
+
+def compile_blocks(module):
+    """torch.compile every transformer block of module (tokenizer encoder and decoder, Gaussian decoder) in place,
+    with fullgraph=True and dynamic shapes. Packed batches change size every micro-batch; the attention plan marks
+    its sizes dynamic (kernels/grouped.py), so one graph per block serves every micro-batch without recompiling
+    (tests/test_step.py). On CUDA the attention inside is the Triton kernel, registered as a custom op, so it stays
+    inside the graph. Module.compile() keeps parameter names, so checkpoints and EMA are unaffected."""
+    dynamic_sizes_apart()
+    for m in module.modules():
+        if isinstance(m, model.Block):
+            m.compile(fullgraph=True, dynamic=True)
+
+
+def compile_tokenizer(tok, **kwargs):
+    """torch.compile the tokenizer's whole training forward (encoder, pooling head, bottleneck, decoder: one graph,
+    no break) in place, with dynamic shapes. Against compile_blocks, the code between the blocks (input layer,
+    position table, RoPE table, final norms, bottleneck) is fused too, and the backward is one autograd node rather
+    than one per op: what a small model pays for most on a CPU (NOTES.md). The cost is one compilation per kind of
+    micro-batch; micro-batches of other sizes reuse it (tests/test_step.py). Only forward() is compiled; parameter
+    names are kept. Not with FSDP2, which shards per block. kwargs go to torch.compile (e.g. backend='aot_eager')."""
+    dynamic_sizes_apart()
+    # each kind of micro-batch is its own graph: the forward's flags, one-frame or not, and the attention path its
+    # layout takes (unmasked / masked SDPA / GroupedAttention): a dozen or so over the six tasks, more than
+    # torch.compile keeps by default (8, after which it would run the rest eagerly)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    tok.compile(dynamic=True, **kwargs)
+
+
+# -----------------------------------------------------------------------------
 # the run: a stage's set-up, one optimizer step, checkpoints and evaluation hooks; main() at the end
 
 
@@ -538,10 +580,10 @@ def start_stage(cfg, i, stage, s_step, prev, ckpt, frozen, loss_cfg, rank, world
     raw = raw.to(device)
     net = wrap(raw, cfg, world, device)
     if cfg.compile and cfg.compile_scope == 'tokenizer':
-        model.compile_tokenizer(raw.tok)
-        model.compile_blocks(raw.gs)
+        compile_tokenizer(raw.tok)
+        compile_blocks(raw.gs)
     elif cfg.compile:
-        model.compile_blocks(raw)
+        compile_blocks(raw)
     fused_opt = not (cfg.parallel == 'fsdp' and world > 1)      # fused AdamW: CPU and CUDA, not DTensors
     opt = torch.optim.AdamW(param_groups({'tok': raw.tok, 'gs': raw.gs, 'temp': raw.temperature,
                                           **({'text': raw.text} if raw.text is not None else {})}, cfg),
@@ -551,7 +593,7 @@ def start_stage(cfg, i, stage, s_step, prev, ckpt, frozen, loss_cfg, rank, world
     ema = {n: p.detach().clone() for n, p in raw.named_parameters() if p.requires_grad}
     dsets = data.build_datasets(cfg, stage, raw.tok.config)
     streams = {t: data.TaskStream(d, data.task_budget(stage, t), raw.tok.config, cfg.seed + 1000 * TASKS.index(t),
-                                  rank, world, cfg.num_workers, grouped=not cuda, pin=cuda,
+                                  rank, world, cfg.num_workers, pin=cuda,
                                   max_samples=data.task_samples(stage, t, world)) for t, d in dsets.items()}
     if ckpt is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -666,7 +708,7 @@ def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_s
         if end_of_stage and cfg.export_official:    # Apple's layout (loads in apple/ml-atoken)
             folder = os.path.join(cfg.out_dir, f"official_{cfg.stages[stage_i]['name']}")
             gs = bool(cfg.init_gs) or any('3d_rec' in s['mix'] for s in cfg.stages)  # a Gaussian decoder worth keeping
-            model.export_official(export, folder, with_gs=gs)
+            convert.export_official(export, folder, with_gs=gs)
             print0(f"official layout: {folder}/atoken.pt + atoken.yaml")
     return trainable
 

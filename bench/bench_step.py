@@ -120,10 +120,11 @@ def measure_cpu(args):
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     if args.cpu_compile == 2:                     # (an older checkout without compile_tokenizer: the same call)
-        getattr(model, 'compile_tokenizer', lambda tok: tok.compile(dynamic=True))(net.tok)
-        api((model, 'compile_blocks'), (train, 'compile_blocks'))(net.gs)
+        fn = next((m.compile_tokenizer for m in (train, model) if hasattr(m, 'compile_tokenizer')), None)
+        fn(net.tok) if fn else net.tok.compile(dynamic=True)
+        api((train, 'compile_blocks'), (model, 'compile_blocks'))(net.gs)
     elif args.cpu_compile:
-        api((model, 'compile_blocks'), (train, 'compile_blocks'))(net)
+        api((train, 'compile_blocks'), (model, 'compile_blocks'))(net)
     Census = census_mode()
     budget = stage.get('tokens', 4096)
     out = {}
@@ -215,14 +216,17 @@ def measure_gpu(args):
     frozen = train.losses.FrozenNets(loss_cfg, embed_dim=mcfg.encoder_width).to(dev)
     net = train.build_trainable(cfg, stage, None, frozen, loss_cfg).to(dev)
     if args.compile:
-        api((model, 'compile_blocks'), (train, 'compile_blocks'), (train, 'compile_token_parts'))(net)
+        api((train, 'compile_blocks'), (model, 'compile_blocks'), (train, 'compile_token_parts'))(net)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=cuda)
     ds = api((data, 'build_datasets'), (train, 'build_datasets'))(cfg, stage, mcfg)['image_rec']
     TaskStream = api((data, 'TaskStream'), (train, 'TaskStream'))
-    try:
-        stream = TaskStream(ds, args.tokens, mcfg, 0, 0, 1, 8 if cuda else 1, grouped=not cuda, pin=cuda)
-    except TypeError:
-        stream = TaskStream(ds, args.tokens, mcfg.patch_size, 0, 0, 1, 8)
+    for kwargs in (dict(pin=cuda), dict(grouped=not cuda, pin=cuda)):     # this tree, then older checkouts
+        try:
+            stream = TaskStream(ds, args.tokens, mcfg, 0, 0, 1, 8 if cuda else 1, **kwargs)
+            break
+        except TypeError:
+            stream = None
+    stream = stream or TaskStream(ds, args.tokens, mcfg.patch_size, 0, 0, 1, 8)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     phases = {k: [] for k in ('data', 'copy', 'forward', 'loss', 'backward', 'optimizer', 'step')}

@@ -2,19 +2,19 @@
 How fast is kernels/attention.py? TFLOP/s of forward and forward+backward of varlen attention with 4D RoPE
 on a packed mixed-resolution batch (images of many sizes + 16-frame video tiles, So400m heads: 16 x 72),
 against PyTorch SDPA with each backend and the packing it needs (per-segment loop, padding + key mask,
-nested jagged tensors) and FlexAttention with a document mask; then the end-to-end training step time
-of the tokenizer (encoder + decoder, forward + backward) with the kernel vs the reference path.
+nested jagged tensors), FlexAttention with a document mask, and the grouped pure-torch path the model runs on CPU
+(kernels/grouped.py). The end-to-end training step is bench/bench_step.py's.
 
 FLOPs (useful work only; padded and masked methods are credited the same):
   forward         4 * h * d * sum_i n_i * m_i      (QK^T and PV, 2 FLOPs per multiply-add)
   forward+back    3.5 x forward                    (the backward recomputes QK^T: 5 matmuls vs 2)
-Every method includes applying 4D RoPE to q and k (the kernel does it in registers, the others with
-kernels.attention.rope_ref in torch). The block mask / block lists are built outside the timed region for
+Every method includes applying 4D RoPE to q and k (the kernel does it in registers, the others with one complex
+multiply in torch, as model.Rope). The block mask / block lists are built outside the timed region for
 FlexAttention, inside it for the kernel (one host copy of cu_seqlens per call).
 
-    python kernels/bench_attention.py               # CPU: small batch, reference/SDPA/Flex rows, tiny model
-    python kernels/bench_attention.py --size full   # GPU: 64-1024 px images + video tiles, So400m step
-    options: --heads 16 --head_dim 72 --dtype bfloat16 --reps 10 --preset so400m
+    python kernels/bench_attention.py               # CPU: small batch, reference/SDPA/Flex/grouped rows
+    python kernels/bench_attention.py --size full   # GPU: 64-1024 px images + video tiles
+    options: --heads 16 --head_dim 72 --dtype bfloat16 --reps 10
 """
 import os
 import sys
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels.attention as kattn
-import model
+from kernels import grouped
 
 # (kind, frames, height, width) at patch (4, 16, 16): tokens = frames/4 * h/16 * w/16
 WORKLOADS = {
@@ -64,13 +64,21 @@ def make_methods(coords, lens, cu, device):
     seg = torch.repeat_interleave(torch.arange(S, device=device), lens_t)        # [N] segment of each token
     pos = torch.arange(N, device=device) - cu[:-1].long()[seg]                  # [N] position in segment
     key_mask = (torch.arange(L, device=device)[None] < lens_t[:, None])[:, None, None]  # [S, 1, 1, L]
-    rope = lambda q, k: (kattn.rope_ref(q, coords, 10000.0), kattn.rope_ref(k, coords, 10000.0))
+    rot = {}
+
+    def rope(q, k):             # 4D RoPE as model.Rope (this file may not import model.py): one complex multiply
+        if 'r' not in rot:
+            ang = (coords.float()[:, :, None] * kattn.rope_freqs(q.shape[-1], 10000.0, q.device)).flatten(1)
+            rot['r'] = torch.polar(torch.ones_like(ang), ang)[:, None]         # [N, 1, d/2]
+        turn = lambda x: torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * rot['r'])
+        return turn(q).flatten(-2).to(q.dtype), turn(k).flatten(-2).to(k.dtype)
+    plan = grouped.plan(cu.cpu(), cu.cpu(), max(lens), max(lens)).to(device)
 
     def loop(backend):
         def f(q, k, v):
             q, k = rope(q, k)
             with sdpa_kernel(backend):
-                return kattn.attention_ref(q, k, v, cu, cu)
+                return kattn.attention_ref(q, k, v, cu.cpu(), cu.cpu())
         return f
 
     def padded(backend):
@@ -90,8 +98,8 @@ def make_methods(coords, lens, cu, device):
                 return F.scaled_dot_product_attention(nt(q), nt(k), nt(v)).transpose(1, 2).values()
         return f
 
-    methods = {'triton kernel (RoPE fused)': lambda q, k, v: kattn.attention(
-        q, k, v, cu, cu, coords, coords, backend='triton')}
+    methods = {'triton kernel (RoPE fused)': lambda q, k, v: kattn.varlen_attention(q, k, v, cu, cu, coords, coords),
+               'grouped pure torch (the model on CPU)': lambda q, k, v: grouped.attention(*rope(q, k), v, plan)}
     backends = [('flash', SDPBackend.FLASH_ATTENTION), ('efficient', SDPBackend.EFFICIENT_ATTENTION),
                 ('cudnn', SDPBackend.CUDNN_ATTENTION), ('math', SDPBackend.MATH)]
     for name, b in backends:
@@ -134,7 +142,7 @@ def timeit(fn, reps, warmup, device):
 
 def bench_attention(args, device, dtype):
     coords, lens = packed_coords(WORKLOADS[args.size], device)
-    cu = model.cu_seqlens(lens, device)
+    cu = F.pad(torch.tensor(lens).cumsum(0), (1, 0)).to(device, torch.int32)
     N, h, d = sum(lens), args.heads, args.head_dim
     flops = 4 * h * d * sum(n * n for n in lens)
     print(f"workload '{args.size}': {len(lens)} segments, lengths {lens}, N = {N} tokens, h = {h}, d = {d}, "
@@ -144,7 +152,7 @@ def bench_attention(args, device, dtype):
     q, k, v = (torch.randn(N, h, d, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
     do = torch.randn(N, h, d, generator=g).to(device, dtype)
     q0, k0, v0 = q.detach(), k.detach(), v.detach()                             # forward-only timing
-    ref = kattn.attention_ref(q, k, v, cu, cu, coords, coords).float()
+    ref = make_methods(coords, lens, cu, device)['sdpa math: per-segment loop'](q, k, v).float()
     print(f"{'method':40s} {'fwd ms':>9s} {'TFLOP/s':>8s} {'fwd+bwd ms':>11s} {'TFLOP/s':>8s} {'max|err|':>9s}")
     for name, fn in make_methods(coords, lens, cu, device).items():
         if 'triton' in name and device.type != 'cuda':
@@ -164,56 +172,6 @@ def bench_attention(args, device, dtype):
         print(f"{name:40s} {cells[0]:>9s} {cells[1]:>8s} {cells[2]:>11s} {cells[3]:>8s} {err:>9s} {why}")
 
 
-# -----------------------------------------------------------------------------
-# end to end: one training step of the tokenizer (encoder + decoder, L1 loss), kernel vs reference
-
-
-def model_calls_kernel():
-    """model.py routes attention through kernels.attention once it is wired; until then patch it here."""
-    src = open(model.__file__).read()
-    if 'kernels.attention' in src or 'from kernels' in src:
-        return True
-    model.attention = lambda q, k, v, cu_q, cu_k, softcap=None: kattn.attention(q, k, v, cu_q, cu_k,
-                                                                                softcap=softcap)
-    return False
-
-
-def bench_step(args, device, dtype):
-    cfg = model.PRESETS[args.preset]
-    torch.manual_seed(0)
-    net = model.AToken(cfg).to(device)
-    media = [torch.rand(T, H, W, 3) * 2 - 1 if kind == 'video' else torch.rand(H, W, 3) * 2 - 1
-             for kind, T, H, W in WORKLOADS[args.size]]
-    x = net.pack([m.to(device) for m in media])
-    amp = torch.autocast('cuda', dtype) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
-    fused = model_calls_kernel()
-    print(f"\nend-to-end step, preset '{args.preset}' ({net.num_params() / 1e6:.1f}M params), {len(x.seqlens)} "
-          f"samples, {sum(x.seqlens)} tokens, patch {cfg.patch_size}; model.py "
-          f"{'calls the kernel' if fused else 'does not call the kernel yet: patched here, RoPE not fused'}")
-
-    def step():
-        with amp:
-            loss = (net(x)['rec'].float() - x.feats.float()).abs().mean()
-        loss.backward()
-    for backend in ('triton', 'reference'):
-        if backend == 'triton' and device.type != 'cuda':
-            print(f"  {backend:10s} needs CUDA")
-            continue
-        kattn.BACKEND = backend
-        if device.type == 'cuda':
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            t = timeit(step, max(2, args.reps // 3), 1, device)
-        except torch.OutOfMemoryError:  # the per-segment reference at the 'full' workload needs > 80 GB
-            net.zero_grad(set_to_none=True)
-            print(f"  {backend:10s} out of memory")
-            continue
-        mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == 'cuda' else ''
-        print(f"  {backend:10s} {t * 1e3:9.1f} ms / step{mem}")
-    kattn.BACKEND = 'auto'
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[1])
     p.add_argument('--size', choices=list(WORKLOADS), default=None, help='small on CPU, full on CUDA')
@@ -222,18 +180,15 @@ def main():
     p.add_argument('--dtype', default='bfloat16', help='on CUDA; CPU runs fp32')
     p.add_argument('--reps', type=int, default=10)
     p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--preset', default=None, help="model preset for the step time (tiny on CPU, so400m on CUDA)")
     args = p.parse_args()
     warnings.filterwarnings('ignore')                           # SDPA / nested-tensor backend chatter
     logging.getLogger('torch').setLevel(logging.ERROR)
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     dtype = getattr(torch, args.dtype) if device.type == 'cuda' else torch.float32
     args.size = args.size or ('full' if device.type == 'cuda' else 'small')
-    args.preset = args.preset or ('so400m' if device.type == 'cuda' else 'tiny')
     name = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     print(f"device: {name}, torch {torch.__version__}, triton {'yes' if kattn.HAS_TRITON else 'no'}")
     bench_attention(args, device, dtype)
-    bench_step(args, device, dtype)
 
 
 if __name__ == '__main__':

@@ -483,7 +483,7 @@ def test_oversized_asset_is_left_out_and_named(tmp_path):
         counts.append(len(pack['coords']))
     assert counts[0] > counts[1]
     ds = data.AssetFolder(str(tmp_path), patch_size=PS)
-    loader = data.make_loader(ds, budget=counts[0] - 1, patch_size=PS)
+    loader = data.make_loader(ds, budget=counts[0] - 1, config=PS)
     sources = [s for batch in loader for s in batch.sources]
     assert [os.path.basename(s) for s in sources] == ['b']
     report = loader.batch_sampler.report(0)
@@ -528,7 +528,7 @@ def test_loader_skips_bad_files_and_reports(files):
 def test_tiny_model_runs_on_a_packed_batch():
     torch.manual_seed(0)
     tok = model.AToken(model.PRESETS['tiny']).init_weights()
-    batch = next(iter(data.make_loader(mixed(6, 2), 400, PS)))
+    batch = next(iter(data.make_loader(mixed(6, 2), 400, model.PRESETS['tiny'])))
     assert batch.packed.feats.dtype == torch.uint8               # pixels travel as uint8
     with pytest.raises(ValueError, match='uint8'):
         tok(batch.packed)

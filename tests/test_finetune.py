@@ -1,6 +1,7 @@
 """Fine-tuning from Apple's checkpoints (train.py init_from / init_gs / freeze_* / export_official) and the
-official-layout export (model.official_arch, model.save_official). CPU, no network: the tiny official-format
+official-layout export (convert.arch_from_fields, convert.save_official). CPU, no network: the tiny official-format
 checkpoint of tests/data/official_tiny.pt (width 72, FSQ 8 x 4096, 16 x 16 patches) stands in for atoken-sod."""
+import dataclasses
 import json
 import os
 
@@ -10,6 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
+import convert
 import losses
 import model
 import train
@@ -63,23 +65,33 @@ def outputs(tok, media):
 # --- official layout: config inverse and weights round trip ---------------------------------------------
 
 
+def arch_of(config):
+    return convert.arch_from_fields(dataclasses.asdict(config))
+
+
 def test_official_arch_round_trip():
     for arch in (REF['arch_cfg'], {**REF['arch_cfg'], 'use_quantizer': False}):
-        back = model.official_arch(model.official_config(arch))
+        back = arch_of(model.ModelConfig.from_official(arch))
         if not arch['use_quantizer']:      # a continuous model writes no quantizer fields
             arch = {k: v for k, v in arch.items() if not k.startswith('quantizer_')}
         assert back == arch
-    so400m = model.official_config(model.PRETRAINED['atoken-sod']['arch'])
-    assert model.official_arch(so400m) == model.PRETRAINED['atoken-sod']['arch']
-    assert model.official_gs_model(model.official_gs_config(GS_REF['config'])) == GS_REF['config']
+    so400m = model.ModelConfig.from_official(convert.PRETRAINED['atoken-sod']['arch'])
+    assert arch_of(so400m) == convert.PRETRAINED['atoken-sod']['arch']
+    gs = model.ModelConfig.from_official(GS_REF['config'], gaussian=True)
+    assert convert.gs_model_from_fields(dataclasses.asdict(gs)) == GS_REF['config']
     with pytest.raises(ValueError, match='pos_grid'):
-        model.official_arch(model.ModelConfig(pos_grid=8))
+        arch_of(model.ModelConfig(pos_grid=8))
+    # the Gaussian decoder's representation constants are the official YAML's
+    rep = convert.PRETRAINED['3d_decode_gs']['arch']['representation_config']
+    assert (rep['voxel_size'], rep['scaling_bias'], rep['opacity_bias'], rep['3d_filter_kernel_size']) == \
+        (model.GS_VOXEL_SIZE, model.GS_SCALE_BIAS, model.GS_OPACITY_BIAS, model.GS_MIN_SCALE)
 
 
 @pytest.mark.parametrize('ext', ['pt', 'safetensors'])
 def test_save_official_reloads_identically(tmp_path, official, ext):
     tok = model.AToken.from_pretrained(official[0], official[1])
-    model.save_official(tok, str(tmp_path / f'out.{ext}'), str(tmp_path / 'out.yaml'))
+    convert.save_official(tok.state_dict(), convert.tokenizer_yaml(dataclasses.asdict(tok.config)),
+                          str(tmp_path / f'out.{ext}'), str(tmp_path / 'out.yaml'))
     again = model.AToken.from_pretrained(str(tmp_path / f'out.{ext}'), str(tmp_path / 'out.yaml'))
     assert again.config == tok.config
     media = [REF['inputs']['image'], REF['inputs']['video']]
@@ -96,7 +108,8 @@ def test_save_official_gaussian_decoder(tmp_path):
     torch.save(GS_REF['state_dict'], tmp_path / 'gs.pt')
     (tmp_path / 'gs.yaml').write_text(yaml.safe_dump({'model': GS_REF['config']}))
     gs = model.GaussianDecoder.from_pretrained(str(tmp_path / 'gs.pt'), str(tmp_path / 'gs.yaml'))
-    model.save_official(gs, str(tmp_path / 'out.pt'), str(tmp_path / 'out.yaml'))
+    convert.save_official(gs.state_dict(), convert.gs_yaml(dataclasses.asdict(gs.cfg)), str(tmp_path / 'out.pt'),
+                          str(tmp_path / 'out.yaml'))
     again = model.GaussianDecoder.from_pretrained(str(tmp_path / 'out.pt'), str(tmp_path / 'out.yaml'))
     with torch.no_grad():
         a = gs(GS_REF['inputs']['feats'], GS_REF['inputs']['coords_xyz'])

@@ -12,13 +12,15 @@ import torch
 import yaml
 
 import model
+import structure
+from kernels.attention import attention
 
 REF = torch.load(os.path.join(os.path.dirname(__file__), 'data', 'official_gs_tiny.pt'), weights_only=False)
 
 
 def official_decoder():
-    g = model.GaussianDecoder(model.official_gs_config(REF['config']))
-    g.load_checkpoint_state(REF['state_dict'])
+    g = model.GaussianDecoder(model.ModelConfig.from_official(REF['config'], gaussian=True))
+    model.load_strict(g, REF['state_dict'])
     return g.eval()
 
 
@@ -35,9 +37,9 @@ def test_matches_official():
 
 def test_windowing_matters():
     """The reference pins the 8^3 windows: one global window gives clearly different Gaussians."""
-    cfg = dataclasses.replace(model.official_gs_config(REF['config']), gs_window=64)
+    cfg = dataclasses.replace(model.ModelConfig.from_official(REF['config'], gaussian=True), gs_window=64)
     g = model.GaussianDecoder(cfg)
-    g.load_checkpoint_state(REF['state_dict'])
+    model.load_strict(g, REF['state_dict'])
     with torch.no_grad():
         o = g.eval()(REF['inputs']['feats'], REF['inputs']['coords_xyz'])
     assert (o['features_dc'] - REF['outputs']['features_dc']).abs().max() > 1e-2
@@ -116,7 +118,7 @@ def test_sincos_embedding_by_hand():
 def test_softcap_attention_by_hand():
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 1, 4) * 20, torch.randn(5, 1, 4) * 20, torch.randn(5, 1, 4)
-    out = model.attention(q, k, v, model.Layout.build([3], [5]), softcap=30.0)
+    out = attention(q, k, v, structure.Layout.build([3], [5]).to('cpu'), softcap=30.0)
     for i in range(3):
         s = [30 * math.tanh(sum(q[i, 0, d].item() * k[j, 0, d].item() for d in range(4)) / 2 / 30) for j in range(5)]
         w = [math.exp(x - max(s)) for x in s]

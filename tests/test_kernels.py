@@ -1,6 +1,8 @@
 """
-Tests of kernels/attention.py: the Triton kernel against the pure-torch reference (forward, dq, dk, dv),
-and the reference against model.py's attention + RoPE and against dense masked SDPA.
+Tests of kernels/: the Triton kernel (kernels/attention.py) against the pure-torch reference (forward, dq, dk, dv),
+the grouped pure-torch path (kernels/grouped.py, what the model runs on CPU) against the reference, the reference
+against dense masked SDPA, and the CPU RMSNorm op (kernels/rmsnorm.py) against PyTorch's. RoPE in the references is
+the model's one pure-torch RoPE (model.Rope).
 
 Without a GPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set below and in
 tests/conftest.py before kernels.attention is imported), with tiny shapes: about 15 s on 2 CPU cores.
@@ -18,7 +20,9 @@ if not torch.cuda.is_available():       # must precede the import of kernels.att
 import pytest
 
 import model
-from kernels.attention import attention, attention_ref
+import structure
+from kernels import grouped, rmsnorm
+from kernels.attention import attention, attention_ref, prepare, use_triton, varlen_attention
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -34,6 +38,11 @@ CASES = {
 }
 
 
+def cu_seqlens(lengths, device):
+    """[l0, l1, ...] -> [0, l0, l0+l1, ...] int32 (flash-attention convention)."""
+    return torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(device, torch.int32)
+
+
 def make_inputs(d, lq, lk, rope, dtype=torch.float32, heads=2, device=DEVICE, seed=0):
     """Random q [N, h, d], k, v [M, h, d] (views of one fused qkv tensor when lq == lk, as in the model),
     cu_q, cu_k, and coords in [0, 16) or None."""
@@ -45,15 +54,24 @@ def make_inputs(d, lq, lk, rope, dtype=torch.float32, heads=2, device=DEVICE, se
     else:
         q = torch.randn(N, heads, d, generator=g).to(device, dtype).requires_grad_()
         k, v = (torch.randn(M, heads, d, generator=g).to(device, dtype).requires_grad_() for _ in range(2))
-    cu_q, cu_k = model.cu_seqlens(lq, device), model.cu_seqlens(lk, device)
+    cu_q, cu_k = cu_seqlens(lq, device), cu_seqlens(lk, device)
     cq = torch.randint(0, 16, (N, 4), generator=g).to(device) if rope else None
     ck = torch.randint(0, 16, (M, 4), generator=g).to(device) if rope else None
     return q, k, v, cu_q, cu_k, cq, ck
 
 
+def reference(q, k, v, cu_q, cu_k, cq=None, ck=None, softcap=None, theta=10000.0):
+    """The reference with RoPE from coords: model.Rope, then one SDPA per segment."""
+    if cq is not None:
+        d = q.shape[-1]
+        q, k = model.Rope.make(cq, d, theta).rotate(q), model.Rope.make(ck, d, theta).rotate(k)
+    return attention_ref(q, k, v, cu_q.cpu(), cu_k.cpu(), softcap)
+
+
 def run(backend, q, k, v, cu_q, cu_k, cq, ck, softcap, do):
-    """Output and (dq, dk, dv) of one backend for the upstream gradient do."""
-    o = attention(q, k, v, cu_q, cu_k, cq, ck, softcap=softcap, backend=backend)
+    """Output and (dq, dk, dv) of the Triton kernel or the reference for the upstream gradient do."""
+    f = varlen_attention if backend == 'triton' else reference
+    o = f(q, k, v, cu_q, cu_k, cq, ck, softcap=softcap)
     return o, torch.autograd.grad(o, (q, k, v), do)
 
 
@@ -77,31 +95,46 @@ def test_kernel_matches_reference_fp32(case):
         assert grads[1][sum(lk[:s]):sum(lk[:s + 1])].abs().max() == 0
 
 
-def test_auto_backend_is_reference_on_cpu():
-    q, k, v, cu_q, cu_k, cq, ck = make_inputs(72, [5, 9], [5, 9], True, device='cpu')
-    out = attention(q, k, v, cu_q, cu_k, cq, ck)
-    assert torch.equal(out, attention_ref(q, k, v, cu_q, cu_k, cq, ck))
+def test_cpu_takes_the_grouped_path():
+    """On the CPU the entry point never runs the kernel: a layout moved there carries the grouped path's plan."""
+    q = make_inputs(72, [5, 9], [5, 9], True, device='cpu')[0]
+    assert not use_triton(q)
+    layout = structure.Layout.build([5, 9], [5, 9]).to('cpu')
+    assert isinstance(layout.plan, grouped.Plan)
+    assert isinstance(prepare(layout.cu_q_host, layout.cu_k_host, 9, 9, 'cpu'), grouped.Plan)
+
+
+def test_plan_memory_is_what_attention_computes():
+    """A layout whose groups are whole segments needs no mask: one 4,096-token segment (one 2,048 px image of 32 px
+    patches) makes no [4096, 4096] mask or bias (they took 4 GiB + 16 GiB for one 2048 x 2048 image at 8 px)."""
+    p = grouped.plan(torch.tensor([0, 4096], dtype=torch.int32), torch.tensor([0, 4096], dtype=torch.int32), 4096, 4096)
+    assert p.full and p.identity and p.mask is None and p.bias is None
+    assert sum(x.numel() * x.element_size() for x in (p.q_gather, p.k_gather, p.q_scatter, p.k_scatter, p.q_real)) \
+        < 200_000
+    masked = grouped.plan(torch.tensor([0, 3, 8], dtype=torch.int32), torch.tensor([0, 3, 8], dtype=torch.int32), 5, 5)
+    assert not masked.full and masked.mask.shape == (2, 1, 5, 5)     # 3 + 5 tokens do not fit one 5-slot group
 
 
 # -----------------------------------------------------------------------------
-# the reference vs model.py and vs dense SDPA (CPU, cheap)
+# the grouped path (the model's attention on CPU) vs the reference, and the reference vs dense SDPA (CPU, cheap)
 
 
 @pytest.mark.parametrize('softcap', [None, 30.0])
 @pytest.mark.parametrize('small_scores', [0, 10 ** 9], ids=['sdpa', 'explicit'])
-def test_reference_matches_model(softcap, small_scores, monkeypatch):
-    """The model's one attention path on CPU (RoPE from model.Rope, then one masked SDPA over grouped
-    segments) == the per-segment reference loop with RoPE from coords; uneven segments, one without queries."""
+def test_grouped_path_matches_reference(softcap, small_scores, monkeypatch):
+    """The model's attention call on CPU (RoPE from model.Rope, then the segments grouped: one masked SDPA, or
+    GroupedAttention for short groups) == the per-segment reference loop; uneven segments, one without queries."""
     lq, lk = [1, 0, 17, 40, 3], [5, 3, 17, 43, 60]
     q, k, v, cu_q, cu_k, cq, ck = make_inputs(72, lq, lk, True, device='cpu')
     theta = 10000.0
-    monkeypatch.setattr(model, 'SMALL_SCORES', small_scores)      # both CPU paths: SDPA and explicit softmax
-    layout = model.Layout.build(lq, lk)
-    assert layout.mask.shape[0] < len(lq)           # some segments share a group
-    rq, rk = (model.Rope.make(c, 72, theta, fused=False) for c in (cq, ck))
+    monkeypatch.setattr(grouped, 'SMALL_SCORES', small_scores)    # both CPU paths: SDPA and explicit softmax
+    layout = structure.Layout.build(lq, lk).to('cpu')
+    assert layout.plan.mask.shape[0] < len(lq)      # some segments share a group
+    assert layout.plan.small == bool(small_scores)
+    rq, rk = (model.Rope.make(c, 72, theta) for c in (cq, ck))
     q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
-    got = model.attention(q, k, v, layout, rq, rk, softcap)
-    want = attention_ref(q, k, v, cu_q, cu_k, cq, ck, theta, softcap)
+    got = attention(q, k, v, layout, rq, rk, softcap)
+    want = reference(q, k, v, cu_q, cu_k, cq, ck, softcap, theta)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
     do = torch.randn_like(got)                      # gradients too: empty slots must contribute nothing
     g1 = torch.autograd.grad(got, (q, k, v), do)
@@ -119,15 +152,15 @@ def test_reference_matches_dense_masked_sdpa():
     mask = seg_q[:, None] == seg_k[None, :]                                     # [N, M]
     dense = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask).transpose(0, 1)
-    torch.testing.assert_close(attention_ref(q, k, v, cu_q, cu_k), dense, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(reference(q, k, v, cu_q, cu_k), dense, atol=1e-6, rtol=1e-5)
 
 
 def test_rope_is_relative():
     """Shifting every coordinate by one constant leaves attention unchanged (paper: relative 4D RoPE)."""
     q, k, v, cu_q, cu_k, cq, ck = make_inputs(72, [7, 20], [7, 20], True, device='cpu')
     shift = torch.tensor([3, -5, 11, 2])
-    a = attention_ref(q, k, v, cu_q, cu_k, cq, ck)
-    b = attention_ref(q, k, v, cu_q, cu_k, cq + shift, ck + shift)
+    a = reference(q, k, v, cu_q, cu_k, cq, ck)
+    b = reference(q, k, v, cu_q, cu_k, cq + shift, ck + shift)
     torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
 
 
@@ -156,7 +189,7 @@ def bad_inputs():
 def test_wrapper_rejects_bad_inputs(name):
     args, message = bad_inputs()[name]
     with pytest.raises(ValueError, match=message):
-        attention(*args, backend='triton')
+        varlen_attention(*args)
 
 
 def test_kernel_compiles_in_one_graph():
@@ -167,7 +200,7 @@ def test_kernel_compiles_in_one_graph():
     host = (cu_q.cpu(), cu_k.cpu())
 
     def f(q, k, v):
-        return attention(q, k, v, cu_q, cu_k, cq, ck, softcap=None, backend='triton', cu_host=host)
+        return varlen_attention(q, k, v, cu_q, cu_k, cq, ck, softcap=None, cu_host=host)
     counter = CompileCounterWithBackend('aot_eager')
     compiled = torch.compile(f, backend=counter, fullgraph=True)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q)
@@ -179,7 +212,7 @@ def test_kernel_compiles_in_one_graph():
     torch.testing.assert_close(o1, o2, atol=0, rtol=0)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    ref = attention_ref(q, k, v, cu_q, cu_k, cq, ck)
+    ref = reference(q, k, v, cu_q, cu_k, cq, ck)
     torch.testing.assert_close(o1, ref, atol=1e-5, rtol=0)
 
 
@@ -190,16 +223,16 @@ def test_segment_cache_follows_cu():
     q, k, v = (x.detach() for x in (q, k, v))
     for step in range(3):
         if step == 1:
-            cu = model.cu_seqlens([7, 50], q.device)                            # a new tensor, same _version
+            cu = cu_seqlens([7, 50], q.device)                                  # a new tensor, same _version
         if step == 2:
             cu[1] = 50                                                          # in place: segments 50 + 7
-        ref = attention(q, k, v, cu, cu, backend='reference')
+        ref = reference(q, k, v, cu, cu)
         for _ in range(2):                                                      # second call: from the cache
-            torch.testing.assert_close(attention(q, k, v, cu, cu, backend='triton'), ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(varlen_attention(q, k, v, cu, cu), ref, atol=1e-5, rtol=1e-5)
     bad = cu.clone()
     bad[1] = 80                                                                 # falls: still rejected
     with pytest.raises(ValueError, match='must rise'):
-        attention(q, k, v, bad, bad, backend='triton')
+        varlen_attention(q, k, v, bad, bad)
 
 
 # -----------------------------------------------------------------------------
@@ -231,3 +264,26 @@ def test_kernel_fp16():
 def test_kernel_low_precision_gpu(dtype, d, prefix):
     lq = [1, 100, 1000, 257, 4096]
     check_low_precision(dtype, d, lq, [n + 64 * prefix for n in lq], heads=4)
+
+
+# -----------------------------------------------------------------------------
+# kernels/rmsnorm.py: the hand-written backward against autograd through PyTorch's own rms_norm
+
+
+@pytest.mark.parametrize('shape,wshape', [((37, 64), (64,)), ((37, 2, 32), (2, 32))], ids=['RMSNorm', 'HeadRMSNorm'])
+def test_rms_norm_backward_matches_autograd(shape, wshape):
+    """The hand-written backward of kernels/rmsnorm.py (the CPU op) against autograd through the plain formula in
+    float64: the input's and the weight's gradients (RMSNorm weight [C]; the qk-norm's gamma [h, d])."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 3).requires_grad_()
+    w = (torch.rand(wshape, generator=g) + 0.5).requires_grad_()
+    up = torch.randn(shape, generator=g)
+    y = rmsnorm.rms_norm(x, w, 1e-6)
+    dx, dw = torch.autograd.grad(y, (x, w), up)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    yd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * wd
+    rx, rw = torch.autograd.grad(yd, (xd, wd), up.double())
+    torch.testing.assert_close(y, yd.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx, rx.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw, rw.float(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(rmsnorm.rms_norm_ref(x, w, 1e-6), y, atol=1e-5, rtol=1e-5)   # PyTorch's own

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import model
+import structure
 
 TINY = model.PRESETS['tiny']        # patch (4, 8, 8), width 64, 2 heads, depth 2, latent 12
 
@@ -24,6 +25,17 @@ def make(cfg, seed=0):
     """A random model with every path active (no zeroed residual branches, unlike a training init)."""
     torch.manual_seed(seed)
     return model.AToken(cfg).init_weights(zero_residual=False).eval()
+
+
+def at(m, x, coords, seqlens):
+    """Features or latents x at integer coords (video tokens, any order) as a packed batch with its structure."""
+    kinds = ['video'] * len(seqlens)
+    return model.Packed(x, coords, seqlens, kinds, [None] * len(seqlens), m.config.patch_size,
+                        structure.build_structure(coords, seqlens, kinds, m.config)).to(x.device)
+
+
+def decode_at(m, z, coords, seqlens):
+    return m.decode(z, at(m, z, coords, seqlens))
 
 
 def media(*shape, seed=0):
@@ -122,7 +134,6 @@ def test_pack_unpack_mixed():
         exp, _ = expected_prepare(x, patch)
         exp = exp[0] if x.dim() == 3 else exp                       # images keep frame 0
         assert o.shape == exp.shape and torch.equal(o, exp)
-    assert model.cu_seqlens(p.seqlens).tolist() == [0, 40, 48, 112, 118]
 
 
 # -----------------------------------------------------------------------------
@@ -137,7 +148,7 @@ def test_rope_hand_computed():
     torch.testing.assert_close(ang, exp, atol=1e-6, rtol=0)
 
     x = torch.arange(1, 17, dtype=torch.float32).view(1, 1, 16) * torch.tensor([1.0, -0.5] * 8)
-    y = model.apply_rope(x, ang)
+    y = model.Rope.make(coords, 16, 10000.0).rotate(x)
     e = []
     for m in range(8):
         a, b, th = x[0, 0, 2 * m].item(), x[0, 0, 2 * m + 1].item(), exp[0, m].item()
@@ -145,7 +156,7 @@ def test_rope_hand_computed():
     torch.testing.assert_close(y, torch.tensor(e).view(1, 1, 16), atol=1e-5, rtol=0)
     # several heads share the angles; the norm of each pair is kept
     x2 = torch.randn(3, 4, 16)
-    y2 = model.apply_rope(x2, model.rope_angles(torch.randint(0, 9, (3, 4)), 16, 10000.0))
+    y2 = model.Rope.make(torch.randint(0, 9, (3, 4)), 16, 10000.0).rotate(x2)
     torch.testing.assert_close(y2.view(3, 4, 8, 2).norm(dim=-1), x2.view(3, 4, 8, 2).norm(dim=-1))
 
 
@@ -175,8 +186,8 @@ def test_rope_shift_invariance(qk_norm, bias):
             attn.k_rms_norm.gamma.uniform_(0.5, 1.5)
     x = torch.randn(11, 64)
     coords = torch.randint(0, 6, (11, 4))
-    layout = model.Layout.build([7, 4], [7, 4])
-    rope = lambda c: model.Rope.make(c, 32, 10000.0, fused=False)
+    layout = structure.Layout.build([7, 4], [7, 4]).to('cpu')
+    rope = lambda c: model.Rope.make(c, 32, 10000.0)
     with torch.no_grad():
         y0 = attn(x, rope(coords), layout)
         y1 = attn(x, rope(coords + 3), layout)
@@ -254,10 +265,10 @@ def test_temporal_tiles_independent():
         assert (h[half:half + len(q.feats)] - m.encode(q)).abs().max() > 1e-3
 
         z = torch.randn(len(h), TINY.latent_channels)
-        out = m.decode(z, p.coords, p.seqlens)
+        out = decode_at(m, z, p.coords, p.seqlens)
         q = m.pack([v[16:]])
-        torch.testing.assert_close(out[half:], m.decode(z[half:], q.coords, q.seqlens), atol=1e-5, rtol=0)
-        torch.testing.assert_close(out[:half], m.decode(z[:half], q.coords, q.seqlens), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[half:], decode_at(m, z[half:], q.coords, q.seqlens), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[:half], decode_at(m, z[:half], q.coords, q.seqlens), atol=1e-5, rtol=0)
 
 
 def test_segments():
@@ -265,18 +276,18 @@ def test_segments():
     4 latent frames counted from each sample's first t, t re-based inside every tile."""
     t = [0, 1, 2, 3, 4, 5] + list(range(2, 10)) + [0]
     coords = torch.tensor([[ti, 1, 2, 0] for ti in t])
-    order, local, lens = model.segments(coords.numpy(), [6, 8, 1], 4)
+    order, local, lens = structure.segments(coords.numpy(), [6, 8, 1], 4)
     assert order is None
     assert lens == [4, 2, 4, 4, 1]
     assert local[:, 0].tolist() == [0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 0, 1, 2, 3, 0]
     assert (local[:, 1:] == coords[:, 1:].numpy()).all()
-    st = model.build_structure(coords, [6, 8, 1], ['video', 'video', 'image'], TINY)
+    st = structure.build_structure(coords, [6, 8, 1], ['video', 'video', 'image'], TINY)
     assert st.seg.cu_q.tolist() == [0, 4, 6, 10, 14, 15] and st.seg.cu_q.dtype == torch.int32
     assert st.seg.max_q == 4 and st.pool.cu_q.tolist() == [0, 1, 2, 3] and st.pool.cu_k.tolist() == [0, 6, 14, 15]
     assert st.sample_id.tolist() == [0] * 6 + [1] * 8 + [2]
     # tokens out of order inside a sample: sorted into segments, stably
     perm = torch.tensor([4, 0, 5, 1, 2, 3] + list(range(6, 15)))
-    order2, _, lens2 = model.segments(coords[perm].numpy(), [6, 8, 1], 4)
+    order2, _, lens2 = structure.segments(coords[perm].numpy(), [6, 8, 1], 4)
     assert order2 is not None and lens2 == lens
     assert perm[torch.from_numpy(order2)].tolist() == [0, 1, 2, 3, 4, 5] + list(range(6, 15))
 
@@ -291,9 +302,9 @@ def test_encoder_token_order_equivariance():
                       n0 + torch.arange(p.seqlens[1])])
     with torch.no_grad():
         h = m.encode(p)
-        hp = m.encoder(p.feats[perm], p.coords[perm], p.seqlens)
-        out = m.decode(h[:, :TINY.latent_channels], p.coords, p.seqlens)
-        outp = m.decode(h[perm, :TINY.latent_channels], p.coords[perm], p.seqlens)
+        hp = m.encode(at(m, p.feats[perm], p.coords[perm], p.seqlens))
+        out = decode_at(m, h[:, :TINY.latent_channels], p.coords, p.seqlens)
+        outp = decode_at(m, h[perm, :TINY.latent_channels], p.coords[perm], p.seqlens)
     torch.testing.assert_close(hp, h[perm], atol=1e-5, rtol=0)
     torch.testing.assert_close(outp, out[perm], atol=1e-5, rtol=0)
 
@@ -317,26 +328,8 @@ def test_norms_by_hand():
 
 
 
-@pytest.mark.parametrize('shape,wshape', [((37, 64), (64,)), ((37, 2, 32), (2, 32))], ids=['RMSNorm', 'HeadRMSNorm'])
-def test_rms_norm_backward_matches_autograd(shape, wshape):
-    """The hand-written backward of model.RMSNormFunction (CPU) against autograd through the plain formula in
-    float64: the input's and the weight's gradients (RMSNorm weight [C]; the qk-norm's gamma [h, d])."""
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(shape, generator=g) * 3).requires_grad_()
-    w = (torch.rand(wshape, generator=g) + 0.5).requires_grad_()
-    up = torch.randn(shape, generator=g)
-    y = model.rms_norm(x, w, 1e-6)
-    dx, dw = torch.autograd.grad(y, (x, w), up)
-    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    yd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * wd
-    rx, rw = torch.autograd.grad(yd, (xd, wd), up.double())
-    torch.testing.assert_close(y, yd.float(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dx, rx.float(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dw, rw.float(), atol=1e-4, rtol=1e-5)
-
-
 def test_position_lookup_is_the_resized_table_per_segment():
-    """model.position_lookup's index and weights give, for every token, the g x g table bilinearly resized
+    """structure.position_lookup's index and weights give, for every token, the g x g table bilinearly resized
     (antialias, as SigLIP2-NaFlex) to its segment's grid and read at its (row, column): against F.interpolate per
     segment, for segments of different grids, a repeated grid, a two-frame segment and an empty one."""
     g, C = 4, 3
@@ -349,7 +342,7 @@ def test_position_lookup_is_the_resized_table_per_segment():
         local.append(torch.cat([c.reshape(-1, 3), torch.zeros(t * h * w, 1, dtype=torch.long)], 1))
         lens.append(t * h * w)
     local.insert(2, torch.zeros(0, 4, dtype=torch.long)), lens.insert(2, 0)                 # an empty segment
-    index, rows = model.position_lookup(torch.cat(local).numpy(), lens, g)
+    index, rows = structure.position_lookup(torch.cat(local).numpy(), lens, g)
     got = (rows.double() @ table)[index]
     assert rows.shape[0] == sum(h * w for h, w in dict.fromkeys(grids))                   # each grid once
     want = []
@@ -519,7 +512,7 @@ def test_kv_cache_short_video_equals_plain():
     for frames in (1, 2, 3):
         z, c = latents(frames, seed=frames)
         with torch.no_grad():
-            torch.testing.assert_close(m.decode(z, c, [len(c)]), plain.decode(z, c, [len(c)]), atol=1e-5, rtol=0)
+            torch.testing.assert_close(decode_at(m, z, c, [len(c)]), decode_at(plain, z, c, [len(c)]), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize('frames', [4, 7, 9])
@@ -527,14 +520,14 @@ def test_kv_cache_long_video_differs(frames):
     m, plain = cached_pair(2)
     z, c = latents(frames, seed=frames)
     with torch.no_grad():
-        a, b = m.decode(z, c, [len(c)]), plain.decode(z, c, [len(c)])
+        a, b = decode_at(m, z, c, [len(c)]), decode_at(plain, z, c, [len(c)])
     assert a.shape == b.shape == (len(c), 4 * 8 * 8 * 3)
     assert torch.isfinite(a).all()
     assert (a - b).abs().max() > 1e-3
     # the first step (latent frames 0..2) sees no cache: it equals the plain decode of those frames alone
     first = c[:, 0] < 3
     with torch.no_grad():
-        torch.testing.assert_close(a[first], plain.decode(z[first], c[first], [int(first.sum())]),
+        torch.testing.assert_close(a[first], decode_at(plain, z[first], c[first], [int(first.sum())]),
                                    atol=1e-5, rtol=0)
 
 
@@ -557,12 +550,12 @@ def test_kv_cache_depth1_matches_windows(cache_frames):
     if k == 1:
         assert windows == [((0, 1, 2), (0, 1, 2)), ((2, 3, 4, 5), (3, 4, 5)), ((5, 6), (6,))]
     with torch.no_grad():
-        out = m.decode(z, c, [len(c)])
+        out = decode_at(m, z, c, [len(c)])
         for window, new in windows:
             sel = torch.isin(t, torch.tensor(window))
             cw = c[sel].clone()
             cw[:, 0] -= window[0]
-            o = plain.decode(z[sel], cw, [int(sel.sum())])
+            o = decode_at(plain, z[sel], cw, [int(sel.sum())])
             keep = torch.isin(t[sel], torch.tensor(new))
             torch.testing.assert_close(out[torch.isin(t, torch.tensor(new))], o[keep], atol=1e-5, rtol=0)
 
@@ -574,8 +567,8 @@ def test_kv_cache_batch_independence(cache_frames):
     zb, cb = latents(7, h=3, w=2, seed=2)
     zc, cc = latents(5, h=1, w=2, seed=3)
     with torch.no_grad():
-        out = m.decode(torch.cat([za, zb, zc]), torch.cat([ca, cb, cc]), [len(ca), len(cb), len(cc)])
-        alone = [m.decode(z, c, [len(c)]) for z, c in ((za, ca), (zb, cb), (zc, cc))]
+        out = decode_at(m, torch.cat([za, zb, zc]), torch.cat([ca, cb, cc]), [len(ca), len(cb), len(cc)])
+        alone = [decode_at(m, z, c, [len(c)]) for z, c in ((za, ca), (zb, cb), (zc, cc))]
     for o, e in zip(out.split([len(ca), len(cb), len(cc)]), alone):
         torch.testing.assert_close(o, e, atol=1e-5, rtol=0)
 
@@ -730,7 +723,7 @@ def test_init_from_siglip2(tmp_path, monkeypatch):
     tower = siglip_tower()
     cfg = tiny()
     # a plain SigLIP tower has no RoPE: switch it off in our encoder, so that the two compute the same thing
-    monkeypatch.setattr(model.Trunk, 'rope', lambda self, coords, x: None)
+    monkeypatch.setattr(model.Trunk, 'rope', lambda self, coords: None)
     img = media(128, 128, 3, seed=9)
     with torch.no_grad():
         feats = tower.forward_features(img.permute(2, 0, 1)[None])[0]
@@ -832,7 +825,7 @@ def test_3d_assets_through_the_tokenizer():
     g = torch.Generator().manual_seed(3)
     coords = torch.unique(torch.randint(20, 44, (300, 3), generator=g), dim=0)   # ascending raster order
     asset = {'feats': torch.rand(len(coords), 8 * 8 * 3, generator=g) * 2 - 1, 'coords': coords}
-    p = model.pack([media(40, 56, 3), asset, media(8, 24, 32, 3, seed=1)], cfg.patch_size)
+    p = model.pack([media(40, 56, 3), asset, media(8, 24, 32, 3, seed=1)], cfg.patch_size, cfg)
     assert p.kinds == ['image', '3d', 'video'] and p.seqlens[1] == len(coords)
     start = p.seqlens[0]
     tok = p.feats[start:start + len(coords)]
@@ -840,7 +833,7 @@ def test_3d_assets_through_the_tokenizer():
     assert torch.equal(p.coords[start:start + len(coords)], torch.cat([torch.zeros(len(coords), 1).long(), coords], 1))
     with torch.no_grad():
         h = m.encode(p)
-        alone = m.encode(model.pack([asset], cfg.patch_size))
+        alone = m.encode(model.pack([asset], cfg.patch_size, cfg))
         torch.testing.assert_close(h[start:start + len(coords)], alone, atol=1e-5, rtol=0)
         rec = m.reconstruct([asset])[0]
         assert rec.shape == (len(coords), 192)

@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+import convert
 import model
 
 REF = torch.load(os.path.join(os.path.dirname(__file__), 'data', 'official_tiny.pt'), weights_only=False)
@@ -18,8 +19,8 @@ TOL = 1e-4   # the issue's bar; we measure ~1e-6 in fp32
 
 @pytest.fixture(scope='module')
 def tok():
-    m = model.AToken(model.official_config(REF['arch_cfg']))
-    m.load_checkpoint_state(REF['state_dict'])
+    m = model.AToken(model.ModelConfig.from_official(REF['arch_cfg']))
+    model.load_strict(m, REF['state_dict'])
     return m.eval()
 
 
@@ -65,7 +66,7 @@ def test_public_api_matches_official(tok):
 
 def test_continuous_model_uses_mean(tok):
     """Without the quantizer (So/C) the same weights decode the posterior mean deterministically."""
-    cont = model.AToken(model.official_config({**REF['arch_cfg'], 'use_quantizer': False}))
-    cont.load_checkpoint_state(REF['state_dict'])
+    cont = model.AToken(model.ModelConfig.from_official({**REF['arch_cfg'], 'use_quantizer': False}))
+    model.load_strict(cont, REF['state_dict'])
     rec = cont.eval().reconstruct([REF['inputs']['video']])[0]
     torch.testing.assert_close(channels_first(rec), REF['outputs']['video']['recon_from_mean'], atol=TOL, rtol=0)

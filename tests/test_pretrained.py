@@ -1,4 +1,4 @@
-"""Released checkpoints by name (model.PRETRAINED): download, cache, integrity checks, presets. No network:
+"""Released checkpoints by name (convert.PRETRAINED): download, cache, integrity checks, presets. No network:
 a local HTTP server on 127.0.0.1 serves a tiny official-format checkpoint (tests/data/official_tiny.pt)
 under a test name registered with that checkpoint's arch_cfg."""
 import hashlib
@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+import convert
 import model
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
@@ -61,7 +62,7 @@ def served(tmp_path, monkeypatch):
     server = Server({'/test-tiny.pt': body})
     cache = tmp_path / 'cache'
     monkeypatch.setenv('ATOKEN_CACHE', str(cache))
-    monkeypatch.setitem(model.PRETRAINED, 'test-tiny',
+    monkeypatch.setitem(convert.PRETRAINED, 'test-tiny',
                         dict(kind='tokenizer', arch=dict(REF['arch_cfg']), url=server.url + '/test-tiny.pt'))
     yield server, 'test-tiny', cache, body
     server.close()
@@ -105,7 +106,7 @@ def test_interrupted_download_leaves_nothing_trusted(served):
 @pytest.mark.parametrize('damage', ['flip', 'truncate'])
 def test_altered_cache_is_refetched(served, damage):
     server, name, cache, body = served
-    path = model.download_pretrained(name, progress=False)
+    path = convert.download_pretrained(name, progress=False)
     assert server.requests == 1
     b = bytearray(body)
     if damage == 'flip':
@@ -136,7 +137,7 @@ def test_unreachable_server_gives_clear_error(tmp_path, monkeypatch):
         port = s.getsockname()[1]
     url = f'http://127.0.0.1:{port}/test-tiny.pt'
     monkeypatch.setenv('ATOKEN_CACHE', str(tmp_path / 'cache'))
-    monkeypatch.setitem(model.PRETRAINED, 'test-tiny', dict(kind='tokenizer', arch=dict(REF['arch_cfg']), url=url))
+    monkeypatch.setitem(convert.PRETRAINED, 'test-tiny', dict(kind='tokenizer', arch=dict(REF['arch_cfg']), url=url))
     with pytest.raises(RuntimeError) as e:
         model.AToken.from_pretrained('test-tiny')
     msg = str(e.value)
@@ -145,11 +146,11 @@ def test_unreachable_server_gives_clear_error(tmp_path, monkeypatch):
 
 
 def test_base_url_env_and_default(monkeypatch):
-    assert model.pretrained_url('atoken-sod') == 'https://ml-site.cdn-apple.com/models/atoken/atoken-sod.pt'
+    assert convert.pretrained_url('atoken-sod') == 'https://ml-site.cdn-apple.com/models/atoken/atoken-sod.pt'
     monkeypatch.setenv('ATOKEN_BASE_URL', 'http://127.0.0.1:1/mirror/')
-    assert model.pretrained_url('3d_decode_gs') == 'http://127.0.0.1:1/mirror/3d_decode_gs.pt'
+    assert convert.pretrained_url('3d_decode_gs') == 'http://127.0.0.1:1/mirror/3d_decode_gs.pt'
     monkeypatch.delenv('ATOKEN_CACHE', raising=False)
-    assert model.pretrained_cache_dir() == os.path.expanduser(os.path.join('~', '.cache', 'atoken'))
+    assert convert.pretrained_cache_dir() == os.path.expanduser(os.path.join('~', '.cache', 'atoken'))
 
 
 def test_gaussian_decoder_by_name(tmp_path, monkeypatch):
@@ -159,7 +160,7 @@ def test_gaussian_decoder_by_name(tmp_path, monkeypatch):
     server = Server({'/test-gs.pt': (tmp_path / 'gs.pt').read_bytes()})
     try:
         monkeypatch.setenv('ATOKEN_CACHE', str(tmp_path / 'cache'))
-        monkeypatch.setitem(model.PRETRAINED, 'test-gs', dict(kind='gaussian', arch=GS_REF['config'],
+        monkeypatch.setitem(convert.PRETRAINED, 'test-gs', dict(kind='gaussian', arch=GS_REF['config'],
                                                               url=server.url + '/test-gs.pt'))
         g = model.GaussianDecoder.from_pretrained('test-gs')
         (tmp_path / 'gs.yaml').write_text(yaml.safe_dump({'model': GS_REF['config']}))
@@ -200,19 +201,19 @@ TOKENIZER_PARAMS = {'atoken-soc': 845_738_048, 'atoken-sod': 845_738_048, 'atoke
 @pytest.mark.parametrize('name', sorted(TOKENIZER_PARAMS))
 def test_tokenizer_presets_build_with_official_counts(name):
     with torch.device('meta'):
-        m = model.AToken(model.official_config(model.PRETRAINED[name]['arch']))
+        m = model.AToken(model.ModelConfig.from_official(convert.PRETRAINED[name]['arch']))
     assert m.num_params() == TOKENIZER_PARAMS[name]
     assert m.num_params('encoder.') == 430_542_272
     assert len(m.state_dict()) == 563
     assert m.config.use_quantizer == (name == 'atoken-sod')
     assert m.config.latent_channels == (32 if name == 'atoken-soc-s1' else 48)
-    assert model.pretrained_url(name) == f'https://ml-site.cdn-apple.com/models/atoken/{name}.pt'
+    assert convert.pretrained_url(name) == f'https://ml-site.cdn-apple.com/models/atoken/{name}.pt'
 
 
 def test_gaussian_preset_builds_with_official_count():
     with torch.device('meta'):
-        g = model.GaussianDecoder(model.official_gs_config(model.PRETRAINED['3d_decode_gs']['arch']))
+        g = model.GaussianDecoder(model.ModelConfig.from_official(convert.PRETRAINED['3d_decode_gs']['arch'], gaussian=True))
     sd = g.state_dict()
     assert sum(p.numel() for p in g.parameters()) == 85_887_424
     assert len(sd) == 76 and sum(v.numel() for v in sd.values()) == 85_887_520
-    assert model.PRETRAINED['3d_decode_gs']['kind'] == 'gaussian'
+    assert convert.PRETRAINED['3d_decode_gs']['kind'] == 'gaussian'

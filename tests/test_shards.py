@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 
 import data
+import convert
 import model
 import shards
 
@@ -106,8 +107,8 @@ def test_continuous_video_round_trip(tmp_path, ckpt):
     run(ckpt, f'--input={folder}', '--kind=video', f'--out={out}', '--latent=mean', '--dtype=float32', '--logvar')
     ds = data.TokenShards(out)
     assert len(ds) == 2 and set(ds[0]) >= {'mean', 'logvar', 'coords'} and 'tokens' not in ds[0]
-    cont = model.AToken(model.official_config({**REF['arch_cfg'], 'use_quantizer': False}))
-    cont.load_checkpoint_state(REF['state_dict'])
+    cont = model.AToken(model.ModelConfig.from_official({**REF['arch_cfg'], 'use_quantizer': False}))
+    model.load_strict(cont, REF['state_dict'])
     cont.eval()
     items = [ds[0], ds[1]]
     media = [shards.load(it['source'], shards.ShardConfig(kind='video'), cont.config.patch_size) for it in items]

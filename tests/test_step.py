@@ -11,6 +11,7 @@ import data
 import model
 import render3d
 import train
+from kernels import grouped
 
 # ops that read a device value back to the host (or whose output size depends on the data)
 HOST_READS = {'_local_scalar_dense', 'nonzero', 'nonzero_static', 'masked_select', 'unique_consecutive',
@@ -135,10 +136,10 @@ def test_reconstruction_micro_batch_skips_the_pooling_head(setup):
 
 def micro_batch(n, side, cfg, sizes=None):
     """n images of side x side pixels, or of the (height, width) in sizes (random pixels), packed with their
-    structure, as float."""
+    structure, as float on the CPU (its layouts carry the CPU attention plan)."""
     g = torch.Generator().manual_seed(n)
     media = [torch.rand(*hw, 3, generator=g) * 2 - 1 for hw in (sizes or [(side, side)] * n)]
-    return model.pack(media, cfg.patch_size, cfg)
+    return model.pack(media, cfg.patch_size, cfg).to('cpu')
 
 
 def count_step_ops(net, x):
@@ -160,15 +161,15 @@ def test_op_count_independent_of_sample_count(setup, monkeypatch, small_scores, 
     its path by the layout (SDPA, or GroupedAttention for short masked groups), not the number of samples: each
     path is checked."""
     net, _, cfg = setup
-    monkeypatch.setattr(model, 'SMALL_SCORES', small_scores)
+    monkeypatch.setattr(grouped, 'SMALL_SCORES', small_scores)
     if mixed:
         few = micro_batch(4, 0, cfg, [(192, 128), (64, 128), (128, 128), (128, 128)])
         many = micro_batch(64, 0, cfg, [(32, 16)] * 32 + [(32, 48)] * 32)
     else:
         few, many = micro_batch(4, 128, cfg), micro_batch(64, 32, cfg)
     assert sum(few.seqlens) == sum(many.seqlens) == 1024
-    assert few.structure.seg.small == many.structure.seg.small == bool(small_scores)
-    assert few.structure.seg.full == many.structure.seg.full == (not mixed)
+    assert few.structure.seg.plan.small == many.structure.seg.plan.small == bool(small_scores)
+    assert few.structure.seg.plan.full == many.structure.seg.plan.full == (not mixed)
     a, b = count_step_ops(net, few), count_step_ops(net, many)
     assert a.reads == b.reads == []
     assert a.ops == b.ops, (a.ops, b.ops)
@@ -191,7 +192,7 @@ def test_blocks_compile_once_for_any_micro_batch(setup):
         st = x.structure
         for trunk, block in zip(trunks, compiled):
             h = torch.randn(sum(x.seqlens), trunk.input_layer.out_features, requires_grad=True)
-            rope = trunk.rope(st.local, h)
+            rope = trunk.rope(st.local)
             got = block(h, rope, st.seg)
             want = trunk.blocks[0](h, rope, st.seg)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
@@ -201,7 +202,7 @@ def test_blocks_compile_once_for_any_micro_batch(setup):
 
 
 def test_tokenizer_compiles_once_for_any_micro_batch(setup):
-    """model.compile_tokenizer (train.py compile_scope='tokenizer'): the tokenizer's whole training forward is one
+    """train.compile_tokenizer (train.py compile_scope='tokenizer'): the tokenizer's whole training forward is one
     graph (no break), which three micro-batches of different token and sample counts (and segment lengths) reuse;
     its outputs and gradients are the eager ones."""
     import copy
@@ -211,7 +212,7 @@ def test_tokenizer_compiles_once_for_any_micro_batch(setup):
     counter = CompileCounterWithBackend('aot_eager')
     net.zero_grad(set_to_none=True)
     tok = copy.deepcopy(net.tok)
-    model.compile_tokenizer(tok, backend=counter)
+    train.compile_tokenizer(tok, backend=counter)
     counts = []
     for n, side in ((4, 64), (10, 32), (5, 48)):         # 256 tokens first: the position table's size
         x = micro_batch(n, side, cfg)

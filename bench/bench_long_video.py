@@ -17,8 +17,8 @@ weights make reconstructions, and so seams, meaningless). Peak memory: torch.cud
 CUDA; on CPU (which has no allocator statistics) the peak bytes of live tensor storages, tracked op by op
 with a TorchDispatchMode in a second, untimed pass (scratch space inside fused ops is not seen).
 
-    python kernels/bench_long_video.py                          # CPU: tiny, 64 px, 32-256 frames, ~1.5 min
-    python kernels/bench_long_video.py --preset so400m --size 256 --frames 64,128,256 --fit_steps 0 \\
+    python bench/bench_long_video.py                          # CPU: tiny, 64 px, 32-256 frames, ~1.5 min
+    python bench/bench_long_video.py --preset so400m --size 256 --frames 64,128,256 --fit_steps 0 \\
         --checkpoint /path/to/atoken_so.pt                      # GPU
 """
 import os
@@ -27,6 +27,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
@@ -37,6 +38,7 @@ from torch.utils._pytree import tree_leaves
 
 import data
 import model
+from structure import build_structure
 
 MODES = ('tiles', 'kvcache', 'overlap')
 TILE = 16
@@ -111,7 +113,8 @@ def encode(net, video, mode):
 def decode(net, x, z, mode, frames):
     """-> the reconstruction (T, H, W, 3); overlapping windows blended with triangular weights."""
     net.config.decoder_cache_frames = 4 if mode == 'kvcache' else 0
-    recs = model.unpack(net.decode(z, x.coords, x.seqlens), x, net.config.patch_size)
+    x = dataclasses.replace(x, structure=build_structure(x.coords.cpu(), x.seqlens, x.kinds, net.config))  # + cache
+    recs = model.unpack(net.decode(z, x.to(z.device)), x, net.config.patch_size)
     net.config.decoder_cache_frames = 0
     if mode != 'overlap':
         return recs[0]
