@@ -88,10 +88,14 @@ def l1_loss(pred, target):
     return (pred - target).abs().mean()
 
 
-def kl_loss(mean, logvar):
-    """KL(N(mean, exp(logvar)) || N(0, 1)), summed over channels, averaged over tokens. mean/logvar [N, L]."""
-    mean, logvar = mean.float(), logvar.float()
-    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1).mean()
+def kl_loss(mean, logvar, weight=None):
+    """L_KL (Eq. 4): KL(N(mean, exp(logvar)) || N(0, 1)), summed over channels. mean/logvar [N, L].
+    Averaged over the N tokens, or, with weight [N], sum_n weight_n KL_n (compute_losses: 1 / the reconstruction
+    samples' token count on their tokens, 0 elsewhere)."""
+    # a float() per use, not one shared cast: with bf16 latents that would sum logvar's two gradient paths in
+    # float32 before rounding, which changes its gradient's last bits (and the trained weights)
+    kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).sum(-1)    # [N]
+    return kl.mean() if weight is None else (kl * weight).sum()
 
 
 def gram_matrix(f):
@@ -565,13 +569,12 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
                 per = per + getattr(cfg, name) * zero.new_zeros(B).index_copy(0, at, vals.float())
         rec_loss = (per * rec_w).sum()
         # KL over the reconstruction samples' tokens
-        kl_tok = 0.5 * (out['mean'].float().pow(2) + out['logvar'].float().exp() - 1.0 - out['logvar'].float()).sum(-1)
-        if len(rec_ids) == B:
-            logs['kl'] = kl_tok.mean()
-        else:
+        tw = None
+        if len(rec_ids) < B:
             tw = np.zeros(B)
             tw[rec_ids] = 1.0 / sum(packed.seqlens[i] for i in rec_ids)
-            logs['kl'] = (kl_tok * host(np.repeat(tw, packed.seqlens))).sum()
+            tw = host(np.repeat(tw, packed.seqlens))                            # [N]
+        logs['kl'] = kl_loss(out['mean'], out['logvar'], tw)
     kl = logs.get('kl', zero)
 
     sem = zero

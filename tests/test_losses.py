@@ -130,6 +130,13 @@ def test_kl_zero_for_standard_normal_and_closed_form():
     expected = sum(per_token) / 2
     logvar = torch.tensor([[math.log(s * s) for s in row] for row in sigma])
     assert losses.kl_loss(torch.tensor(mu), logvar).item() == pytest.approx(expected, rel=1e-6)
+    # per-token weights: 1/n on n chosen tokens, 0 elsewhere, is the mean over those tokens alone
+    mean, logvar = rand(5, 3, seed=1), rand(5, 3, seed=2)
+    keep = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    got = losses.kl_loss(mean, logvar, keep / 3).item()
+    assert got == pytest.approx(kl_ref(mean[keep > 0], logvar[keep > 0]), rel=1e-6)
+    assert got != pytest.approx(losses.kl_loss(mean, logvar).item(), rel=1e-3)
+    assert losses.kl_loss(mean, logvar, torch.full((5,), 0.2)).item() == pytest.approx(kl_ref(mean, logvar), rel=1e-6)
 
 
 def test_distillation_kl_hand_value_asymmetry_and_sign():
