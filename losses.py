@@ -67,7 +67,7 @@ class LossConfig:
     # fixed random table still gives each word its own vector, and AdamW, clipping and EMA skip those 3.2M.
     train_text_embedding: bool = True
     # Under torchrun, the semantic losses (Eq. 7 softmax over texts, SigLIP's sigmoid over all pairs) run over
-    # the global batch: every rank's micro-batch of the task, gathered with gradients (global_semantic_terms).
+    # the global batch: every rank's micro-batch of the task, gathered with gradients (semantic_terms with pad).
     # False: each rank's own micro-batch only (no collective in the loss; weaker negatives).
     global_batch: bool = True
 
@@ -134,20 +134,33 @@ def clip_perceptual_loss(tokens_x, tokens_y):
     return (1 - F.cosine_similarity(tokens_x.float(), tokens_y.float(), dim=1)).mean((1, 2))
 
 
-def distillation_loss(s_teacher, s_student, tau):
+def distillation_loss(s_teacher, s_student, tau, valid=None, cols=None):
     """Eq. 7: KL(softmax(s_t / tau) || softmax(s_s / tau)), over texts (dim 1), averaged over images.
-    s_* [B, K]: image-text similarity logits of teacher and student against the same K texts."""
-    log_p = F.log_softmax(s_teacher.float() / tau, dim=1)
-    log_q = F.log_softmax(s_student.float() / tau, dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
+    s_* [B, K]: image-text similarity logits of teacher and student against the same K texts.
+    Global batch (semantic_terms with pad): valid [B] 1 for real images, 0 for padding (the mean runs over the real
+    ones); cols [K] bool, the texts that count (the others leave the softmax). valid all 1 and cols all True give
+    the plain form."""
+    s_teacher, s_student = s_teacher.float(), s_student.float()
+    if cols is not None:
+        drop = ~cols[None]                                           # [1, K]; a finite fill keeps 0 * log 0 = 0
+        s_teacher, s_student = s_teacher.masked_fill(drop, -1e4), s_student.masked_fill(drop, -1e4)
+    log_p = F.log_softmax(s_teacher / tau, dim=1)
+    log_q = F.log_softmax(s_student / tau, dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(1)                      # [B]
+    return kl.mean() if valid is None else (kl * valid).sum() / valid.sum()
 
 
-def sigmoid_loss(img, txt, logit_scale, logit_bias):
+def sigmoid_loss(img, txt, logit_scale, logit_bias, valid=None):
     """SigLIP loss (Zhai et al. 2023): -1/B sum_ij log sigmoid(z_ij (exp(t) x_i.y_j + b)), z_ij = +1 on the
-    diagonal (matching pairs) and -1 elsewhere. img, txt [B, D], L2-normalised."""
+    diagonal (matching pairs) and -1 elsewhere. img, txt [B, D], L2-normalised.
+    Global batch (semantic_terms with pad): valid [B] 1 for real rows, 0 for padding; pairs with a padding row are
+    left out and B counts the real rows. valid all 1 gives the plain form."""
     logits = logit_scale.exp() * img.float() @ txt.float().t() + logit_bias    # [B, B]
     z = 2 * torch.eye(len(img), device=img.device) - 1
-    return -F.logsigmoid(z * logits).sum() / len(img)
+    if valid is None:
+        return -F.logsigmoid(z * logits).sum() / len(img)
+    pairs = valid[:, None] * valid[None, :]                                     # [B, B]
+    return -(F.logsigmoid(z * logits) * pairs).sum() / valid.sum()
 
 
 class SigmoidTemperature(nn.Module):
@@ -336,10 +349,13 @@ class GatherWithGrad(torch.autograd.Function):
 
 
 def gather_rows(x, pad):
-    """x [n, ...] with n <= pad -> [W*pad, ...] (zero rows after each rank's n); with gradients if x has them."""
+    """x [n, ...] with n <= pad -> [W*pad, ...] (zero rows after each rank's n); with gradients if x has them.
+    With one process (no process group, or W = 1) there is nothing to gather: the padded rows themselves."""
     if x.shape[0] > pad:
         raise ValueError(f"{x.shape[0]} samples but the gather pads to {pad}: pass the largest micro-batch of any rank")
     x = F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad - x.shape[0]))
+    if dist_world()[1] == 1:
+        return x
     if x.requires_grad:
         return GatherWithGrad.apply(x)
     with torch.no_grad():
@@ -357,59 +373,19 @@ def caption_ids(captions, pad, device):
 
 
 def valid_rows(n, pad, device):
-    """[pad] float mask: 1 for a rank's n real rows, 0 for its padding."""
-    return torch.from_numpy((np.arange(pad) < n).astype(np.float32)).to(device, non_blocking=True)
+    """[W*pad] float mask of the gathered rows: 1 for every rank's real rows (n on this rank), 0 for padding."""
+    mine = torch.from_numpy((np.arange(pad) < n).astype(np.float32)).to(device, non_blocking=True)   # [pad]
+    return gather_rows(mine[:, None], pad)[:, 0]
 
 
-def global_distillation_loss(s_teacher, s_student, valid, first, tau):
-    """Eq. 7 over the global batch: s_* [G, G] logits of every gathered image against every gathered caption;
-    valid [G] real images; first [G] columns that are the first copy of a distinct real caption (the others
-    leave the softmax, as semantic_terms keeps each distinct caption once). Mean over the real images."""
-    drop = ~first[None]                                              # [1, G]; a finite fill keeps 0 * log 0 = 0
-    log_p = F.log_softmax(s_teacher.float().masked_fill(drop, -1e4) / tau, dim=1)
-    log_q = F.log_softmax(s_student.float().masked_fill(drop, -1e4) / tau, dim=1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(1)                      # [G]
-    return (kl * valid).sum() / valid.sum()
-
-
-def global_sigmoid_loss(img, txt, valid, logit_scale, logit_bias):
-    """sigmoid_loss over the global batch: img, txt [G, D] gathered, valid [G]; pairs with a padding row are left
-    out, and the sum is divided by the number of real pairs' rows, as sigmoid_loss divides by B."""
-    logits = logit_scale.exp() * img.float() @ txt.float().t() + logit_bias          # [G, G]
-    z = 2 * torch.eye(len(img), device=img.device) - 1
-    pairs = valid[:, None] * valid[None, :]
-    return -(F.logsigmoid(z * logits) * pairs).sum() / valid.sum()
-
-
-def global_semantic_terms(emb, teacher, img_captions, other_emb, other_captions, frozen, cfg, temperature,
-                          text=None, pad=1):
-    """semantic_terms over every rank's micro-batch: the same arguments (this rank's rows) plus pad, the row
-    count every rank pads to (the same on all ranks). Every rank must call it for the same task."""
-    out = {}
-    encode_text = text if text is not None else frozen.encode_text
-    dev = emb.device
-    if img_captions:
-        txt = encode_text(img_captions)                              # one text per image: [n, D]
-        if txt.shape[1] != emb.shape[1]:
-            raise ValueError(f"student embedding width {emb.shape[1]} != text tower width {txt.shape[1]}")
-        E, Tc, Tx = gather_rows(emb, pad), gather_rows(teacher.float(), pad), gather_rows(txt, pad)   # [G, D]
-        valid = gather_rows(valid_rows(len(img_captions), pad, dev)[:, None], pad)[:, 0]              # [G]
-        ids = gather_rows(caption_ids(img_captions, pad, dev)[:, None], pad)[:, 0]                    # [G]
-        G = len(ids)
-        same = (ids[:, None] == ids[None, :]) & (valid[None, :] > 0)   # [G, G]: j holds i's text
-        earlier = torch.ones(G, G, dtype=torch.bool, device=dev).tril(-1)
-        first = (valid > 0) & ~(same & earlier).any(1)                 # [G]
-        scale = frozen.teacher_scale()
-        out['distill'] = global_distillation_loss(scale * Tc @ Tx.float().t(), scale * E.float() @ Tx.float().t(),
-                                                  valid, first, cfg.tau)
-    if other_captions:
-        if temperature is None:
-            raise ValueError("video/3D understanding needs the learnable SigmoidTemperature")
-        txt = encode_text(other_captions)
-        valid = gather_rows(valid_rows(len(other_captions), pad, dev)[:, None], pad)[:, 0]
-        out['sigmoid'] = global_sigmoid_loss(gather_rows(other_emb, pad), gather_rows(txt, pad), valid,
-                                             temperature.logit_scale, temperature.logit_bias)
-    return out
+def first_captions(captions, valid, pad):
+    """[W*pad] bool: the gathered rows that hold the first copy of a distinct real caption (the columns Eq. 7's
+    softmax keeps, as a single rank keeps each distinct caption once). valid: valid_rows of the same rows."""
+    ids = gather_rows(caption_ids(captions, pad, valid.device)[:, None], pad)[:, 0]           # [G]
+    G = len(ids)
+    same = (ids[:, None] == ids[None, :]) & (valid[None, :] > 0)     # [G, G]: j holds i's text
+    earlier = torch.ones(G, G, dtype=torch.bool, device=valid.device).tril(-1)
+    return (valid > 0) & ~(same & earlier).any(1)                    # [G]
 
 
 # -----------------------------------------------------------------------------
@@ -465,25 +441,39 @@ def image_rec_terms(rec, target, frozen, cfg, target_tokens=None):
 
 
 def semantic_terms(emb, teacher, img_captions, other_emb, other_captions, frozen, cfg, temperature,
-                   text=None):
+                   text=None, pad=0):
     """L_sem parts: Eq. 7 distillation for images (student emb vs the frozen teacher's embeddings of the
-    same images, both [n, D]), the sigmoid loss for videos / 3D (other_emb; images too with
-    image_und='sigmoid'). text: the trainable text tower (train_text), else the frozen one. Returns a dict."""
+    same images, both [n, D]), the sigmoid loss for videos / 3D (other_emb [m, D]; images too with
+    image_und='sigmoid'). text: the trainable text tower (train_text), else the frozen one. Returns a dict.
+    pad: 0 for this process's rows alone; else the row count M every rank pads to (the same on all ranks), and
+    both losses run over every rank's rows gathered [W*M, D] (the global batch; every rank must call it for the
+    same task). With one process and pad = n it gives the pad = 0 values."""
     out = {}
     encode_text = text if text is not None else frozen.encode_text
     if img_captions:
-        texts = list(dict.fromkeys(img_captions))                  # the batch's distinct captions, K
-        txt = encode_text(texts)                                    # [K, D]
+        # the softmax runs over the batch's distinct captions: kept once on the host for one rank's rows; for the
+        # gathered rows, every image's caption is a column and the repeats are masked (first_captions)
+        txt = encode_text(img_captions if pad else list(dict.fromkeys(img_captions)))           # [K, D]
         if txt.shape[1] != emb.shape[1]:
             raise ValueError(f"student embedding width {emb.shape[1]} != text tower width {txt.shape[1]}")
+        valid = first = None
+        if pad:
+            dev = emb.device
+            emb, teacher, txt = gather_rows(emb, pad), gather_rows(teacher.float(), pad), gather_rows(txt, pad)
+            valid = valid_rows(len(img_captions), pad, dev)                                        # [G]
+            first = first_captions(img_captions, valid, pad)                                       # [G]
         scale = frozen.teacher_scale()                              # similarities as SigLIP2 logits
         out['distill'] = distillation_loss(scale * teacher.float() @ txt.float().t(),
-                                           scale * emb.float() @ txt.float().t(), cfg.tau)
+                                           scale * emb.float() @ txt.float().t(), cfg.tau, valid, first)
     if other_captions:
         if temperature is None:
             raise ValueError("video/3D understanding needs the learnable SigmoidTemperature")
-        txt = encode_text(other_captions)
-        out['sigmoid'] = sigmoid_loss(other_emb, txt, temperature.logit_scale, temperature.logit_bias)
+        txt = encode_text(other_captions)                                                          # [m, D]
+        valid = None
+        if pad:
+            valid = valid_rows(len(other_captions), pad, other_emb.device)                         # [G]
+            other_emb, txt = gather_rows(other_emb, pad), gather_rows(txt, pad)                    # [G, D]
+        out['sigmoid'] = sigmoid_loss(other_emb, txt, temperature.logit_scale, temperature.logit_bias, valid)
     return out
 
 
@@ -500,7 +490,7 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
     views: {i: (pred [V, H, W, 3], target [V, H, W, 3])} renders for 3D sample i (its L1 is on views).
     text: a TrainableText (cfg.train_text) that replaces the frozen text tower.
     gather: 0, or the number of rows M every rank pads its understanding samples to: the semantic terms then
-    run over all ranks' micro-batches together (global_semantic_terms; under torch.distributed, cfg.global_batch).
+    run over all ranks' micro-batches together (semantic_terms with pad; under torch.distributed, cfg.global_batch).
     Per-sample reconstruction losses are averaged over the reconstruction samples; L1 is a mean over
     each sample's patches (paper 3.5: normalised over patches); an image's L1 covers its real frame (the
     pt = 0 slot) only. Every per-sample term is one masked computation over the whole batch (weights made on
@@ -586,7 +576,7 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
         pick = lambda ids: emb if len(ids) == B else emb.index_select(0, host(ids, torch.long))
         args = (pick(img) if img else emb[:0], teacher, [captions[i] for i in img],
                 pick(oth) if oth else emb[:0], [captions[i] for i in oth], frozen, cfg, temperature, text)
-        terms = global_semantic_terms(*args, pad=gather) if gather else semantic_terms(*args)
+        terms = semantic_terms(*args, pad=gather)
         sem = sum(terms.values())
         logs.update({k: v.detach() for k, v in terms.items()})
 

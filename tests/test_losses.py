@@ -514,7 +514,8 @@ def test_gram_loss_is_4_over_c2_of_gatys():
 
 
 # -----------------------------------------------------------------------------
-# global-batch semantic losses: 2 gloo ranks vs one process with both ranks' batches
+# global-batch semantic losses: one process (the global form equals the per-rank one), and 2 gloo ranks vs one
+# process with both ranks' batches
 
 RANK_CAPTIONS = [['a red circle', 'a blue star', 'a red circle'], ['a blue star', 'a green ring']]   # rank 0, rank 1
 RANK_OTHER = [['a video', 'b video'], ['c video']]
@@ -546,7 +547,7 @@ def _semantic_rank(rank, world, path):
     import torch.distributed as dist
     dist.init_process_group('gloo', init_method=f'file://{path}.init', rank=rank, world_size=world)
     enc, text, temp, vocab, x, v, teacher = _semantic_setup()
-    terms, params = _terms(losses.global_semantic_terms, enc, text, temp, vocab, x[rank], v[rank], teacher[rank],
+    terms, params = _terms(losses.semantic_terms, enc, text, temp, vocab, x[rank], v[rank], teacher[rank],
                            RANK_CAPTIONS[rank], RANK_OTHER[rank], pad=RANK_PAD)
     sum(terms.values()).backward()
     grads = []
@@ -580,3 +581,35 @@ def test_global_semantic_losses_two_gloo_ranks_equal_one_process(tmp_path):
     # the local-only loss (global_batch=False) is a different number: the gather does change the loss
     local, _ = _terms(losses.semantic_terms, enc, text, temp, vocab, x[0], v[0], teacher[0], RANK_CAPTIONS[0], RANK_OTHER[0])
     assert abs(local['sigmoid'].item() - ref['sigmoid'].item()) > 1e-3
+
+
+def test_global_form_on_one_rank_equals_the_per_rank_form():
+    """The global-batch forms (validity mask, padded rows, duplicate captions masked in the softmax) with one
+    process give the per-rank values: the pure losses with an all-real mask exactly; semantic_terms with pad = 5
+    (the 5 images unpadded, the 3 videos padded) and pad = 7, and its gradients, to 1e-6 absolute, 1e-5 relative
+    (float32; the text tower encodes the repeated captions too and the sums run over more columns)."""
+    s_t, s_s = rand(5, 7, seed=30) * 4, rand(5, 7, seed=31) * 4
+    plain = losses.distillation_loss(s_t, s_s, 2.0)
+    assert torch.equal(losses.distillation_loss(s_t, s_s, 2.0, torch.ones(5), torch.ones(7, dtype=torch.bool)), plain)
+    cols = torch.tensor([True, False, True, True, False, True, True])
+    masked = losses.distillation_loss(s_t, s_s, 2.0, torch.ones(5), cols)
+    torch.testing.assert_close(masked, losses.distillation_loss(s_t[:, cols], s_s[:, cols], 2.0), atol=1e-6, rtol=1e-5)
+    img = torch.nn.functional.normalize(rand(6, 4, seed=32), dim=-1)
+    txt = torch.nn.functional.normalize(rand(6, 4, seed=33), dim=-1)
+    temp = losses.SigmoidTemperature(-2.0)
+    plain = losses.sigmoid_loss(img, txt, temp.logit_scale, temp.logit_bias)
+    assert torch.equal(losses.sigmoid_loss(img, txt, temp.logit_scale, temp.logit_bias, torch.ones(6)), plain)
+    assert plain.item() == pytest.approx(siglip_ref(img, txt, math.log(10.0), -2.0), rel=1e-6)
+
+    enc, text, temp, vocab, x, v, teacher = _semantic_setup()
+    caps, other = RANK_CAPTIONS[0] + RANK_CAPTIONS[1], RANK_OTHER[0] + RANK_OTHER[1]   # 'a red circle' 2x, 'a blue star' 2x
+    args = (enc, text, temp, vocab, torch.cat(x), torch.cat(v), torch.cat(teacher), caps, other)
+    ref, params = _terms(losses.semantic_terms, *args)
+    ref_grads = torch.autograd.grad(sum(ref.values()), params)
+    assert set(ref) == {'distill', 'sigmoid'} and all(r > 0 for r in ref.values())
+    for pad in (len(caps), len(caps) + 2):
+        got, params = _terms(losses.semantic_terms, *args, pad=pad)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-5)
+        for g, r in zip(torch.autograd.grad(sum(got.values()), params), ref_grads):
+            torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)

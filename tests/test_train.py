@@ -273,7 +273,7 @@ def test_fsdp_trains_and_exports(tmp_path):
 
 def test_ddp_global_semantic_losses_train(tmp_path):
     """Understanding tasks under 2 DDP ranks run the global-batch semantic losses (every rank's micro-batch gathered
-    with gradients, losses.global_semantic_terms) inside the training step (collectives in forward and backward
+    with gradients, losses.semantic_terms with pad) inside the training step (collectives in forward and backward
     next to DDP's own) and finish with finite weights and positive semantic losses."""
     stages = [dict(name='s', steps=2, mix={'image_und': 1, 'video_und': 1}, grad_accum=2, tokens=96,
                    image_res=(32, 32), video_res=(32, 32))]
