@@ -486,7 +486,7 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
     be None (embed=False) when no sample has an understanding task).
     packed: the input batch (targets = packed.feats; kinds 'image' | 'video' | '3d'), its structure built (the
     forward pass builds it if the batch came without one).
-    tasks: per sample 'rec' | 'und' | 'both' (default 'rec'); understanding needs captions[i].
+    tasks: per sample 'rec' | 'und' (default 'rec'); understanding needs captions[i].
     views: {i: (pred [V, H, W, 3], target [V, H, W, 3])} renders for 3D sample i (its L1 is on views).
     text: a TrainableText (cfg.train_text) that replaces the frozen text tower.
     gather: 0, or the number of rows M every rank pads its understanding samples to: the semantic terms then
@@ -499,8 +499,10 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
     """
     B, kinds = len(packed.seqlens), packed.kinds
     tasks = tasks or ['rec'] * B
-    rec_ids = [i for i in range(B) if tasks[i] in ('rec', 'both')]
-    und_ids = [i for i in range(B) if tasks[i] in ('und', 'both')]
+    if set(tasks) - {'rec', 'und'}:
+        raise ValueError(f"tasks are 'rec' or 'und', got {sorted(set(tasks) - {'rec', 'und'})}")
+    rec_ids = [i for i in range(B) if tasks[i] == 'rec']
+    und_ids = [i for i in range(B) if tasks[i] == 'und']
     for i in und_ids:
         if not captions or not captions[i]:
             raise ValueError(f"sample {i} ({kinds[i]}) has an understanding task but no caption")

@@ -7,8 +7,9 @@ random frozen nets (random_frozen=True: the numbers are costs, not meaningful lo
 Each term is timed as it runs in training: resize to its input size, the frozen network on the
 reconstruction (with grad) and on the target (no grad), the loss; backward goes to the reconstruction
 patches / latent mean and logvar / student embedding. LPIPS and Gram each pay for their own VGG16 pass
-here; inside compute_losses they share one. "full" is compute_losses with task 'both' for all 8 images
-(L1 + LPIPS + Gram + CLIP + KL + distillation; the sigmoid loss is for videos / 3D).
+here; inside compute_losses they share one. "full" is compute_losses on all 8 images, once with task 'rec'
+(L1 + LPIPS + Gram + CLIP + KL) and once with 'und' (distillation; the sigmoid loss is for videos / 3D), as
+training runs them in separate micro-batches.
 
     python bench/bench_losses.py                    # tiny random SigLIP (64 px, width 64): ~1 min on 2 cores
     python bench/bench_losses.py --siglip so400m    # random ViT-SO400M-16-SigLIP2-256: builds in ~35 s, slow
@@ -131,8 +132,9 @@ def main():
                                                       None)['distill'],
         'sigmoid': lambda: losses.semantic_terms(emb[:0], [], [], emb, captions, frozen, cfg,
                                                  temperature)['sigmoid'],
-        'full compute_losses': lambda: losses.compute_losses(out, packed, frozen, cfg, tasks=['both'] * B,
-                                                             captions=captions, temperature=temperature)[0],
+        'full compute_losses rec': lambda: losses.compute_losses(out, packed, frozen, cfg, tasks=['rec'] * B)[0],
+        'full compute_losses und': lambda: losses.compute_losses(out, packed, frozen, cfg, tasks=['und'] * B,
+                                                                 captions=captions, temperature=temperature)[0],
     }
 
     # ---- time

@@ -365,9 +365,10 @@ def test_semantic_terms_per_modality_and_total(frozen, tiny_model):
     temp = losses.SigmoidTemperature()
     cfg = cfg_with(rec=0.3, sem=2.0, kl=0.5, tau=1.5)
     pv, tv = rand(2, 8, 8, 3, seed=22), rand(2, 8, 8, 3, seed=23)
-    total, logs = losses.compute_losses(out, p, frozen, cfg, tasks=['both', 'und', 'both', 'und'],
-                                        captions=CAPTIONS, views={3: (pv, tv)}, temperature=temp)
-    assert {'distill', 'sigmoid', 'l1', 'lpips', 'gram', 'clip', 'kl'} <= set(logs)
+    # every sample 'und': distillation for the images, the sigmoid loss for the video and the 3D sample
+    total, logs = losses.compute_losses(out, p, frozen, cfg, tasks=['und'] * 4, captions=CAPTIONS, temperature=temp)
+    assert {'distill', 'sigmoid'} <= set(logs) and not {'l1', 'lpips', 'gram', 'clip'} & set(logs)
+    assert logs['rec'].item() == 0.0 and logs['kl'].item() == 0.0
     # distillation: images 0, 1 against their 2 captions, teacher = frozen SigLIP on frame 0
     frames = [f for f in model.unpack(p.feats, p, p.patch_size)[:2]]
     with torch.no_grad():
@@ -381,6 +382,11 @@ def test_semantic_terms_per_modality_and_total(frozen, tiny_model):
     ref = siglip_ref(out['embedding'][2:].detach(), txt, temp.logit_scale.item(), temp.logit_bias.item())
     assert logs['sigmoid'].item() == pytest.approx(ref, rel=1e-5)
     assert logs['sem'].item() == pytest.approx(logs['distill'].item() + logs['sigmoid'].item(), rel=1e-6)
+    assert total.item() == pytest.approx(cfg.sem * logs['sem'].item(), rel=1e-6)
+    # mixed: reconstruction for image 0 and video 2, understanding for image 1 and the 3D sample
+    total, logs = losses.compute_losses(out, p, frozen, cfg, tasks=['rec', 'und', 'rec', 'und'],
+                                        captions=CAPTIONS, views={3: (pv, tv)}, temperature=temp)
+    assert {'distill', 'sigmoid', 'l1', 'lpips', 'gram', 'clip', 'kl'} <= set(logs)
     # only image 0 (rec) gets perceptual terms; rec samples are 0 (image) and 2 (video)
     r, t = out['rec'].split(p.seqlens), p.feats.split(p.seqlens)
     l1_img = losses.compute_losses(*select(p, out, [0])[::-1], frozen, cfg)[1]['l1'].item()
@@ -389,6 +395,9 @@ def test_semantic_terms_per_modality_and_total(frozen, tiny_model):
     assert logs['rec'].item() == pytest.approx(rec, rel=1e-5)
     rows = torch.cat([torch.arange(0, 35), torch.arange(70, 70 + p.seqlens[2])])
     assert logs['kl'].item() == pytest.approx(kl_ref(out['mean'][rows], out['logvar'][rows]), rel=1e-5)
+    txt = frozen.encode_text(CAPTIONS[3:])                   # the 3D sample's sigmoid loss, alone
+    ref = siglip_ref(out['embedding'][3:].detach(), txt, temp.logit_scale.item(), temp.logit_bias.item())
+    assert logs['sigmoid'].item() == pytest.approx(ref, rel=1e-5)
     expected = cfg.rec * logs['rec'].item() + cfg.sem * logs['sem'].item() + cfg.kl * logs['kl'].item()
     assert total.item() == pytest.approx(expected, rel=1e-6)
     assert logs['total'].item() == total.item()
@@ -396,6 +405,8 @@ def test_semantic_terms_per_modality_and_total(frozen, tiny_model):
     _, logs = losses.compute_losses(out, p, frozen, cfg, tasks=['und', 'und', 'rec', 'rec'],
                                     captions=CAPTIONS[:2] + [None, None], views={3: (pv, tv)})
     assert 'distill' in logs and 'sigmoid' not in logs
+    with pytest.raises(ValueError, match="'rec' or 'und'"):
+        losses.compute_losses(out, p, frozen, cfg, tasks=['both'] * 4, captions=CAPTIONS, views={3: (pv, tv)})
 
 
 def test_image_und_sigmoid_with_a_trainable_text_tower(frozen, tiny_model):
