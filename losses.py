@@ -8,8 +8,10 @@ The adversarial-free training objective of AToken (arXiv 2509.14476, Section 3.3
           = SigLIP sigmoid loss over all pairs of the batch           for videos and 3D
 
 Small pure functions first (each takes tensors and returns a scalar), then the frozen networks
-(LPIPS/VGG16, a SigLIP2 model for the teacher, text tower and CLIP-perceptual features), then
-`compute_losses`, which assembles the weighted total for a packed batch that mixes modalities and tasks.
+(LPIPS/VGG16, a SigLIP2 model for the teacher, text tower and CLIP-perceptual features), then the gather of
+the global batch for the semantic losses, then `compute_losses` (Eq. 4), which assembles the weighted total for
+a packed batch that mixes modalities and tasks from `reconstruction_loss` (Eq. 6), `kl_loss` and
+`understanding_loss` (Eq. 7 / SigLIP).
 
 Borrowed: LPIPS (Zhang et al. 2018, the `lpips` package), Gram loss (Gatys et al. 2016), SigLIP
 (Zhai et al. 2023) for the sigmoid loss and its initialisation, open_clip for the SigLIP2 towers.
@@ -392,6 +394,11 @@ def first_captions(captions, valid, pad):
 # the weighted total for a packed batch
 
 
+def to_device(a, device, dtype=torch.float32):
+    """A host-made array (weights, masks, indices) -> a tensor on the device, copied without waiting for it."""
+    return torch.as_tensor(np.asarray(a), dtype=dtype).to(device, non_blocking=True)
+
+
 def image_frames(feats, packed, ids):
     """Frame 0 of the image samples `ids` from token features [N, C] in packed order (the pt = 0 slot), grouped by
     size -> (the ids in output order, [[n_g, H_g, W_g, 3] per size]): one gather and one reshape per distinct
@@ -420,6 +427,19 @@ def siglip_targets(frozen, images):
     return frozen.vision(resize(images, frozen.image_size()).to(next(frozen.parameters()).dtype))
 
 
+def siglip_rows(frozen, packed, ids):
+    """One siglip_targets pass over frame 0 of the image samples `ids`, shared by CLIP-perceptual and the Eq. 7
+    teacher -> rows(which, samples): 'tokens' [n, C, h, w] or 'embedding' [n, D] of `samples` (any of ids), in
+    that order."""
+    order, frames = image_frames(packed.feats, packed, ids)
+    feats = dict(zip(('tokens', 'embedding'), siglip_targets(frozen, frames)))
+    at = {i: j for j, i in enumerate(order)}
+
+    def rows(which, samples):
+        return feats[which].index_select(0, to_device([at[i] for i in samples], feats[which].device, torch.long))
+    return rows
+
+
 def image_rec_terms(rec, target, frozen, cfg, target_tokens=None):
     """Perceptual terms of Eq. 6 for images (lists of (H, W, 3) or same-size groups [n, H, W, 3], in [-1, 1])
     -> dict of per-image [n].
@@ -438,6 +458,59 @@ def image_rec_terms(rec, target, frozen, cfg, target_tokens=None):
         tt = siglip_targets(frozen, target)[0] if target_tokens is None else target_tokens
         out['clip'] = clip_perceptual_loss(tr, tt)
     return out
+
+
+def patch_l1(rec, packed, ids):
+    """Eq. 6 L1 of the image and video samples `ids`: per sample, the mean of |rec - packed.feats| over its
+    patches (paper 3.5: normalised over patches), rec [N, C] the decoded patches -> [B], 0 for the other samples.
+    A one-frame sample (an image) holds its pixels in the pt = 0 slot of each patch and temporal padding in the
+    others (paper 3.2, model.prepare): its L1 covers slot 0 only."""
+    B, dev = len(packed.seqlens), rec.device
+    d = (rec.float() - packed.feats.float()).abs()                              # [N, C]
+    c1 = packed.patch_size[1] * packed.patch_size[2] * 3                        # one frame's columns
+    cols = np.array([c1 if k != 'video' else d.shape[1] for k in packed.kinds])   # real columns per sample
+    if (cols < d.shape[1]).any():                                            # one-frame samples: slot 0 only
+        keep = np.repeat(cols, packed.seqlens)[:, None] > np.arange(d.shape[1])[None]   # [N, C]
+        d = d * to_device(keep, dev)
+    st = packed.structure
+    sample_id = st.sample_id if st is not None else to_device(np.repeat(np.arange(B), packed.seqlens), dev, torch.long)
+    sums = d.new_zeros(B).index_add(0, sample_id, d.sum(1))                     # [B]
+    w = np.zeros(B)
+    w[ids] = 1.0 / (np.asarray(packed.seqlens)[ids] * cols[ids])
+    return sums * to_device(w, dev)
+
+
+def reconstruction_loss(out, packed, frozen, cfg, ids, views=None, siglip=None):
+    """L_rec (Eq. 6) of the reconstruction samples `ids`: the mean over them of each sample's
+    l1 * L1 + lpips * LPIPS + gram * Gram + clip * CLIP (the last three for images) -> (scalar, dict of the
+    detached means of the parts). L1: patch_l1 for images and videos (out['rec'] [N, C] vs packed.feats); for 3D
+    sample i, over its rendered views, views[i] = (pred, target) [V, H, W, 3]. The perceptual terms compare frame 0
+    of each image (image_rec_terms); siglip: the batch's siglip_rows (CLIP-perceptual's target tokens)."""
+    B, kinds, dev = len(packed.seqlens), packed.kinds, packed.feats.device
+    pix = [i for i in ids if kinds[i] != '3d']
+    if pix and 'rec' not in out:
+        raise ValueError("reconstruction tasks need the decoder output: call the model with decode=True")
+    l1 = patch_l1(out['rec'], packed, pix) if pix else packed.feats.new_zeros(B, dtype=torch.float32)   # [B]
+    for i in (i for i in ids if kinds[i] == '3d'):
+        if not views or i not in views:
+            raise ValueError(f"3D sample {i} has a reconstruction task but no rendered views")
+        pred, target = views[i]
+        l1 = l1.index_put((torch.tensor([i], device=dev),), l1_loss(pred.float(), target.float()).reshape(1))
+    w = np.zeros(B)
+    w[ids] = 1.0 / len(ids)
+    w = to_device(w, dev)                                                       # [B]
+    logs = {'l1': (l1 * w).sum().detach()}
+    per = cfg.l1 * l1                                                           # per-sample L_rec, [B]
+    img = [i for i in ids if kinds[i] == 'image']
+    if img and (cfg.lpips or cfg.gram or cfg.clip):
+        order, rec_frames = image_frames(out['rec'], packed, img)
+        _, tgt_frames = image_frames(packed.feats, packed, img)
+        tt = siglip('tokens', order) if cfg.clip else None
+        at = to_device(order, dev, torch.long)
+        for name, vals in image_rec_terms(rec_frames, tgt_frames, frozen, cfg, tt).items():
+            logs[name] = vals.detach().mean()
+            per = per + getattr(cfg, name) * l1.new_zeros(B).index_copy(0, at, vals.float())
+    return (per * w).sum(), logs
 
 
 def semantic_terms(emb, teacher, img_captions, other_emb, other_captions, frozen, cfg, temperature,
@@ -477,10 +550,45 @@ def semantic_terms(emb, teacher, img_captions, other_emb, other_captions, frozen
     return out
 
 
+def sample_rows(x, ids):
+    """Rows `ids` of x [B, ...], one per sample: x itself when ids is every sample."""
+    if len(ids) == len(x):
+        return x
+    return x.index_select(0, to_device(ids, x.device, torch.long)) if ids else x[:0]
+
+
+def understanding_loss(out, packed, frozen, cfg, ids, captions, siglip=None, temperature=None, text=None, gather=0):
+    """L_sem of the understanding samples `ids` (semantic_terms): Eq. 7 distillation for the images when
+    image_und='distill' (teacher: the frozen SigLIP2 embeddings [n, D] of their frame 0, from the batch's
+    siglip_rows), the sigmoid loss for the others. out['embedding'] [B, D] the student embeddings, captions[i]
+    sample i's text; temperature, text, gather: semantic_terms' temperature, text, pad
+    -> (scalar, dict of the detached terms)."""
+    img = [i for i in ids if packed.kinds[i] == 'image' and cfg.image_und == 'distill']
+    oth = [i for i in ids if i not in img]                          # videos, 3D (and images: 'sigmoid')
+    teacher = siglip('embedding', img) if img else None             # [n, D]
+    emb = out['embedding']
+    terms = semantic_terms(sample_rows(emb, img), teacher, [captions[i] for i in img], sample_rows(emb, oth),
+                           [captions[i] for i in oth], frozen, cfg, temperature, text, pad=gather)
+    return sum(terms.values()), {k: v.detach() for k, v in terms.items()}
+
+
+def token_weights(packed, ids, device):
+    """[N] weights that make a sum over tokens the mean over the tokens of samples `ids` (1 / their token count
+    on them, 0 elsewhere); None when ids is every sample (a plain mean)."""
+    B = len(packed.seqlens)
+    if len(ids) == B:
+        return None
+    w = np.zeros(B)
+    w[ids] = 1.0 / sum(packed.seqlens[i] for i in ids)
+    return to_device(np.repeat(w, packed.seqlens), device)
+
+
 def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=None, temperature=None,
                    text=None, gather=0):
-    """The total loss (Eq. 4) for one packed batch mixing images, videos and 3D, reconstruction and
-    understanding.
+    """The total loss (Eq. 4) of one packed batch mixing images, videos and 3D, each sample a reconstruction
+    ('rec') or an understanding ('und') task: cfg.rec * L_rec + cfg.sem * L_sem + cfg.kl * L_KL, with L_rec
+    (reconstruction_loss, Eq. 6) and L_KL (kl_loss, over their tokens) from the reconstruction samples and L_sem
+    (understanding_loss, Eq. 7 / SigLIP) from the understanding samples.
 
     out: AToken.forward(packed) dict (rec [N, C] patches, mean/logvar [N, L], embedding [B, D]; the embedding may
     be None (embed=False) when no sample has an understanding task).
@@ -488,14 +596,12 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
     forward pass builds it if the batch came without one).
     tasks: per sample 'rec' | 'und' (default 'rec'); understanding needs captions[i].
     views: {i: (pred [V, H, W, 3], target [V, H, W, 3])} renders for 3D sample i (its L1 is on views).
-    text: a TrainableText (cfg.train_text) that replaces the frozen text tower.
+    temperature: the SigmoidTemperature; text: a TrainableText (cfg.train_text) that replaces the frozen text tower.
     gather: 0, or the number of rows M every rank pads its understanding samples to: the semantic terms then
     run over all ranks' micro-batches together (semantic_terms with pad; under torch.distributed, cfg.global_batch).
-    Per-sample reconstruction losses are averaged over the reconstruction samples; L1 is a mean over
-    each sample's patches (paper 3.5: normalised over patches); an image's L1 covers its real frame (the
-    pt = 0 slot) only. Every per-sample term is one masked computation over the whole batch (weights made on
-    the host from the task list), so the ops do not grow with the number of samples and nothing is read back
-    from the device. Returns (total, dict of detached terms, still on the device).
+    Every per-sample term is one masked computation over the whole batch (weights made on the host from the task
+    list), so the ops do not grow with the number of samples and nothing is read back from the device.
+    Returns (total, dict of detached terms, still on the device).
     """
     B, kinds = len(packed.seqlens), packed.kinds
     tasks = tasks or ['rec'] * B
@@ -509,79 +615,20 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
     if und_ids and out.get('embedding') is None:
         raise ValueError("understanding tasks need the pooled embedding: call the model with embed=True")
     like = out['embedding'] if out.get('embedding') is not None else out['rec']   # a tensor on the device
-    dev = like.device
-    host = lambda a, dtype=torch.float32: torch.as_tensor(np.asarray(a), dtype=dtype).to(dev, non_blocking=True)
     zero = like.new_zeros((), dtype=torch.float32)
-    logs, rec_loss = {}, zero
     # one frozen SigLIP2 pass over the target images serves both CLIP-perceptual and the distillation teacher
     distill = cfg.image_und == 'distill'
     need = [i for i in range(B) if kinds[i] == 'image' and ((i in und_ids and distill) or (i in rec_ids and cfg.clip))]
-    sig_pos = {}
-    if need:
-        order, frames = image_frames(packed.feats, packed, need)
-        sig_tok, sig_emb = siglip_targets(frozen, frames)
-        sig_pos = {i: j for j, i in enumerate(order)}
+    siglip = siglip_rows(frozen, packed, need) if need else None
 
-    if rec_ids:   # ---- reconstruction (Eq. 6)
-        st = packed.structure
-        l1 = zero.new_zeros(B)                                                  # per-sample L1, [B]
-        pix = [i for i in rec_ids if kinds[i] != '3d']
-        if pix:
-            if 'rec' not in out:
-                raise ValueError("reconstruction tasks need the decoder output: call the model with decode=True")
-            d = (out['rec'].float() - packed.feats.float()).abs()               # [N, C]
-            c1 = packed.patch_size[1] * packed.patch_size[2] * 3                # one frame's columns
-            cols = np.array([c1 if k != 'video' else d.shape[1] for k in kinds])   # real columns per sample
-            if (cols < d.shape[1]).any():      # one-frame samples in a batch with videos: their slot 0 only
-                keep = np.repeat(cols, packed.seqlens)[:, None] > np.arange(d.shape[1])[None]
-                d = d * host(keep)
-            sample_id = st.sample_id if st is not None else host(np.repeat(np.arange(B), packed.seqlens), torch.long)
-            sums = zero.new_zeros(B).index_add(0, sample_id, d.sum(1))         # [B]
-            w = np.zeros(B)
-            w[pix] = 1.0 / (np.asarray(packed.seqlens)[pix] * cols[pix])
-            l1 = sums * host(w)
-        for i in (i for i in rec_ids if kinds[i] == '3d'):
-            if not views or i not in views:
-                raise ValueError(f"3D sample {i} has a reconstruction task but no rendered views")
-            pred, target = views[i]
-            l1 = l1.index_put((torch.tensor([i], device=dev),), l1_loss(pred.float(), target.float()).reshape(1))
-        rec_w = np.zeros(B)
-        rec_w[rec_ids] = 1.0 / len(rec_ids)
-        rec_w = host(rec_w)
-        logs['l1'] = (l1 * rec_w).sum().detach()
-        per = cfg.l1 * l1                                                       # per-sample L_rec, [B]
-        img = [i for i in rec_ids if kinds[i] == 'image']
-        if img and (cfg.lpips or cfg.gram or cfg.clip):
-            order, rec_frames = image_frames(out['rec'], packed, img)
-            _, tgt_frames = image_frames(packed.feats, packed, img)
-            tt = sig_tok.index_select(0, host([sig_pos[i] for i in order], torch.long)) if cfg.clip else None
-            at = host(order, torch.long)
-            for name, vals in image_rec_terms(rec_frames, tgt_frames, frozen, cfg, tt).items():
-                logs[name] = vals.detach().mean()
-                per = per + getattr(cfg, name) * zero.new_zeros(B).index_copy(0, at, vals.float())
-        rec_loss = (per * rec_w).sum()
-        # KL over the reconstruction samples' tokens
-        tw = None
-        if len(rec_ids) < B:
-            tw = np.zeros(B)
-            tw[rec_ids] = 1.0 / sum(packed.seqlens[i] for i in rec_ids)
-            tw = host(np.repeat(tw, packed.seqlens))                            # [N]
-        logs['kl'] = kl_loss(out['mean'], out['logvar'], tw)
-    kl = logs.get('kl', zero)
-
-    sem = zero
-    if und_ids:   # ---- understanding (Eq. 7 / SigLIP)
-        img = [i for i in und_ids if kinds[i] == 'image' and distill]
-        oth = [i for i in und_ids if i not in img]                  # videos, 3D (and images: 'sigmoid')
-        teacher = sig_emb.index_select(0, host([sig_pos[i] for i in img], torch.long)) if img else None
-        emb = out['embedding']
-        pick = lambda ids: emb if len(ids) == B else emb.index_select(0, host(ids, torch.long))
-        args = (pick(img) if img else emb[:0], teacher, [captions[i] for i in img],
-                pick(oth) if oth else emb[:0], [captions[i] for i in oth], frozen, cfg, temperature, text)
-        terms = semantic_terms(*args, pad=gather)
-        sem = sum(terms.values())
-        logs.update({k: v.detach() for k, v in terms.items()})
-
-    total = cfg.rec * rec_loss + cfg.sem * sem + cfg.kl * kl
-    logs.update(rec=rec_loss.detach(), sem=sem.detach(), kl=kl.detach(), total=total.detach())
+    rec, kl, sem, logs = zero, zero, zero, {}
+    if rec_ids:
+        rec, logs = reconstruction_loss(out, packed, frozen, cfg, rec_ids, views, siglip)
+        kl = kl_loss(out['mean'], out['logvar'], token_weights(packed, rec_ids, zero.device))
+        logs['kl'] = kl.detach()
+    if und_ids:
+        sem, terms = understanding_loss(out, packed, frozen, cfg, und_ids, captions, siglip, temperature, text, gather)
+        logs.update(terms)
+    total = cfg.rec * rec + cfg.sem * sem + cfg.kl * kl                        # Eq. 4
+    logs.update(rec=rec.detach(), sem=sem.detach(), kl=kl.detach(), total=total.detach())
     return total, logs
