@@ -403,8 +403,6 @@ def image_frames(feats, packed, ids):
     """Frame 0 of the image samples `ids` from token features [N, C] in packed order (the pt = 0 slot), grouped by
     size -> (the ids in output order, [[n_g, H_g, W_g, 3] per size]): one gather and one reshape per distinct
     size, whatever the number of images."""
-    if packed.patch_size is None:
-        raise ValueError("packed.patch_size is None: build batches with model.pack")
     ph, pw = packed.patch_size[1:]
     starts = np.concatenate([[0], np.cumsum(packed.seqlens)])
     groups = {}
@@ -592,8 +590,7 @@ def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=No
 
     out: AToken.forward(packed) dict (rec [N, C] patches, mean/logvar [N, L], embedding [B, D]; the embedding may
     be None (embed=False) when no sample has an understanding task).
-    packed: the input batch (targets = packed.feats; kinds 'image' | 'video' | '3d'), its structure built (the
-    forward pass builds it if the batch came without one).
+    packed: the input batch (targets = packed.feats; kinds 'image' | 'video' | '3d'), with its structure.
     tasks: per sample 'rec' | 'und' (default 'rec'); understanding needs captions[i].
     views: {i: (pred [V, H, W, 3], target [V, H, W, 3])} renders for 3D sample i (its L1 is on views).
     temperature: the SigmoidTemperature; text: a TrainableText (cfg.train_text) that replaces the frozen text tower.
