@@ -432,8 +432,9 @@ def codebook_stats(indices, codebook_size=4096):
 # reports: side-by-side grids (original | reconstruction | error), JSON and Markdown
 
 
-def to_uint8(x):
-    """[-1, 1] float -> uint8 as the official savers do: ((x + 1) / 2 * 255).clip(0, 255), truncated."""
+def to_uint8_truncated(x):
+    """[-1, 1] float -> uint8 as the official savers do: ((x + 1) / 2 * 255).clip(0, 255), truncated (not rounded
+    as model.to_uint8, which the metrics use): the report's pictures are quantised as the official files are."""
     return ((x.detach().float().cpu() + 1) / 2 * 255).clamp(0, 255).to(torch.uint8)
 
 
@@ -446,7 +447,8 @@ def side_by_side(orig, rec, min_size=256):
         orig, rec = (x.repeat_interleave(s, dim=-3).repeat_interleave(s, dim=-2) for x in (orig, rec))
     err = ((rec.float() - orig.float()).abs() * 4 - 1).clamp(-1, 1)            # 0 error = black
     bar = torch.full((*orig.shape[:-2], 4, 3), 255, dtype=torch.uint8)
-    return torch.cat([to_uint8(orig), bar, to_uint8(rec), bar, to_uint8(err)], dim=-2)
+    return torch.cat([to_uint8_truncated(orig), bar, to_uint8_truncated(rec), bar, to_uint8_truncated(err)],
+                     dim=-2)
 
 
 def save_image_grid(pairs, path, max_width=1536):
@@ -1179,7 +1181,8 @@ def write_turntable(gs, rec, s, frames, j, out_dir):
     its views (render3d.turntable_cameras) -> out_dir/3d_<j>_turntable.mp4; returns the file name."""
     cams = render3d.turntable_cameras(frames, resolution=s.media['views'].shape[-2])
     name = f'3d_{j:03d}_turntable.mp4'
-    save_video(to_uint8(render_views(gs, rec, s.media['coords'], cams)), os.path.join(out_dir, name), fps=12)
+    views = render_views(gs, rec, s.media['coords'], cams)                     # [V, H, W, 3] in [-1, 1]
+    save_video(to_uint8_truncated(views), os.path.join(out_dir, name), fps=12)
     return name
 
 

@@ -785,9 +785,16 @@ def test_side_by_side_enlarges_small_pictures():
     assert out.shape == (32 * s, 3 * 48 * s + 8, 3) and out.dtype == torch.uint8
     left = out[:, :48 * s].reshape(32, s, 48, s, 3)
     assert (left == left[:, :1, :, :1]).all()                # constant s x s blocks
-    assert torch.equal(left[:, 0, :, 0], ev.to_uint8(a))     # ... of the original's pixels
+    assert torch.equal(left[:, 0, :, 0], ev.to_uint8_truncated(a))     # ... of the original's pixels
     big = torch.zeros(300, 200, 3)
     assert ev.side_by_side(big, big).shape == (300, 608, 3)
+
+
+def test_report_pictures_truncate_where_metrics_round():
+    """The report's uint8 truncates as the official savers do; model.to_uint8 (the metrics') rounds."""
+    x = torch.tensor([-1.0, 0.999, 1.0, 2.0])                # 0.999 -> 254.87
+    assert ev.to_uint8_truncated(x).tolist() == [0, 254, 255, 255]
+    assert model.to_uint8(x).tolist() == [0, 255, 255, 255]
 
 
 def test_learning_curves_png(tmp_path):
