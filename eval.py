@@ -793,9 +793,10 @@ def class_folders(entries, root):
     return [names[r[0]] for r in rel]
 
 
-def read_captions(path):
+def read_retrieval_captions(path):
     """Retrieval captions: a JSON object {file: caption or [captions]} or a CSV with header file,caption (a file
-    may have several rows). Files are relative to the video folder. -> {file: [captions]}."""
+    may have several rows). Files are relative to the video folder. -> {file: [captions]}. (data.read_captions
+    reads a 3D asset captions file: one caption per asset id.)"""
     import csv
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--captions={path}: no such file")
@@ -890,8 +891,9 @@ class ProtocolVideos:
         return data.Sample(x, 'video', caps[0] if caps else '', -1, '', file)
 
 
-def build_datasets(cfg, patch_size, grid):
-    """{kind: dataset}: the folders given, else the built-in held-out sets whose n_* > 0."""
+def build_eval_datasets(cfg, patch_size, grid):
+    """{kind: dataset} to evaluate: the folders given, else the built-in held-out sets whose n_* > 0
+    (data.build_datasets builds a training stage's {task: dataset})."""
     if cfg.images or cfg.videos or cfg.assets:
         out = {}
         if cfg.images:
@@ -900,7 +902,7 @@ def build_datasets(cfg, patch_size, grid):
         if cfg.videos and (cfg.native or cfg.retrieval_frames):
             out['video'] = ProtocolVideos(cfg.videos, patch_size, cfg.frames if cfg.native else 0,
                                           cfg.retrieval_frames, cfg.resize_crop,
-                                          read_captions(cfg.captions) if cfg.captions else None)
+                                          read_retrieval_captions(cfg.captions) if cfg.captions else None)
         elif cfg.videos:
             out['video'] = data.VideoFolder(cfg.videos, 'recon', cfg.res, patch_size, cfg.frames, cfg.seed)
         if cfg.assets:
@@ -1231,7 +1233,7 @@ def evaluate(tok, cfg, gs_decoder=None, text=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
     device = next(tok.parameters()).device
     grid = cfg.grid_3d or (gs_decoder.cfg if gs_decoder is not None else tok.config).gs_resolution
-    datasets = build_datasets(cfg, tok.config.patch_size, grid)
+    datasets = build_eval_datasets(cfg, tok.config.patch_size, grid)
     res = dict(metrics={}, codebook={}, per_class={}, counts={}, skipped=[], grids=[],
                warnings=setup_warnings(cfg, datasets, gs_decoder, text))
     text = text if cfg.understanding else None
