@@ -280,7 +280,7 @@ def _new_object(rng, shape, rgb, size):
 
 
 def random_scene(rng, video):
-    """A random scene (a dict of parameters, independent of size and time; `render` draws it): background,
+    """A random scene (a dict of parameters, independent of size and time; `render_scene` draws it): background,
     0-3 small distractors, one big labelled object on top; for videos its motion and a phrase naming it."""
     bg = dict(rgb0=torch.tensor(0.2 + 0.6 * rng.random(3), dtype=torch.float32),
               rgb1=torch.tensor(0.2 + 0.6 * rng.random(3), dtype=torch.float32),
@@ -362,7 +362,7 @@ def _draw(img, ob, X, Y, t, px):
     box += alpha * (colour - box)
 
 
-def render(scene, H, W, t):
+def render_scene(scene, H, W, t):
     """A scene at size H x W and frame times t (1-D float tensor) -> (T, H, W, 3) float32 in [-1, 1]."""
     X, Y, px = _grid(H, W)
     img = _background(scene['bg'], X, Y).repeat(len(t), 1, 1, 1)                    # (T, H, W, 3)
@@ -421,7 +421,7 @@ def _synthetic_item(ds, key, kind):
         rng = content()
         scene = random_scene(rng, video=kind == 'video')
         t = torch.arange(ds._length(i), dtype=torch.float32) if kind == 'video' else torch.zeros(1)
-        entry = ds._cache[i] = (model.to_uint8(render(scene, *native, t)), scene_caption(rng, scene),
+        entry = ds._cache[i] = (model.to_uint8(render_scene(scene, *native, t)), scene_caption(rng, scene),
                                 f"{scene['colour']} {scene['shape']}", {})
     u8, caption, name, sizes = entry
     if hw != native and hw not in sizes:    # permute: channels_last memory, so the result permutes back

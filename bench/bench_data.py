@@ -43,10 +43,10 @@ def write_files(root, n_images=128, n_videos=64, distinct=16):
     to_uint8 = lambda x: ((x + 1) * 127.5).round().clamp(0, 255).byte().numpy()
     for i in range(distinct):
         scene = data.random_scene(np.random.default_rng(i), video=False)
-        Image.fromarray(to_uint8(data.render(scene, 240, 320, torch.zeros(1))[0])).save(
+        Image.fromarray(to_uint8(data.render_scene(scene, 240, 320, torch.zeros(1))[0])).save(
             f'{root}/images/{i:03d}.jpg', quality=90)
         scene = data.random_scene(np.random.default_rng(1000 + i), video=True)
-        frames = to_uint8(data.render(scene, 144, 192, torch.arange(32.0)))          # (32, 144, 192, 3)
+        frames = to_uint8(data.render_scene(scene, 144, 192, torch.arange(32.0)))          # (32, 144, 192, 3)
         with av.open(f'{root}/videos/{i:03d}.mp4', 'w') as c:
             s = c.add_stream('libx264', rate=24)
             s.width, s.height, s.pix_fmt = 192, 144, 'yuv420p'

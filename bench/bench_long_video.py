@@ -47,7 +47,7 @@ TILE = 16
 def clip(frames, size, seed):
     """A procedural video (frames, size, size, 3) in [-1, 1] (data.py's moving shapes)."""
     scene = data.random_scene(np.random.default_rng(seed), video=True)
-    return data.render(scene, size, size, torch.arange(frames, dtype=torch.float32))
+    return data.render_scene(scene, size, size, torch.arange(frames, dtype=torch.float32))
 
 
 def fit(net, video, steps, seed=0):

@@ -27,8 +27,8 @@ import model                # noqa: E402
 
 def scenes(split, n, H, W):
     """n built-in images of a split at H x W, (n, H, W, 3) in [-1, 1]."""
-    return torch.stack([data.render(data.random_scene(data._content_rng(0, data.SPLITS[split], i), False), H, W,
-                                    torch.zeros(1))[0] for i in range(n)])
+    return torch.stack([data.render_scene(data.random_scene(data._content_rng(0, data.SPLITS[split], i), False), H, W,
+                                          torch.zeros(1))[0] for i in range(n)])
 
 
 def pca(args):

@@ -136,13 +136,13 @@ def test_synthetic_samples():
 
 
 def counting_render(monkeypatch):
-    """Replace data.render by a wrapper that records the (H, W, frames) of each call."""
-    calls, real = [], data.render
+    """Replace data.render_scene by a wrapper that records the (H, W, frames) of each call."""
+    calls, real = [], data.render_scene
 
     def counted(scene, H, W, t):
         calls.append((H, W, len(t)))
         return real(scene, H, W, t)
-    monkeypatch.setattr(data, 'render', counted)
+    monkeypatch.setattr(data, 'render_scene', counted)
     return calls
 
 
@@ -155,7 +155,7 @@ def native_render(ds, i, video):
     H, W = (long, max(1, round(long / aspect))) if aspect > 1 else (max(1, round(long * aspect)), long)
     scene = data.random_scene(rng, video)
     t = torch.arange(ds._length(i), dtype=torch.float32) if video else torch.zeros(1)
-    x = data.render(scene, H, W, t)
+    x = data.render_scene(scene, H, W, t)
     u8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return u8.float() / 127.5 - 1, data.scene_caption(rng, scene)
 
