@@ -796,7 +796,7 @@ class AssetFolder(Dataset):
     skipped (or an error with strict=True). Caption from `captions` (read_captions: the paper's Objaverse
     captions come from Cap3D, keyed by asset id = the sub-folder's name, or the asset file's stem) when it
     has the asset, else from meta.json. Class labels (zero-shot, e.g. Toys4k's categories): labels='folder'
-    takes the top folder of each asset's source path (the first part of the name `prepare` gives a nested
+    takes the top folder of each asset's source path (the first part of the name prepare_assets gives a nested
     file: <category>__<object>__<stem>), or a CSV / JSON file maps asset ids to class names (read_captions'
     format); classes are the sorted names. Without labels an asset's label is -1."""
 
@@ -849,7 +849,8 @@ class AssetFolder(Dataset):
         except (OSError, ValueError, KeyError) as e:
             return Skipped(*_skip(folder, e, self.strict))
         media = dict(feats=a['feats'] * 2 - 1, coords=a['coords'], views=a['views'], cameras=a['cameras'])
-        name = os.path.basename(folder)          # prepare names a nested file dir__sub__<stem>: Objaverse's uid is the stem
+        # render3d.prepare_assets names a nested file dir__sub__<stem>: Objaverse's uid is the stem
+        name = os.path.basename(folder)
         caption = self.captions.get(name) or self.captions.get(name.rsplit('__', 1)[-1]) or a['meta'].get('caption', '')
         cls = self.class_name(_key(key, len(self))[0]) if self.labels else ''
         return Sample(media, '3d', caption, self.classes.index(cls) if cls else -1, cls, folder)

@@ -11,7 +11,8 @@ tokenizer's 3D input), and Gaussian splats -> images (the 3D reconstruction targ
   packing     voxelize + view_features + voxel_features = apple/ml-atoken's pack_multiview_feat.py:
               depth unprojection -> occupied 64^3 voxels -> nearest view's 16x16 RGB patch per voxel;
               model_input turns them into the asset dict model.pack tokenizes (feats in [-1, 1], coords).
-              pack_asset does all of it for one mesh; `prepare` does it for a folder, load_prepared reads back.
+              pack_asset does all of it for one mesh; prepare_assets for a folder (`python render3d.py prepare`),
+              load_prepared reads back.
   splats      render(gaussians, camera, backend): render_reference (pure torch, differentiable, EWA
               splatting with the mip-splatting 2D filter) or render_gsplat (CUDA, gsplat); render_samples.
 
@@ -28,7 +29,8 @@ Sources (ideas and conventions; no code copied):
 Differences from the official data, worth knowing before mixing with official checkpoints:
   - views are unlit (colour = base colour x texture x vertex colour, one sample per pixel centre), where TRELLIS
     renders with Blender Cycles lighting; the voxel features therefore see albedo, not shading.
-  - `prepare` defaults to 16 views at 256 px (the official packing reads 16 views, rendered by TRELLIS at 512 px).
+  - prepare_assets defaults to 16 views at 256 px (the official packing reads 16 views, rendered by TRELLIS at
+    512 px).
   - readers skip: sparse accessors, Draco/meshopt compression (an error), KHR_texture_transform, sampler modes
     (always repeat), transparency; non-triangle glTF primitives are ignored.
 
@@ -888,7 +890,7 @@ def pack_asset(mesh, n_views=16, resolution=256, patch_size=(4, 16, 16), offset=
 
 
 # -----------------------------------------------------------------------------
-# prepare: a folder of assets -> per-asset folders that data.py reads with load_prepared
+# prepare_assets (the `prepare` sub-command): a folder of assets -> per-asset folders (load_prepared reads one)
 
 ASSET_EXTS = ('.glb', '.gltf', '.obj')
 
@@ -913,7 +915,7 @@ def write_prepared(out, pack, meta):
         json.dump(meta, f, indent=1)
 
 
-def prepare(assets_dir, out_dir, views=16, resolution=256, patch_size=(4, 16, 16)):
+def prepare_assets(assets_dir, out_dir, views=16, resolution=256, patch_size=(4, 16, 16)):
     """Every .glb/.gltf/.obj under assets_dir -> out_dir/<name>/ (see write_prepared). Broken assets are
     skipped with their reason. 16 views by default (the official packing reads 16; TRELLIS renders 150)."""
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(assets_dir) for f in fs
@@ -1167,7 +1169,7 @@ def main(argv=None):
     if not os.path.isdir(args.assets_dir):
         raise SystemExit(f'{args.assets_dir}: not a folder')
     try:
-        prepare(args.assets_dir, args.out_dir, args.views, args.resolution, (4, args.patch, args.patch))
+        prepare_assets(args.assets_dir, args.out_dir, args.views, args.resolution, (4, args.patch, args.patch))
     except AssetError as e:
         raise SystemExit(f'error: {e}') from e
 

@@ -604,7 +604,7 @@ def test_collate_ships_built_in_pixels_as_they_are(video):
 
 def test_asset_captions_from_a_cap3d_style_file(tmp_path):
     """Captions by asset id from a CSV (Cap3D: `uid,caption` rows, commas quoted) or a JSON object; the folder name
-    or, for nested files, the stem `prepare` puts last; assets the file lacks keep meta.json's caption."""
+    or, for nested files, the stem prepare_assets puts last; assets the file lacks keep meta.json's caption."""
     import render3d
     mesh, _, caption = render3d.procedural_mesh(7)
     pack = render3d.pack_asset(mesh, n_views=2, resolution=16, patch_size=PS, grid=8)
@@ -625,7 +625,7 @@ def test_asset_captions_from_a_cap3d_style_file(tmp_path):
 
 def test_asset_labels_for_zero_shot(tmp_path):
     """AssetFolder labels: 'folder' takes the top source folder of a nested asset (Toys4k's category, the
-    first part of prepare's name); a CSV maps ids to classes; classes are the sorted names, labels index them."""
+    first part of prepare_assets' name); a CSV maps ids to classes; classes are the sorted names, labels index them."""
     import render3d
     mesh, _, caption = render3d.procedural_mesh(3)
     pack = render3d.pack_asset(mesh, n_views=2, resolution=16, patch_size=PS, grid=8)

@@ -1,5 +1,5 @@
 """Tests for render3d.py: splat rendering against hand-computed EWA footprints and compositing, gradients,
-the triangle rasteriser, both mesh loaders (files written here), the official voxel packing rules, prepare /
+the triangle rasteriser, both mesh loaders (files written here), the official voxel packing rules, prepare_assets /
 load_prepared, cameras. CPU; the gsplat comparison needs CUDA and is skipped without it."""
 import base64
 import io
@@ -519,7 +519,7 @@ def test_prepare_and_load_prepared(tmp_path, capsys):
     only_bad.mkdir()
     (only_bad / 'x.obj').write_text('v 0 0 0\n')
     with pytest.raises(r3.AssetError, match='bad: no usable assets'):
-        r3.prepare(str(only_bad), str(tmp_path / 'out2'))
+        r3.prepare_assets(str(only_bad), str(tmp_path / 'out2'))
 
 
 # -----------------------------------------------------------------------------
