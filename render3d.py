@@ -60,6 +60,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import model
+
 GRID = 64                   # voxel grid resolution over [-0.5, 0.5]^3 (official)
 FEAT_GRID = 16              # each view becomes a FEAT_GRID x FEAT_GRID grid of RGB patches (official)
 PAIR_BUDGET = 1 << 21       # (primitive, pixel) pairs per band of rows: bounds rasteriser memory
@@ -579,22 +581,12 @@ def look_at(eye, target=(0.0, 0.0, 0.0), up=(0.0, 0.0, 1.0), fov_deg=40.0, width
     return Camera(torch.tensor(w2c, dtype=torch.float32), f, f * width / height, 0.5, 0.5, width, height)
 
 
-def _radical_inverse(base, n):
-    val, inv = 0.0, 1.0 / base
-    f = inv
-    while n > 0:
-        val += (n % base) * f
-        n //= base
-        f *= inv
-    return val
-
-
 def sphere_hammersley(i, n, offset=(0.0, 0.0)):
     """TRELLIS dataset_toolkits view sampling -> (yaw, pitch) in radians: Hammersley point (i/n, radinv_2(i))
     shifted by `offset`, remapped to favour the equator (u -> 2u below 1/4, else 2u/3 + 1/3), then
     pitch = acos(1 - 2u) - pi/2 and yaw = 2 pi v."""
     u = i / n + offset[0] / n
-    v = _radical_inverse(2, i) + offset[1]
+    v = model.radical_inverse(2, i) + offset[1]
     u = 2 * u if u < 0.25 else 2 / 3 * u + 1 / 3
     return 2 * math.pi * v, math.acos(max(-1.0, min(1.0, 1 - 2 * u))) - math.pi / 2
 
