@@ -209,6 +209,7 @@ def _check_res(res, patch_size):
 # procedural scenes: parameters drawn once per sample, rendered at any size and any time
 
 SHAPES = ['circle', 'square', 'triangle', 'star', 'ring', 'cross']
+# the 2D scenes' palette; render3d.PRIMITIVE_COLOURS (the 3D primitives') has other values and order on purpose
 COLOURS = {'red': (0.9, 0.1, 0.1), 'orange': (1.0, 0.55, 0.05), 'yellow': (0.95, 0.9, 0.1),
            'green': (0.1, 0.75, 0.2), 'cyan': (0.1, 0.85, 0.9), 'blue': (0.15, 0.25, 0.95),
            'purple': (0.6, 0.15, 0.8), 'white': (0.97, 0.97, 0.97)}

@@ -418,9 +418,11 @@ def _load_obj(path):
 
 SHAPES = ('cube', 'sphere', 'cylinder', 'cone', 'torus')
 PATTERNS = ('striped', 'checkered', 'plain')
-COLORS = {'red': (0.86, 0.12, 0.12), 'green': (0.15, 0.7, 0.2), 'blue': (0.15, 0.3, 0.9),
-          'yellow': (0.95, 0.85, 0.15), 'orange': (0.95, 0.5, 0.1), 'purple': (0.55, 0.2, 0.75),
-          'cyan': (0.1, 0.8, 0.85), 'white': (0.95, 0.95, 0.95)}
+# The 3D primitives' palette. Not data.COLOURS (the 2D scenes'): the same eight words with other RGB values and
+# another draw order, and the built-in 3D data depends on both.
+PRIMITIVE_COLOURS = {'red': (0.86, 0.12, 0.12), 'green': (0.15, 0.7, 0.2), 'blue': (0.15, 0.3, 0.9),
+                     'yellow': (0.95, 0.85, 0.15), 'orange': (0.95, 0.5, 0.1), 'purple': (0.55, 0.2, 0.75),
+                     'cyan': (0.1, 0.8, 0.85), 'white': (0.95, 0.95, 0.95)}
 
 
 def _grid_mesh(fn, nu, nv):
@@ -504,8 +506,8 @@ def procedural_mesh(seed):
     Striped / checkered objects use an image texture; plain ones use vertex colours."""
     rng = np.random.default_rng(seed)
     shape, pattern = SHAPES[rng.integers(len(SHAPES))], PATTERNS[rng.integers(len(PATTERNS))]
-    name = list(COLORS)[rng.integers(len(COLORS))]
-    c1 = COLORS[name]
+    name = list(PRIMITIVE_COLOURS)[rng.integers(len(PRIMITIVE_COLOURS))]
+    c1 = PRIMITIVE_COLOURS[name]
     c2 = (0.08, 0.08, 0.08) if name == 'white' else (0.95, 0.95, 0.95)
     verts, faces, uv = primitive(shape)
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))                      # random rotation (Haar via QR)
