@@ -1037,9 +1037,7 @@ def new_state():
 
 def save_partial(c, fingerprint, path):
     """A resumable partial result (atomic: a crash mid-write leaves the previous one)."""
-    state = dict(c, real=c['real'].state(), fake=c['fake'].state(), fingerprint=fingerprint)
-    torch.save(state, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    convert.save_torch(dict(c, real=c['real'].state(), fake=c['fake'].state(), fingerprint=fingerprint), path)
 
 
 def load_partial(path, fingerprint):
@@ -1537,10 +1535,7 @@ def summarise_run(base, run_dir, stages, n):
                   'psnr 3D': get(untrained or {}, '3d', 'psnr'), 'zs image': get(final, 'image', 'zs_chance_top1'),
                   'zs image shape': get(final, 'image', 'zs_chance_shape')}
     curves = learning_curves(run_dir, {k: v for k, v in base_lines.items() if v == v})      # nan: none
-    tmp = path(f'summary.json.tmp{os.getpid()}')
-    with open(tmp, 'w') as f:
-        json.dump(summary, f, indent=1, default=float)
-    os.replace(tmp, path('summary.json'))
+    convert.save_json(summary, path('summary.json'))
     print(f"\nsummary vs baselines (held-out built-in data; {path('summary.json')}"
           f"{'; learning curves: ' + curves if curves else ''}):")
     print(f"  {'':44s} {'value':>8s}  {'baseline':20s} {'target':12s} met")

@@ -189,9 +189,7 @@ def write_shard(path, samples, metas, skipped, extra):
     meta = dict(samples=json.dumps(metas), skipped=json.dumps(skipped), model_config=extra['model_config'],
                 rank=str(extra['rank']),
                 checkpoint=extra['checkpoint'], latent=extra['latent_kind'], fingerprint=extra['fingerprint'])
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(t, tmp, metadata=meta)
-    os.replace(tmp, path)
+    convert.write_atomic(path, lambda f: save_file(t, f, metadata=meta))
 
 
 def shard_name(k, n):
@@ -300,8 +298,7 @@ def write_index(cfg):
         skipped += json.loads(meta['skipped'])
     convert.save_json(dict(shards=shards, samples=sum(s['samples'] for s in shards), skipped=skipped),
                       os.path.join(cfg.out, 'index.json'))
-    with open(os.path.join(cfg.out, 'skipped.txt'), 'w') as f:
-        f.writelines(f"{s}\t{r}\n" for s, r in skipped)
+    convert.save_text(''.join(f"{s}\t{r}\n" for s, r in skipped), os.path.join(cfg.out, 'skipped.txt'))
     if skipped:
         print(f"{len(skipped)} inputs skipped (listed in {os.path.join(cfg.out, 'skipped.txt')}):")
         for s, r in skipped[:20]:

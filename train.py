@@ -348,13 +348,6 @@ def param_groups(modules, cfg):
     return list(groups.values())
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def full_state(module):
     """A module's full (unsharded) state dict on CPU, for DDP / FSDP2 / plain modules alike."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -696,15 +689,15 @@ def save_checkpoint(cfg, path, net, raw, opt, ema, streams, step, stage_i, bad_s
     optim = get_optimizer_state_dict(net, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     ema_full = {n: local(t).detach().cpu() for n, t in ema.items()}
     if master:
-        save_atomic(dict(step=step, stage=stage_i, trainable=trainable, optimizer=optim, ema=ema_full,
-                         streams={t: s.state() for t, s in streams.items()}, rng=rng_states(),
-                         bad_steps=bad_steps, config=asdict(cfg), model_config=asdict(raw.tok.config),
-                         loss_config=asdict(raw.loss_cfg), command=' '.join(sys.argv),
-                         commit=configurator.git_commit()), path)
+        convert.save_torch(dict(step=step, stage=stage_i, trainable=trainable, optimizer=optim, ema=ema_full,
+                                streams={t: s.state() for t, s in streams.items()}, rng=rng_states(),
+                                bad_steps=bad_steps, config=asdict(cfg), model_config=asdict(raw.tok.config),
+                                loss_config=asdict(raw.loss_cfg), command=' '.join(sys.argv),
+                                commit=configurator.git_commit()), path)
         export = tokenizer_export(raw, trainable, ema_full, step)
-        save_atomic(export, os.path.join(cfg.out_dir, 'tokenizer.pt'))
+        convert.save_torch(export, os.path.join(cfg.out_dir, 'tokenizer.pt'))
         if end_of_stage:    # each stage's tokenizer stays (paper: So/C = stage 3, continuous; So/D = stage 4)
-            save_atomic(export, os.path.join(cfg.out_dir, f"tokenizer_{cfg.stages[stage_i]['name']}.pt"))
+            convert.save_torch(export, os.path.join(cfg.out_dir, f"tokenizer_{cfg.stages[stage_i]['name']}.pt"))
         if end_of_stage and cfg.export_official:    # Apple's layout (loads in apple/ml-atoken)
             folder = os.path.join(cfg.out_dir, f"official_{cfg.stages[stage_i]['name']}")
             gs = bool(cfg.init_gs) or any('3d_rec' in s['mix'] for s in cfg.stages)  # a Gaussian decoder worth keeping
@@ -733,7 +726,7 @@ def save_untrained(cfg, frozen, loss_cfg, path):
         net = build_trainable(cfg, cfg.stages[0], None, frozen, loss_cfg)
     sd = {k: {n[len(k) + 1:]: v.detach().cpu() for n, v in net.state_dict().items() if n.startswith(k + '.')}
           for k in ('tok', 'gs', 'temperature', 'text')}
-    save_atomic(tokenizer_export(net, sd, {}, 0), path)
+    convert.save_torch(tokenizer_export(net, sd, {}, 0), path)
 
 
 def curriculum(cfg):
