@@ -150,7 +150,7 @@ def check_init(cfg):
                          "encoder, so it trains nothing (and has no gradient); drop 'image_und' from the stage mix")
     for key in ('init_from', 'init_config', 'init_gs', 'init_gs_config'):
         path = getattr(cfg, key)
-        if path and not os.path.exists(path) and path not in convert.PRETRAINED:
+        if path and not os.path.exists(path) and not convert.is_released(path):
             raise FileNotFoundError(f"{key}={path!r}: no such file, and not a released name ({sorted(convert.PRETRAINED)})")
 
 
