@@ -580,7 +580,7 @@ def read_manifest(path):
     return out
 
 
-def _list_files(path, extensions):
+def list_files(path, extensions):
     """A folder (walked recursively, sorted) or a .jsonl/.csv manifest -> [(file, caption, class name)]."""
     if os.path.isfile(path) and path.endswith(('.jsonl', '.csv')):
         return read_manifest(path)
@@ -619,7 +619,7 @@ def _probe_all(path, rows, probe, strict, what):
     return entries, skipped
 
 
-def _probe_image(file):
+def probe_image(file):
     """Header only -> (H, W) as loaded (EXIF orientations 5-8 are 90-degree turns: sides swap)."""
     with Image.open(file) as im:
         w, h = im.size
@@ -636,7 +636,7 @@ def load_image(file, hw):
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1)        # numpy: no OpenMP threads
 
 
-def _probe_video(file, multiple):
+def probe_video(file, multiple):
     """Header -> (frames, fps, (H, W)). mp4/mov store the frame count; webm/mkv often don't, so their
     packets are counted (demuxing reads the file but decodes nothing)."""
     with av.open(file) as container:
@@ -689,8 +689,8 @@ class ImageFolder(Dataset):
     def __init__(self, path, res=(64, 512), patch_size=(4, 16, 16), seed=0, strict=False):
         _check_res(res, patch_size)
         self.path, self.res, self.patch_size, self.seed, self.strict = path, res, patch_size, seed, strict
-        rows = _list_files(path, IMAGE_EXTENSIONS)
-        self.entries, self.skipped = _probe_all(path, rows, _probe_image, strict, 'image')
+        rows = list_files(path, IMAGE_EXTENSIONS)
+        self.entries, self.skipped = _probe_all(path, rows, probe_image, strict, 'image')
         self.classes = sorted({e[2] for e in self.entries if e[2]})
 
     def __len__(self):
@@ -737,8 +737,8 @@ class VideoFolder(Dataset):
             raise ValueError(f"max_frames={self.max_frames} must be a multiple of pt={patch_size[0]}")
         self.path, self.mode, self.res, self.patch_size = path, mode, res, patch_size
         self.seed, self.strict = seed, strict
-        probe = functools.partial(_probe_video, multiple=patch_size[0])
-        self.entries, self.skipped = _probe_all(path, _list_files(path, VIDEO_EXTENSIONS), probe, strict, 'video')
+        probe = functools.partial(probe_video, multiple=patch_size[0])
+        self.entries, self.skipped = _probe_all(path, list_files(path, VIDEO_EXTENSIONS), probe, strict, 'video')
         self.classes = sorted({e[2] for e in self.entries if e[2]})
 
     def __len__(self):

@@ -82,7 +82,7 @@ def list_inputs(cfg):
         return [(os.path.join(cfg.input, n), '', '') for n in sorted(os.listdir(cfg.input))
                 if os.path.isdir(os.path.join(cfg.input, n))]
     exts = data.IMAGE_EXTENSIONS if cfg.kind == 'image' else data.VIDEO_EXTENSIONS
-    return data._list_files(cfg.input, exts)
+    return data.list_files(cfg.input, exts)
 
 
 def fit(hw, max_side, patch):
@@ -102,9 +102,9 @@ def load(source, cfg, patch_size):
     if not os.path.exists(source):
         raise FileNotFoundError('file not found')
     if cfg.kind == 'image':
-        return data.load_image(source, fit(data._probe_image(source), cfg.max_side, (ph, pw)))
+        return data.load_image(source, fit(data.probe_image(source), cfg.max_side, (ph, pw)))
     if cfg.kind == 'video':
-        n, _, hw = data._probe_video(source, pt)
+        n, _, hw = data.probe_video(source, pt)
         return data.load_clip(source, range(min(n, cfg.max_frames) // pt * pt), fit(hw, cfg.max_side, (ph, pw)), pt)
     import render3d
     a = render3d.load_prepared(source)
