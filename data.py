@@ -12,6 +12,7 @@ resolution sampling, and packing samples of mixed sizes and modalities into a to
   real files   ImageFolder (any format PIL reads) and VideoFolder (mp4/webm/mkv/mov via PyAV), from a folder
                or from a JSONL/CSV manifest with captions and labels. Clips are sampled as in the paper
                (Sec. 3.5, stage 2): stride 1-3 for reconstruction, ~1 fps up to 64 frames for understanding.
+               save_video writes frames back to MP4 (evaluation grids, decoded shards).
   resolution   sample_resolution: the longer side drawn in a stage's [min, max] (Table 2), aspect kept.
   packing      TokenBudgetSampler groups samples so that one step holds at most `budget` tokens on each
                rank (a sample over it is drawn smaller, or left out and reported); collate turns them into
@@ -675,6 +676,21 @@ def load_clip(file, clip, hw, multiple):
     if T == 0:
         raise ValueError(f"no decodable frames ({len(frames)} of the {len(clip)} planned)")
     return torch.from_numpy(np.stack(frames[:T]).astype(np.float32) / 127.5 - 1)   # (T, H, W, 3)
+
+
+def save_video(frames, path, fps=8):
+    """Frames (T, H, W, 3) uint8 -> MP4 (PyAV, H.264 or MPEG-4), padded to even sizes."""
+    H, W = frames.shape[1] + frames.shape[1] % 2, frames.shape[2] + frames.shape[2] % 2
+    frames = F.pad(frames.permute(0, 3, 1, 2), (0, W - frames.shape[2], 0, H - frames.shape[1])).permute(0, 2, 3, 1)
+    codec = 'libx264' if 'libx264' in av.codecs_available else 'mpeg4'
+    with av.open(str(path), mode='w') as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = W, H, 'yuv420p'
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f.contiguous().numpy(), format='rgb24')):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
 
 
 # -----------------------------------------------------------------------------

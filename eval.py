@@ -467,25 +467,9 @@ def save_image_grid(pairs, path, max_width=1536):
     img.save(path)
 
 
-def save_video(frames, path, fps=8):
-    """Frames (T, H, W, 3) uint8 -> MP4 (PyAV, H.264 or MPEG-4), padded to even sizes."""
-    import av
-    H, W = frames.shape[1] + frames.shape[1] % 2, frames.shape[2] + frames.shape[2] % 2
-    frames = F.pad(frames.permute(0, 3, 1, 2), (0, W - frames.shape[2], 0, H - frames.shape[1])).permute(0, 2, 3, 1)
-    codec = 'libx264' if 'libx264' in av.codecs_available else 'mpeg4'
-    with av.open(str(path), mode='w') as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = W, H, 'yuv420p'
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f.contiguous().numpy(), format='rgb24')):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-
-
 def save_video_grid(orig, rec, path, fps=8):
     """A video pair (T, H, W, 3) in [-1, 1] -> MP4 of side-by-side frames (original | reconstruction | error)."""
-    save_video(side_by_side(orig, rec), path, fps)
+    data.save_video(side_by_side(orig, rec), path, fps)
 
 
 def markdown_table(metrics):
@@ -945,19 +929,6 @@ def run_batch(tok, media, latent):
     return [r.float().cpu() for r in rec], emb, idx
 
 
-@torch.no_grad()
-def render_views(gs, feats, coords, cameras):
-    """Reconstructed voxel features [N, ph*pw*3] -> Gaussians -> a render per camera [V, H, W, 3] in [-1, 1]
-    (on black, as the ground-truth views)."""
-    coords = torch.as_tensor(coords).long()
-    if len(coords) and int(coords.max()) >= gs.cfg.gs_resolution:
-        raise ValueError(f"voxel coords reach {int(coords.max())}: the Gaussian decoder's grid is "
-                         f"{gs.cfg.gs_resolution}^3 (set --grid_3d / prepare assets to match)")
-    p = next(gs.parameters())
-    g = gs(feats.to(p.device, p.dtype), coords.to(p.device))
-    return render3d.render_samples(g, [len(g['xyz'])], [cameras])[0].float().cpu() * 2 - 1
-
-
 def pixel_scores(target, rec, lpips_fn):
     """target, rec (..., H, W, 3) in [-1, 1], frames or views on the leading axes -> PSNR, SSIM, LPIPS
     averaged over them; nan where the image is too small (SSIM: 11 px, LPIPS' AlexNet: 32 px); no LPIPS
@@ -986,7 +957,7 @@ def score_sample(s, rec, lpips_fn, gs, patch_size, budget=None):
     scores = dict(feat_psnr=psnr(rec.reshape(-1, pw, 3), feats.reshape(-1, pw, 3)).item())  # (N*ph, pw, 3)
     if gs is None:
         return scores, None, None
-    views = render_views(gs, rec, s.media['coords'], s.media['cameras'])
+    views = render3d.render_views(gs, rec, s.media['coords'], s.media['cameras'])
     scores.update(pixel_scores(s.media['views'], views, lpips_fn))
     return scores, s.media['views'], views
 
@@ -1181,8 +1152,8 @@ def write_turntable(gs, rec, s, frames, j, out_dir):
     its views (render3d.turntable_cameras) -> out_dir/3d_<j>_turntable.mp4; returns the file name."""
     cams = render3d.turntable_cameras(frames, resolution=s.media['views'].shape[-2])
     name = f'3d_{j:03d}_turntable.mp4'
-    views = render_views(gs, rec, s.media['coords'], cams)                     # [V, H, W, 3] in [-1, 1]
-    save_video(to_uint8_truncated(views), os.path.join(out_dir, name), fps=12)
+    views = render3d.render_views(gs, rec, s.media['coords'], cams)                     # [V, H, W, 3] in [-1, 1]
+    data.save_video(to_uint8_truncated(views), os.path.join(out_dir, name), fps=12)
     return name
 
 

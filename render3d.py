@@ -14,7 +14,8 @@ tokenizer's 3D input), and Gaussian splats -> images (the 3D reconstruction targ
               pack_asset does all of it for one mesh; prepare_assets for a folder (`python render3d.py prepare`),
               load_prepared reads back.
   splats      render(gaussians, camera, backend): render_reference (pure torch, differentiable, EWA
-              splatting with the mip-splatting 2D filter) or render_gsplat (CUDA, gsplat); render_samples.
+              splatting with the mip-splatting 2D filter) or render_gsplat (CUDA, gsplat); render_samples;
+              render_views (a Gaussian decoder's output for one asset, per camera).
 
 Sources (ideas and conventions; no code copied):
   TRELLIS (Xiang et al. 2024, microsoft/TRELLIS): camera sampling (Hammersley yaw/pitch, radius 2, FoV 40,
@@ -1144,6 +1145,20 @@ def render_samples(gaussians, counts, cameras, backend='auto', background=(0.0, 
         out.append(torch.stack([render(g, c, backend, background)['rgb'] for c in cams]))
         start += n
     return out
+
+
+@torch.no_grad()
+def render_views(gs, feats, coords, cameras):
+    """One 3D sample's (reconstructed) voxel features [N, ph*pw*3] at voxel coords [N, 3] -> the Gaussians of gs
+    (a model.GaussianDecoder) -> a render per camera [V, H, W, 3] in [-1, 1] (on black, as the ground-truth
+    views). For evaluation and decoded shards; training renders through render_samples."""
+    coords = torch.as_tensor(coords).long()
+    if len(coords) and int(coords.max()) >= gs.cfg.gs_resolution:
+        raise ValueError(f"voxel coords reach {int(coords.max())}: the Gaussian decoder's grid is "
+                         f"{gs.cfg.gs_resolution}^3 (set --grid_3d / prepare assets to match)")
+    p = next(gs.parameters())
+    g = gs(feats.to(p.device, p.dtype), coords.to(p.device))
+    return render_samples(g, [len(g['xyz'])], [cameras])[0].float().cpu() * 2 - 1
 
 
 # -----------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import torch
 import convert
 import data
 import model
+import render3d
 from structure import build_structure
 from configurator import apply_flags, pick_device     # the one --key=value parser and device picker
 
@@ -106,7 +107,6 @@ def load(source, cfg, patch_size):
     if cfg.kind == 'video':
         n, _, hw = data.probe_video(source, pt)
         return data.load_clip(source, range(min(n, cfg.max_frames) // pt * pt), fit(hw, cfg.max_side, (ph, pw)), pt)
-    import render3d
     a = render3d.load_prepared(source)
     if a['meta'].get('patch') != [ph, pw]:
         raise ValueError(f"prepared with patch {a['meta'].get('patch')}, the model uses {[ph, pw]}")
@@ -341,17 +341,14 @@ def save_media(media, item, folder, index, gs, fps):
         Image.fromarray(u8(media)).save(name + '.png')
         return name + '.png'
     if item['kind'] == 'video':
-        from eval import save_video
-        save_video(torch.from_numpy(u8(media)), name + '.mp4', fps)
+        data.save_video(torch.from_numpy(u8(media)), name + '.mp4', fps)
         return name + '.mp4'
     if gs is None:
         np.savez(name + '.npz', feats=media.numpy(), coords=item['coords'][:, 1:].numpy())
         return name + '.npz'
-    import render3d
-    from eval import render_views
     cams = render3d.load_prepared(item['source'])['cameras'] if os.path.isdir(item['source']) else \
         render3d.sphere_cameras(4, resolution=256)
-    views = render_views(gs, media, item['coords'][:, 1:], cams)                # [V, H, W, 3] in [-1, 1]
+    views = render3d.render_views(gs, media, item['coords'][:, 1:], cams)                # [V, H, W, 3] in [-1, 1]
     Image.fromarray(u8(torch.cat(list(views), 1))).save(name + '.png')
     return name + '.png'
 
