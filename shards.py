@@ -336,12 +336,11 @@ def save_media(media, item, folder, index, gs, fps):
     the asset's own cameras when a Gaussian decoder is given, else the voxel features (.npz)."""
     from PIL import Image
     name = os.path.join(folder, f"{index:07d}_{os.path.splitext(os.path.basename(item['source'].rstrip('/')))[0]}")
-    u8 = lambda x: ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     if item['kind'] == 'image':
-        Image.fromarray(u8(media)).save(name + '.png')
+        Image.fromarray(model.to_uint8(media).numpy()).save(name + '.png')
         return name + '.png'
     if item['kind'] == 'video':
-        data.save_video(torch.from_numpy(u8(media)), name + '.mp4', fps)
+        data.save_video(model.to_uint8(media), name + '.mp4', fps)
         return name + '.mp4'
     if gs is None:
         np.savez(name + '.npz', feats=media.numpy(), coords=item['coords'][:, 1:].numpy())
@@ -349,7 +348,7 @@ def save_media(media, item, folder, index, gs, fps):
     cams = render3d.load_prepared(item['source'])['cameras'] if os.path.isdir(item['source']) else \
         render3d.sphere_cameras(4, resolution=256)
     views = render3d.render_views(gs, media, item['coords'][:, 1:], cams)                # [V, H, W, 3] in [-1, 1]
-    Image.fromarray(u8(torch.cat(list(views), 1))).save(name + '.png')
+    Image.fromarray(model.to_uint8(torch.cat(list(views), 1)).numpy()).save(name + '.png')
     return name + '.png'
 
 
