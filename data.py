@@ -16,7 +16,7 @@ resolution sampling, and packing samples of mixed sizes and modalities into a to
   resolution   sample_resolution: the longer side drawn in a stage's [min, max] (Table 2), aspect kept.
   packing      TokenBudgetSampler groups samples so that one step holds at most `budget` tokens on each
                rank (a sample over it is drawn smaller, or left out and reported); collate turns them into
-               one model.Packed token set (DESIGN §2; NaViT's "patch n' pack", Dehghani et al. 2023) plus
+               one model.Packed token set (NaViT's "patch n' pack", Dehghani et al. 2023) plus
                captions and labels. make_loader wires up a DataLoader; for training, TaskStream is one
                resumable stream per task of a curriculum stage (build_datasets, task_budget, task_samples).
   bad input    unreadable, truncated or empty files, videos without frames and manifest rows pointing to
@@ -126,7 +126,7 @@ def _budget(key):
 
 
 def num_tokens(kind, thw, patch_size):
-    """Tokens of a prepared sample: (T/pt) * (H/ph) * (W/pw); an image is one latent frame (DESIGN §2)."""
+    """Tokens of a prepared sample: (T/pt) * (H/ph) * (W/pw); an image is one latent frame (model.pack)."""
     pt, ph, pw = patch_size
     T, H, W = thw
     return (1 if kind == 'image' else T // pt) * (H // ph) * (W // pw)
@@ -629,7 +629,7 @@ def probe_image(file):
 
 def load_image(file, hw):
     """Decode an image -> (H, W, 3) float32 in [-1, 1] at size hw: EXIF rotation applied, alpha dropped,
-    frame 0 of an animation (DESIGN §2), PIL bicubic resize (which antialiases when shrinking)."""
+    frame 0 of an animation, PIL bicubic resize (which antialiases when shrinking)."""
     H, W = hw
     with Image.open(file) as im:
         im.draft('RGB', (max(hw), max(hw)))     # JPEG: decode at the smallest DCT scale >= target (fast)
@@ -908,7 +908,7 @@ class Concat(Dataset):
 
 
 # -----------------------------------------------------------------------------
-# packing: a token budget per step instead of a batch size (DESIGN §2)
+# packing: a token budget per step instead of a batch size (model.Packed: samples concatenated, no padding)
 
 
 def even_out(batches, world_size):
@@ -1244,7 +1244,7 @@ class TokenShards(Dataset):
 
 
 def collate_tokens(items):
-    """TokenShards items -> one packed batch (no padding, DESIGN §2): tokens or mean [sum N_i, ...], coords
+    """TokenShards items -> one packed batch (no padding, as model.Packed): tokens or mean [sum N_i, ...], coords
     [sum N_i, 4], seqlens, kinds, grids, captions, labels, sources."""
     key = 'tokens' if 'tokens' in items[0] else 'mean'
     return dict(**{key: torch.cat([it[key] for it in items])}, coords=torch.cat([it['coords'] for it in items]),

@@ -11,7 +11,7 @@ What a shard holds (safetensors; LlamaGen's and TiTok's pre-tokenising scripts s
 indices + positions, here for a packed 4D token set):
   tokens   [N, G] int16/int32 FSQ indices (latent 'fsq'), or
   mean     [N, L] float16/bfloat16/float32 posterior means (latent 'mean'), optional logvar [N, L]
-  coords   [N, 4] int16 (t, row, column, z) per token, raster order (DESIGN §2)
+  coords   [N, 4] int16 (t, row, column, z) per token, raster order (model.patchify)
   offsets  [B+1] int64: sample i is rows offsets[i]:offsets[i+1]
   metadata (JSON strings): samples [{source, kind, shape, grid, caption, label}], skipped [[file, reason]],
            model_config, checkpoint, latent, rank (that wrote it), fingerprint (the listing + settings used)
