@@ -385,7 +385,7 @@ def _synthetic_plan(ds, key):
     i, epoch = _key(key, ds.n)
     aspect = _aspect(ds.seed, SPLITS[ds.split], i)                                    # H / W
     native = (ds.res[1], ds.res[1] / aspect) if aspect > 1 else (ds.res[1] * aspect, ds.res[1])
-    # the size draw: a cheap seeded stream (a numpy generator costs ~65 us, and every sample of every epoch
+    # the size draw: random.Random, far cheaper to seed than a numpy generator (every sample of every epoch
     # draws one); tuples of ints hash alike in every process, so workers and reruns agree
     size_rng = random.Random(hash((ds.seed, SIZE, SPLITS[ds.split], i, epoch)))
     hw = sample_resolution(size_rng, native, ds.res, ds.patch_size[1:])
@@ -447,13 +447,9 @@ class SyntheticImages(Dataset):
     so pixels always lie on the uint8 grid k / 127.5 - 1. The cache lives on the dataset object, filled
     lazily by __getitem__, so each DataLoader worker keeps its own (persistent workers keep it across
     epochs); cache_bytes() reports its size. Each size a sample is drawn at is kept too (uint8), so a later
-    epoch costs a look-up. Native renders take at most n * res[1]^2 * 3 bytes: for the CPU demo
-    (configs/cpu_tiny.py: 2048 images, res (32, 64)) at most 2048 x 64 x 64 x 3 = 25.2 MB (18.2 MB with
-    seed 0's aspect ratios in [1/2, 2]); the drawn sizes (longer side 32, 40, 48, 56) add at most 2x that:
-    under 75 MB in all. That is per process that reads every image: each DataLoader worker of each task
-    stream (image_rec, image_und) holds its own.
-    The held-out ('val') datasets that eval builds cache the same way (their n samples, each read once:
-    0.44 MB for the demo's 48 images)."""
+    epoch costs a look-up. Native renders take at most n * res[1]^2 * 3 bytes per process that reads every
+    image: each DataLoader worker of each task stream (image_rec, image_und) holds its own (the demo's sizes:
+    NOTES.md). The held-out ('val') datasets that eval builds cache the same way."""
 
     def __init__(self, n, split='train', seed=0, res=(64, 512), patch_size=(4, 16, 16)):
         _check_res(res, patch_size)
@@ -483,12 +479,9 @@ class SyntheticVideos(Dataset):
     small ones drift (and change colour when it pulses). Length: a multiple of pt in [pt, frames].
 
     Cached like SyntheticImages: all frames rendered once at the native size (longer side res[1]) as
-    uint8, each drawn size kept once made. Native renders: at most n * frames * res[1]^2 * 3 bytes: for the
-    CPU demo (configs/cpu_tiny.py: 512 videos, res (32, 48), 8 frames, pt 4) at most 512 x 8 x 48 x 48 x 3 =
-    28.3 MB (14.9 MB with seed 0: 4 or 8 frames, aspect ratios in [1/2, 2]); the drawn sizes (longer side 32,
-    40) add at most 1.2x that: under 62 MB in all, per process that reads every video (each worker of
-    video_rec and video_und holds its own).
-    Eval's held-out ('val') videos cache the same way (1.1 MB for the demo's 24 videos)."""
+    uint8, each drawn size kept once made. Native renders: at most n * frames * res[1]^2 * 3 bytes per process
+    that reads every video (each worker of video_rec and video_und holds its own; the demo's sizes: NOTES.md).
+    Eval's held-out ('val') videos cache the same way."""
 
     def __init__(self, n, split='train', seed=0, res=(64, 256), patch_size=(4, 16, 16), frames=16):
         _check_res(res, patch_size)
@@ -663,7 +656,7 @@ def load_clip(file, clip, hw, multiple):
     """
     H, W = hw
     frames = []
-    scale = VideoReformatter()      # one scaler for the clip: a new one per frame costs ~40x the scaling
+    scale = VideoReformatter()      # one scaler for the clip: a new one per frame costs far more than the scaling
     with av.open(file) as container:
         # FFmpeg's default threading: DataLoader workers already keep the cores busy
         for k, frame in enumerate(container.decode(container.streams.video[0])):

