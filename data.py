@@ -522,7 +522,7 @@ class Synthetic3D(Dataset):
     def __init__(self, n, split='train', seed=0, views=8, view_res=64, grid=64, patch_size=(4, 16, 16)):
         import render3d
         self.n, self.split, self.seed, self.patch_size = n, split, seed, patch_size
-        self.classes, self.skipped = list(render3d.SHAPES), []
+        self.classes, self.skipped = list(render3d.PRIMITIVES), []
         self.items = []
         for i in range(n):
             rng = _rng(seed, MESH, SPLITS[split], i, 0)

@@ -417,7 +417,7 @@ def _load_obj(path):
 # -----------------------------------------------------------------------------
 # procedural meshes (built-in 3D data: a textured primitive with a class name and a caption)
 
-SHAPES = ('cube', 'sphere', 'cylinder', 'cone', 'torus')
+PRIMITIVES = ('cube', 'sphere', 'cylinder', 'cone', 'torus')
 PATTERNS = ('striped', 'checkered', 'plain')
 # The 3D primitives' palette. Not data.COLOURS (the 2D scenes'): the same eight words with other RGB values and
 # another draw order, and the built-in 3D data depends on both.
@@ -487,7 +487,7 @@ def primitive(shape, n=32):
             ring = 1 + 0.4 * np.cos(tau * v)
             return ring * np.cos(tau * u), ring * np.sin(tau * u), 0.4 * np.sin(tau * v)
         return _grid_mesh(torus, n, n // 2)
-    raise ValueError(f'unknown shape {shape!r}; choose from {SHAPES}')
+    raise ValueError(f'unknown shape {shape!r}; choose from {PRIMITIVES}')
 
 
 def _pattern_texture(pattern, c1, c2, k, size=64):
@@ -506,7 +506,7 @@ def procedural_mesh(seed):
     normalised into [-0.5, 0.5]^3 (Z up). Returns (mesh, class name, caption), e.g. 'a red striped cube'.
     Striped / checkered objects use an image texture; plain ones use vertex colours."""
     rng = np.random.default_rng(seed)
-    shape, pattern = SHAPES[rng.integers(len(SHAPES))], PATTERNS[rng.integers(len(PATTERNS))]
+    shape, pattern = PRIMITIVES[rng.integers(len(PRIMITIVES))], PATTERNS[rng.integers(len(PATTERNS))]
     name = list(PRIMITIVE_COLOURS)[rng.integers(len(PRIMITIVE_COLOURS))]
     c1 = PRIMITIVE_COLOURS[name]
     c2 = (0.08, 0.08, 0.08) if name == 'white' else (0.95, 0.95, 0.95)

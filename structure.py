@@ -9,7 +9,7 @@ from the device and runs the same ops whatever the number of samples.
                 their t re-based to 0 (official default)
   Layout        which queries attend to which keys (block-diagonal: cu_seqlens, flash-attn varlen convention);
                 the attention kernel of the layout's device adds what it needs when the layout is moved
-                (kernels.attention.prepare)
+                (kernels.attention.layout_plan)
   position_lookup  the learned 2D position table resized per segment grid (SigLIP2-NaFlex), as weights
   gs_windows    the Gaussian decoder's shifted 8^3 windows
   cache_plan    the decoder's KV-cache decode, step by step (paper Fig. 6)
@@ -29,7 +29,7 @@ from kernels import attention as kattn
 
 def to_device(obj, device, pin=False):
     """A copy of a structure dataclass with its tensors on `device` (or pinned); fields ending in _host stay on the
-    CPU. Layouts get their kernel's extras for the device (kernels.attention.prepare)."""
+    CPU. Layouts get their kernel's extras for the device (kernels.attention.layout_plan)."""
     vals = {}
     for f in fields(obj):
         v = getattr(obj, f.name)
@@ -44,7 +44,7 @@ def to_device(obj, device, pin=False):
         vals[f.name] = v
     out = type(obj)(**vals)
     if isinstance(out, Layout) and not pin:
-        out.plan = kattn.prepare(out.cu_q_host, out.cu_k_host, out.max_q, out.max_k, device)
+        out.plan = kattn.layout_plan(out.cu_q_host, out.cu_k_host, out.max_q, out.max_k, device)
     return out
 
 
@@ -65,7 +65,7 @@ class Layout:
     cu_k_host: torch.Tensor
     max_q: int
     max_k: int
-    plan: object = None         # what the device's attention kernel precomputes (kernels.attention.prepare)
+    plan: object = None         # what the device's attention kernel precomputes (kernels.attention.layout_plan)
 
     @staticmethod
     def build(lens_q, lens_k):

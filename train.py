@@ -2,7 +2,7 @@
 Train AToken through the paper's four-stage curriculum (arXiv 2509.14476, Sec. 3.4-3.5, Table 2), from a
 laptop CPU to many GPUs with the same script.
 
-    python train.py configs/cpu_tiny.py                      # the CPU demo (README), ~15 min on 2 cores
+    python train.py configs/cpu_tiny.py                      # the CPU demo (README; its header gives the time)
     python train.py configs/cpu_tiny.py --lr=1e-3 --model.decoder_depth=3 --loss.lpips=0
     torchrun --nproc_per_node=8 train.py configs/so400m.py --parallel=fsdp
 

@@ -553,7 +553,7 @@ def use_triton(q):
     return HAS_TRITON and BACKEND != 'reference' and q.is_cuda and q.dtype in DTYPES and q.shape[-1] >= 16
 
 
-def prepare(cu_q_host, cu_k_host, max_q, max_k, device):
+def layout_plan(cu_q_host, cu_k_host, max_q, max_k, device):
     """What attention() needs on `device` beyond the cu_seqlens, made on the host once per batch when a layout moves
     there (structure.to_device): nothing for the Triton kernel on CUDA (it lists its blocks from the host copies
     of cu itself), the grouping of the pure-torch path (kernels/grouped.py) on any other device."""

@@ -22,7 +22,7 @@ import pytest
 import model
 import structure
 from kernels import grouped, rmsnorm
-from kernels.attention import attention, attention_ref, prepare, use_triton, varlen_attention
+from kernels.attention import attention, attention_ref, layout_plan, use_triton, varlen_attention
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -101,7 +101,7 @@ def test_cpu_takes_the_grouped_path():
     assert not use_triton(q)
     layout = structure.Layout.build([5, 9], [5, 9]).to('cpu')
     assert isinstance(layout.plan, grouped.Plan)
-    assert isinstance(prepare(layout.cu_q_host, layout.cu_k_host, 9, 9, 'cpu'), grouped.Plan)
+    assert isinstance(layout_plan(layout.cu_q_host, layout.cu_k_host, 9, 9, 'cpu'), grouped.Plan)
 
 
 def test_plan_memory_is_what_attention_computes():

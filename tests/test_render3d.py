@@ -558,7 +558,7 @@ def test_procedural_mesh_renders_and_is_deterministic():
     seen = set()
     for seed in range(12):
         mesh, name, caption = r3.procedural_mesh(seed)
-        assert name in r3.SHAPES and caption.endswith(name)
+        assert name in r3.PRIMITIVES and caption.endswith(name)
         lo, hi = mesh.vertices.amin(0), mesh.vertices.amax(0)
         assert (hi - lo).max().item() == pytest.approx(1.0, abs=1e-5) and (hi + lo).abs().max() < 1e-5
         seen.add(name)
