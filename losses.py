@@ -394,7 +394,7 @@ def first_captions(captions, valid, pad):
 # the weighted total for a packed batch
 
 
-def to_device(a, device, dtype=torch.float32):
+def host_to(a, device, dtype=torch.float32):
     """A host-made array (weights, masks, indices) -> a tensor on the device, copied without waiting for it."""
     return torch.as_tensor(np.asarray(a), dtype=dtype).to(device, non_blocking=True)
 
@@ -434,7 +434,7 @@ def siglip_rows(frozen, packed, ids):
     at = {i: j for j, i in enumerate(order)}
 
     def rows(which, samples):
-        return feats[which].index_select(0, to_device([at[i] for i in samples], feats[which].device, torch.long))
+        return feats[which].index_select(0, host_to([at[i] for i in samples], feats[which].device, torch.long))
     return rows
 
 
@@ -469,13 +469,13 @@ def patch_l1(rec, packed, ids):
     cols = np.array([c1 if k != 'video' else d.shape[1] for k in packed.kinds])   # real columns per sample
     if (cols < d.shape[1]).any():                                            # one-frame samples: slot 0 only
         keep = np.repeat(cols, packed.seqlens)[:, None] > np.arange(d.shape[1])[None]   # [N, C]
-        d = d * to_device(keep, dev)
+        d = d * host_to(keep, dev)
     st = packed.structure
-    sample_id = st.sample_id if st is not None else to_device(np.repeat(np.arange(B), packed.seqlens), dev, torch.long)
+    sample_id = st.sample_id if st is not None else host_to(np.repeat(np.arange(B), packed.seqlens), dev, torch.long)
     sums = d.new_zeros(B).index_add(0, sample_id, d.sum(1))                     # [B]
     w = np.zeros(B)
     w[ids] = 1.0 / (np.asarray(packed.seqlens)[ids] * cols[ids])
-    return sums * to_device(w, dev)
+    return sums * host_to(w, dev)
 
 
 def reconstruction_loss(out, packed, frozen, cfg, ids, views=None, siglip=None):
@@ -496,7 +496,7 @@ def reconstruction_loss(out, packed, frozen, cfg, ids, views=None, siglip=None):
         l1 = l1.index_put((torch.tensor([i], device=dev),), l1_loss(pred.float(), target.float()).reshape(1))
     w = np.zeros(B)
     w[ids] = 1.0 / len(ids)
-    w = to_device(w, dev)                                                       # [B]
+    w = host_to(w, dev)                                                       # [B]
     logs = {'l1': (l1 * w).sum().detach()}
     per = cfg.l1 * l1                                                           # per-sample L_rec, [B]
     img = [i for i in ids if kinds[i] == 'image']
@@ -504,7 +504,7 @@ def reconstruction_loss(out, packed, frozen, cfg, ids, views=None, siglip=None):
         order, rec_frames = image_frames(out['rec'], packed, img)
         _, tgt_frames = image_frames(packed.feats, packed, img)
         tt = siglip('tokens', order) if cfg.clip else None
-        at = to_device(order, dev, torch.long)
+        at = host_to(order, dev, torch.long)
         for name, vals in image_rec_terms(rec_frames, tgt_frames, frozen, cfg, tt).items():
             logs[name] = vals.detach().mean()
             per = per + getattr(cfg, name) * l1.new_zeros(B).index_copy(0, at, vals.float())
@@ -552,7 +552,7 @@ def sample_rows(x, ids):
     """Rows `ids` of x [B, ...], one per sample: x itself when ids is every sample."""
     if len(ids) == len(x):
         return x
-    return x.index_select(0, to_device(ids, x.device, torch.long)) if ids else x[:0]
+    return x.index_select(0, host_to(ids, x.device, torch.long)) if ids else x[:0]
 
 
 def understanding_loss(out, packed, frozen, cfg, ids, captions, siglip=None, temperature=None, text=None, gather=0):
@@ -578,7 +578,7 @@ def token_weights(packed, ids, device):
         return None
     w = np.zeros(B)
     w[ids] = 1.0 / sum(packed.seqlens[i] for i in ids)
-    return to_device(np.repeat(w, packed.seqlens), device)
+    return host_to(np.repeat(w, packed.seqlens), device)
 
 
 def compute_losses(out, packed, frozen, cfg, tasks=None, captions=None, views=None, temperature=None,

@@ -96,7 +96,7 @@ def fit(hw, max_side, patch):
     return max(round(H * s) // patch[0], 1) * patch[0], max(round(W * s) // patch[1], 1) * patch[1]
 
 
-def load(source, cfg, patch_size):
+def load_input(source, cfg, patch_size):
     """One input -> media for model.pack: image (H, W, 3) / video (T, H, W, 3) in [-1, 1]; for 3D (asset dict
     {feats, coords}, its caption). Raises one of data.READ_ERRORS (or KeyError) for a bad file."""
     pt, ph, pw = patch_size
@@ -113,7 +113,8 @@ def load(source, cfg, patch_size):
     return dict(feats=a['feats'] * 2 - 1, coords=a['coords']), a['meta'].get('caption', '')
 
 
-def num_tokens(media, patch_size):
+def media_tokens(media, patch_size):
+    """Tokens of one loaded input (model.pack of it alone)."""
     pt, ph, pw = patch_size
     if isinstance(media, dict):
         return len(media['coords'])
@@ -146,7 +147,7 @@ def fingerprint(rows, cfg, tok):
 def encode_samples(tok, media, cfg):
     """Media list -> per sample dict(tokens | mean (+ logvar), coords), batched by cfg.batch_tokens."""
     ps, out = tok.config.patch_size, []
-    for group in batches([num_tokens(m, ps) for m in media], cfg.batch_tokens):
+    for group in batches([media_tokens(m, ps) for m in media], cfg.batch_tokens):
         x = tok.pack([media[i] for i in group])
         _, mean, logvar, idx = tok.bottleneck(tok.encode(x))
         for j, rows in enumerate(torch.arange(len(x.coords)).split(x.seqlens)):
@@ -207,7 +208,7 @@ def encode_shard(tok, rows, cfg, bar):
     ps, media, metas, skipped = tok.config.patch_size, [], [], []
     for source, caption, label in rows:
         try:
-            m = load(source, cfg, ps)
+            m = load_input(source, cfg, ps)
         except (*data.READ_ERRORS, KeyError) as e:
             skipped.append([source, str(e) or type(e).__name__])
             bar.update(1)

@@ -62,7 +62,7 @@ except ImportError:         # CPU-only installs: the reference path still works
 
 # triton.jit reads this when the kernels below are defined; we only mirror it to give a clear error
 INTERPRET = os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', 'on', 'yes')
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # 'auto' | 'reference' (the pure-torch path on CUDA too, e.g. ATOKEN_ATTENTION=reference python train.py ...); tests
 # and benchmarks set it directly
 BACKEND = os.environ.get('ATOKEN_ATTENTION', 'auto')
@@ -360,8 +360,8 @@ def _check(q, k, v, cu_q, cu_k, pos_q, pos_k, cu_host=None):
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[1:] != q.shape[1:]:
         raise ValueError(f"expected q [N, h, d] and k, v [M, h, d], got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
-        raise ValueError(f"q, k, v must share one dtype of {DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"q, k, v must share one dtype of {KERNEL_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError("q, k, v must be on one device")
     if q.device.type != 'cuda' and not INTERPRET:
@@ -550,7 +550,7 @@ def varlen_attention(q, k, v, cu_q, cu_k, coords_q=None, coords_k=None, rope_the
 def use_triton(q):
     """Whether attention on tensors like q runs the Triton kernel: CUDA, a dtype and head dim it supports, and not
     switched off (ATOKEN_ATTENTION=reference)."""
-    return HAS_TRITON and BACKEND != 'reference' and q.is_cuda and q.dtype in DTYPES and q.shape[-1] >= 16
+    return HAS_TRITON and BACKEND != 'reference' and q.is_cuda and q.dtype in KERNEL_DTYPES and q.shape[-1] >= 16
 
 
 def layout_plan(cu_q_host, cu_k_host, max_q, max_k, device):

@@ -69,7 +69,7 @@ def test_fsq_round_trip_is_exact(tmp_path, ckpt, images):
     ds = data.TokenShards(out)
     assert len(ds) == 7 and ds.latent == 'fsq'
     for items in by_shard(ds):
-        media = [shards.load(it['source'], shards.ShardConfig(), tok.config.patch_size) for it in items]
+        media = [shards.load_input(it['source'], shards.ShardConfig(), tok.config.patch_size) for it in items]
         x = tok.pack(media)
         for it, want, c in zip(items, tok.tokenize(media), x.coords.split(x.seqlens)):
             assert it['tokens'].dtype == torch.int64 and torch.equal(it['tokens'], want.long())
@@ -111,7 +111,7 @@ def test_continuous_video_round_trip(tmp_path, ckpt):
     model.load_strict(cont, REF['state_dict'])
     cont.eval()
     items = [ds[0], ds[1]]
-    media = [shards.load(it['source'], shards.ShardConfig(kind='video'), cont.config.patch_size) for it in items]
+    media = [shards.load_input(it['source'], shards.ShardConfig(kind='video'), cont.config.patch_size) for it in items]
     with torch.no_grad():
         x = cont.pack(media)
         _, mean, logvar, _ = cont.bottleneck(cont.encode(x))
@@ -194,7 +194,7 @@ def test_prepared_3d_round_trip(tmp_path, ckpt):
     ds = data.TokenShards(out)
     items = [ds[i] for i in range(len(ds))]
     assert [os.path.basename(it['source']) for it in items] == ['boat', 'chair'] and {it['kind'] for it in items} == {'3d'}
-    media = [shards.load(it['source'], shards.ShardConfig(kind='3d'), tok.config.patch_size)[0] for it in items]
+    media = [shards.load_input(it['source'], shards.ShardConfig(kind='3d'), tok.config.patch_size)[0] for it in items]
     for it, want in zip(items, tok.tokenize(media)):
         assert torch.equal(it['tokens'], want.long())
     recs = tok.reconstruct(media)
