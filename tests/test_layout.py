@@ -69,3 +69,18 @@ def test_no_private_names_of_other_modules(path):
             and isinstance(n.value, ast.Name) and n.value.id in MODULES | {'ev', 'kattn'}
             and n.attr.startswith('_') and not n.attr.startswith('__')]
     assert used == [], f"{path}: {used}"
+
+
+def test_one_name_one_meaning():
+    """No top-level name is defined in two library files (a reader meets `to_uint8` or `load` once); `main` is every
+    entry point's, `attention` each attention implementation's in kernels/."""
+    where = {}
+    for path in LIBRARY:
+        for node in tree(path).body:
+            names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+                [t.id for t in getattr(node, 'targets', []) if isinstance(t, ast.Name)]
+            for name in names:
+                where.setdefault(name, set()).add(path)
+    twice = {n: sorted(p) for n, p in where.items() if len(p) > 1 and n not in ('main', '_')
+             and not (n == 'attention' and all(f.startswith('kernels/') for f in p))}
+    assert twice == {}
