@@ -18,7 +18,7 @@ scores), the segments are packed into G groups of Lq query and Lk key slots (Lq,
 Constraints: q [N, h, d], k/v [M, h, d], RoPE already applied (kernels.attention.attention does it), any dtype.
 
     python -m pytest -q tests/test_kernels.py -k grouped      # against the per-segment reference
-    python kernels/bench_grouped.py                           # vs per-segment SDPA, forward + backward
+    python kernels/bench_attention.py                         # its row next to per-segment / padded SDPA
 """
 import math
 from dataclasses import dataclass

@@ -1,9 +1,9 @@
 """
 RMSNorm with a hand-written backward for the CPU: y = x * r * w, r = rsqrt(mean(x^2) + eps) over the last dim.
 
-On the CPU, F.rms_norm is a decomposition that autograd turns into ~30 ops per call (forward + backward); the
-autograd Function below is 12, and each decoder block runs four norms (two RMSNorms, the q and k norms), so on a
-small model the op count is the cost. CUDA has a fused rms_norm kernel, which rms_norm() uses there.
+On the CPU, F.rms_norm is a decomposition that autograd runs op by op, forward and backward; the autograd Function
+below runs fewer (kernels/bench_rmsnorm.py counts both), and each decoder block runs four norms (two RMSNorms, the
+q and k norms), so on a small model the op count is the cost. CUDA has a fused rms_norm kernel, which rms_norm() uses there.
   forward   r = rsqrt(mean(x^2) + eps), xh = x * r, y = xh * w
   backward  dx = r * (g*w - xh * mean(g*w * xh)), dw = sum over rows of (g * xh)
 Constraints: x [..., D] fp32 (rms_norm casts), w the trailing dims of x.
