@@ -133,6 +133,17 @@ STAGES = [dict(name='s1', steps=3, mix={'image_rec': 1, 'image_und': 1}, grad_ac
                image_res=(32, 32), video_res=(32, 32), latent_channels=48)]
 
 
+def assert_same_weights(out_a, out_b, latent):
+    """Two runs' final checkpoints hold bit-identical weights and EMA (of a model with `latent` channels)."""
+    pa, ca = params(out_a)
+    pb, cb = params(out_b)
+    assert pa.keys() == pb.keys() and pa['tok.proj.weight'].shape[0] == 2 * latent
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    for k in ca['ema']:
+        assert torch.equal(ca['ema'][k], cb['ema'][k]), k
+
+
 def test_resume_is_exact(tmp_path):
     """6 steps in one go == 2 steps, resume, 4 steps (crossing the 32 -> 48 widening): identical weights,
     EMA and optimizer state. The second run loads its data in a DataLoader worker (as the CPU demo does):
@@ -143,13 +154,7 @@ def test_resume_is_exact(tmp_path):
     assert train.main(b) == 2
     b.max_steps = 0
     assert train.main(b) == 6
-    pa, ca = params(a.out_dir)
-    pb, cb = params(b.out_dir)
-    assert pa.keys() == pb.keys() and pa['tok.proj.weight'].shape[0] == 96
-    for k in pa:
-        assert torch.equal(pa[k], pb[k]), k
-    for k in ca['ema']:
-        assert torch.equal(ca['ema'][k], cb['ema'][k]), k
+    assert_same_weights(a.out_dir, b.out_dir, latent=48)
     # the exported tokenizer loads for evaluation
     tok = model.AToken.from_pretrained(os.path.join(b.out_dir, 'tokenizer.pt'))
     assert tok.config.latent_channels == 48
@@ -166,13 +171,7 @@ def test_resume_is_exact_at_every_step(tmp_path):
     b = make_cfg(tmp_path / 'b', stages, '--max_steps=1')
     for step in range(1, 6):
         assert train.main(b) == step
-    pa, ca = params(a.out_dir)
-    pb, cb = params(b.out_dir)
-    assert pa.keys() == pb.keys() and pa['tok.proj.weight'].shape[0] == 24
-    for k in pa:
-        assert torch.equal(pa[k], pb[k]), k
-    for k in ca['ema']:
-        assert torch.equal(ca['ema'][k], cb['ema'][k]), k
+    assert_same_weights(a.out_dir, b.out_dir, latent=12)
 
 
 def test_resume_refuses_a_changed_curriculum(tmp_path):
